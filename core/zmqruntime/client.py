@@ -1,0 +1,396 @@
+"""ExecutionClient: submit runs, ask about them, fetch their results, follow them live.
+
+Every request has a timeout; a socket whose request timed out is closed and replaced,
+so a dead server never leaves the client stuck. One lock serialises the control
+socket, so threads may share a client (the GUI polls from a timer while another
+thread streams).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import local, protocol
+from .errors import (
+    AuthenticationFailed,
+    ExecutionCancelled,
+    ExecutionFailed,
+    ProtocolError,
+    RemoteError,
+    ServerUnavailable,
+    UnknownExecution,
+)
+from .protocol import FINAL_STATES, ControlMessageType, ErrorCode
+from .stream import DirectorySink, MemorySink, follow
+from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_tcp, tcp_url
+
+#: a long-poll wait is re-issued this often, so a dead server is noticed within
+#: WAIT_CHUNK + LIVENESS_MARGIN seconds
+WAIT_CHUNK = 1.0
+LIVENESS_MARGIN = 2.0
+RESULTS_BATCH = 1000
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+class ExecutionClient:
+    """A connection to one zmqruntime server.
+
+    ``auto_spawn`` starts a local server when nothing listens on a loopback port.
+    ``keys`` is a key directory (see ``zmqruntime keys generate``) for CURVE servers.
+    """
+
+    def __init__(
+        self,
+        port: int = 5555,
+        host: str = "127.0.0.1",
+        *,
+        auto_spawn: bool = True,
+        timeout: float = 5.0,
+        keys: str | Path | None = None,
+        workers: int | None = None,
+        data_dir: str | Path | None = None,
+        spawn_timeout: float = 60.0,
+    ) -> None:
+        self.host = host
+        self.port = int(port)
+        self.auto_spawn = auto_spawn
+        self.timeout = float(timeout)
+        self.workers = workers
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.spawn_timeout = spawn_timeout
+        self.security = ClientSecurity.from_dir(Path(keys)) if keys else None
+        self.keys = Path(keys) if keys else None
+        self.endpoint = tcp_url(host, self.port)
+        self.spawned: subprocess.Popen | None = None
+        self._zctx = zmq.Context()
+        self._lock = threading.RLock()
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._req_ids = itertools.count(1)
+        self._server_info: dict[str, Any] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        with self._lock:
+            self._discard_socket()
+            self._closed = True
+        self._zctx.term()
+
+    def __enter__(self) -> ExecutionClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ExecutionClient({self.endpoint!r})"
+
+    # ------------------------------------------------------------------ public API
+    def execute(
+        self,
+        pipeline_code: str,
+        config_code: str | None = None,
+        *,
+        config: dict[str, Any] | None = None,
+        name: str | None = None,
+        retries: int = 0,
+    ) -> str:
+        """Queue a run and return its id at once. ``pipeline_code`` defines run(ctx, config)."""
+        if not isinstance(pipeline_code, str):
+            raise TypeError("pipeline_code must be Python source code (a str)")
+        body = {
+            "pipeline_code": pipeline_code,
+            "config_code": config_code,
+            "config": config,
+            "name": name,
+            "retries": int(retries),
+        }
+        return self._request(ControlMessageType.EXECUTE, body)["id"]
+
+    def get_status(self, exec_id: str) -> dict[str, Any]:
+        """The run's status dict; raises UnknownExecution for an id never issued."""
+        return self._request(ControlMessageType.STATUS, {"id": exec_id})
+
+    def wait(self, exec_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the run ends and return its final status.
+
+        Raises TimeoutError after ``timeout`` seconds, ServerUnavailable if the server
+        stops answering (noticed within a few seconds).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            chunk = WAIT_CHUNK
+            if deadline is not None:
+                chunk = min(chunk, max(0.0, deadline - time.monotonic()))
+            status = self._request(
+                ControlMessageType.WAIT,
+                {"id": exec_id, "timeout": chunk},
+                timeout=chunk + LIVENESS_MARGIN,
+            )
+            if status["state"] in FINAL_STATES:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"execution {exec_id} still {status['state']} after {timeout:g} s"
+                )
+
+    def get_results(
+        self,
+        exec_id: str,
+        timeout: float | None = None,
+        *,
+        directory: str | Path | None = None,
+    ) -> dict[str, list[Any]]:
+        """Wait for the run, then return ``{name: [value, ...]}`` in emit order.
+
+        With ``directory``, each result is written there as it arrives (arrays as .npy,
+        plus index.json) and the dict holds file paths instead of arrays. Arrays returned
+        in memory are read-only views on the received buffers (``.copy()`` to modify).
+        """
+        status = self.wait(exec_id, timeout)
+        raise_for_status(status)
+        sink: MemorySink | DirectorySink = (
+            DirectorySink(Path(directory), exec_id) if directory is not None else MemorySink()
+        )
+        for event in self._fetch_results(exec_id, 0, status["n_results"]):
+            sink.add(event["index"], event["name"], event["value"])
+        return sink.close()
+
+    def cancel(self, exec_id: str) -> dict[str, Any]:
+        """Ask the run to stop; returns ``{"cancelled": bool, "state", "message"}``."""
+        return self._request(ControlMessageType.CANCEL, {"id": exec_id})
+
+    def list_executions(
+        self, limit: int = 200, states: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Recent runs, newest first."""
+        body = {"limit": limit, "states": states}
+        return self._request(ControlMessageType.LIST, body)["executions"]
+
+    def get_logs(self, exec_id: str, start: int = 0) -> list[dict[str, Any]]:
+        """Stored log lines of a run: ``[{"index", "t", "text"}]``."""
+        return self._request(ControlMessageType.LOGS, {"id": exec_id, "start": start})["logs"]
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
+        t0 = time.perf_counter()
+        info = self._request(ControlMessageType.PING, {}, timeout=timeout)
+        info["rtt_ms"] = (time.perf_counter() - t0) * 1000
+        return info
+
+    def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the server to stop (running runs end as failed; queued ones wait for a restart)."""
+        return self._request(ControlMessageType.SHUTDOWN, {}, timeout=timeout)
+
+    def stream(
+        self, exec_id: str, *, previews: bool = True, poll_interval: float = 0.5
+    ) -> Iterator[dict[str, Any]]:
+        """Live events of one run (``kind``: state, progress, log, result, preview).
+
+        Every result comes exactly once and in order, even those emitted before the
+        call or dropped on the way; the last event is the final ``state``.
+        """
+        info = self._ensure_server()
+        sub = self._zctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 16)
+        if self.security:
+            self.security.apply(sub)
+        sub.setsockopt(zmq.SUBSCRIBE, exec_id.encode())
+        sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
+        try:
+            yield from follow(
+                sub,
+                exec_id,
+                self.get_status,
+                self._fetch_results,
+                previews=previews,
+                poll_interval=poll_interval,
+            )
+        finally:
+            sub.close(linger=0)
+
+    def events(self, topic: str = "") -> zmq.Socket:
+        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it."""
+        info = self._ensure_server()
+        sub = self._zctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 16)
+        if self.security:
+            self.security.apply(sub)
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
+        return sub
+
+    # ------------------------------------------------------------------ internals
+    def _fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Stored results ``start <= index < stop`` as result events, in batches."""
+        index = start
+        while index < stop:
+            body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
+            reply = self._request(ControlMessageType.RESULTS, body)
+            batch = reply["results"]
+            if not batch:
+                raise ProtocolError(
+                    f"server returned no stored result at index {index} of {exec_id}"
+                )
+            for item in batch:
+                if item["index"] >= stop:
+                    return
+                yield {"kind": "result", "id": exec_id, "seq": None, "fetched": True, **item}
+                index = item["index"] + 1
+
+    def _ensure_server(self) -> dict[str, Any]:
+        """Check (once) that a zmqruntime server answers, spawning one if allowed."""
+        if self._server_info is not None:
+            return self._server_info
+        with self._lock:
+            if self._server_info is not None:
+                return self._server_info
+            local_host = is_loopback(self.host)
+            if local_host and not port_accepts_tcp(self.host, self.port):
+                if not self.auto_spawn:
+                    raise ServerUnavailable(
+                        f"no zmqruntime server at {self.endpoint} (connection refused) and "
+                        "auto_spawn is off: start one with 'zmqruntime serve --port "
+                        f"{self.port}'"
+                    )
+                self._spawn()
+            self._server_info = self._raw_request(ControlMessageType.PING, {}, self.timeout)
+            if self._server_info.get("server") != "zmqruntime":
+                raise ProtocolError(f"{self.endpoint} answered, but not as a zmqruntime server")
+            return self._server_info
+
+    def _spawn(self) -> None:
+        lock = local.spawn_lock(self.port)
+        try:
+            lock.acquire(timeout=self.spawn_timeout)
+        except TimeoutError as exc:
+            raise ServerUnavailable(
+                f"timed out waiting for another client spawning a server on port {self.port}"
+            ) from exc
+        try:
+            if port_accepts_tcp(self.host, self.port):
+                return  # another client won the race
+            extra = ["--keys", str(self.keys)] if self.keys else []
+            proc = local.spawn_server(self.port, self.host, self.workers, self.data_dir, extra)
+            deadline = time.monotonic() + self.spawn_timeout
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    log_dir = self.data_dir or local.default_data_dir(self.port)
+                    raise ServerUnavailable(
+                        f"the spawned server on port {self.port} exited with code "
+                        f"{proc.returncode}; see {log_dir / 'spawn.out'}"
+                    )
+                if port_accepts_tcp(self.host, self.port):
+                    self.spawned = proc
+                    return
+                time.sleep(0.02)
+            raise ServerUnavailable(
+                f"a spawned server did not open port {self.port} within {self.spawn_timeout:g} s"
+            )
+        finally:
+            lock.release()
+
+    def _request(
+        self, msg_type: ControlMessageType, body: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        self._ensure_server()
+        return self._raw_request(msg_type, body, self.timeout if timeout is None else timeout)
+
+    def _raw_request(
+        self, msg_type: ControlMessageType, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        with self._lock:
+            if self._closed:
+                raise ServerUnavailable("this client is closed")
+            sock = self._socket()
+            req = next(self._req_ids)
+            sock.send_multipart(protocol.request(msg_type, req, body), copy=False)
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                    self._on_timeout(msg_type, timeout)
+                header = protocol.decode(sock.recv_multipart(copy=False))
+                if header.get("req") == req:
+                    break
+        reply_body = header.get("body") or {}
+        if header.get("type") == protocol.ReplyType.ERROR.value:
+            raise _remote_error(reply_body)
+        return reply_body
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self._zctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.security:
+                self.security.apply(sock)
+            self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _discard_socket(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _on_timeout(self, msg_type: ControlMessageType, timeout: float) -> None:
+        auth_failed = self._monitor is not None and self._monitor.poll(0)
+        self._discard_socket()
+        if auth_failed:
+            raise AuthenticationFailed(
+                f"{self.endpoint} refused this client's credentials (CURVE handshake failed): "
+                + (
+                    "check that the client key is in the server's authorized_clients"
+                    if self.security
+                    else "the server requires keys: pass keys=DIR"
+                )
+            )
+        raise ServerUnavailable(
+            f"no reply from the zmqruntime server at {self.endpoint} within {timeout:g} s "
+            f"({msg_type.value} request)"
+        )
+
+
+def raise_for_status(status: dict[str, Any]) -> None:
+    """Turn a failed or cancelled final status into the matching exception."""
+    if status["state"] == "failed":
+        raise ExecutionFailed(
+            f"execution {status['id']} failed: {status.get('error')}",
+            traceback=status.get("traceback"),
+            status=status,
+        )
+    if status["state"] == "cancelled":
+        raise ExecutionCancelled(
+            f"execution {status['id']} was cancelled: {status.get('message')}", status=status
+        )
+
+
+def _remote_error(body: dict[str, Any]) -> Exception:
+    code, message = body.get("code", "internal"), body.get("message", "error")
+    if code == ErrorCode.UNKNOWN_EXECUTION.value:
+        return UnknownExecution(message)
+    if code in (ErrorCode.PROTOCOL_VERSION.value, ErrorCode.UNKNOWN_TYPE.value):
+        return ProtocolError(message, code=code)
+    return RemoteError(code, message)

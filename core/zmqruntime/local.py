@@ -1,0 +1,174 @@
+"""The servers started on this machine: where they are recorded, spawned and stopped.
+
+Each running server writes ``server-<port>.json`` into a private runtime dir (0700). A
+server is identified by pid *and* process create time, so a recycled pid is never
+mistaken for it, and nothing is ever killed just because it listens on a port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import platformdirs
+import psutil
+from filelock import FileLock
+
+APP = "zmqruntime"
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def runtime_dir() -> Path:
+    """Private per-user dir for the registry and spawn locks (ZMQRUNTIME_RUNTIME_DIR wins)."""
+    override = os.environ.get("ZMQRUNTIME_RUNTIME_DIR")
+    if override:
+        return _private_dir(Path(override))
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        return _private_dir(Path(platformdirs.user_runtime_dir(APP)))
+
+
+def default_data_dir(port: int) -> Path:
+    """Where a server keeps its records by default: one dir per port, kept across restarts."""
+    base = os.environ.get("ZMQRUNTIME_DATA_DIR")
+    root = Path(base) if base else Path(platformdirs.user_data_dir(APP))
+    return _private_dir(root / "servers" / str(port))
+
+
+@dataclass
+class ServerEntry:
+    port: int
+    host: str
+    pid: int
+    create_time: float
+    data_dir: str
+    log_file: str
+    data_port: int
+    workers: int
+    started: float
+
+    @property
+    def path(self) -> Path:
+        return registry_path(self.port)
+
+    def is_alive(self) -> bool:
+        """The recorded process still runs and is the same process (pid + create time)."""
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.create_time) < 1.0 and proc.status() != "zombie"
+        except psutil.Error:
+            return False
+
+
+def registry_path(port: int) -> Path:
+    return runtime_dir() / f"server-{port}.json"
+
+
+def register(entry: ServerEntry) -> None:
+    path = entry.path
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(entry), indent=2))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+
+
+def unregister(port: int, pid: int) -> None:
+    """Remove the entry if it is still ours (another server may have taken the port)."""
+    entry = read_entry(registry_path(port))
+    if entry is not None and entry.pid == pid:
+        with contextlib.suppress(FileNotFoundError):
+            entry.path.unlink()
+
+
+def read_entry(path: Path) -> ServerEntry | None:
+    try:
+        return ServerEntry(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def list_servers(drop_stale: bool = True) -> list[ServerEntry]:
+    """Live servers of this user on this machine; stale entries are removed."""
+    entries = []
+    for path in sorted(runtime_dir().glob("server-*.json")):
+        entry = read_entry(path)
+        if entry is not None and entry.is_alive():
+            entries.append(entry)
+        elif drop_stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return sorted(entries, key=lambda e: e.port)
+
+
+def find_server(port: int) -> ServerEntry | None:
+    entry = read_entry(registry_path(port))
+    return entry if entry is not None and entry.is_alive() else None
+
+
+def spawn_lock(port: int) -> FileLock:
+    """Held while a client spawns a server on ``port``: two racing clients start one."""
+    return FileLock(str(runtime_dir() / f"spawn-{port}.lock"))
+
+
+def spawn_server(
+    port: int,
+    host: str = "127.0.0.1",
+    workers: int | None = None,
+    data_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+) -> subprocess.Popen:
+    """Start ``zmqruntime serve`` detached from this process (its own session)."""
+    cmd = [sys.executable, "-m", "zmqruntime", "serve", "--port", str(port), "--host", host]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    if data_dir:
+        cmd += ["--data-dir", str(data_dir)]
+    cmd += extra_args or []
+    log_dir = default_data_dir(port) if data_dir is None else Path(data_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "spawn.out", "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def kill_server(entry: ServerEntry, timeout: float = 5.0) -> bool:
+    """Kill a registered server and its workers, after checking it is still that process."""
+    if not entry.is_alive():
+        return False
+    proc = psutil.Process(entry.pid)
+    children = proc.children(recursive=True)
+    for p in [proc, *children]:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs([proc, *children], timeout=timeout)
+    with contextlib.suppress(FileNotFoundError):
+        entry.path.unlink()
+    return True
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,796 @@
+"""ExecutionServer: the control loop, scheduling and worker supervision.
+
+One thread, one poll loop, four sockets:
+
+* control ROUTER on ``port`` (clients' requests, answered in the same loop turn),
+* data PUB on ``port + 1`` (events of every run; topic = execution id),
+* worker ROUTER and worker PULL on ipc endpoints in a private temp dir.
+
+Nothing in the loop waits on a worker or a watcher: results are written to disk by the
+workers and forwarded here frame by frame (zero-copy), so a control request is never
+queued behind bulk data.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import zmq
+
+from . import __version__, local, protocol
+from .errors import ProtocolError, UnknownExecution
+from .protocol import ErrorCode, EventKind
+from .store import Store
+from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
+
+log = logging.getLogger("zmqruntime.server")
+
+NO_REPLY = object()  # a handler that parks the request (long-poll wait) returns this
+TICK = 0.05
+DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
+MAX_WAIT = 30.0
+RESULTS_REPLY_BYTES = 32 * 1024 * 1024
+WORKER_START_TIMEOUT = 60.0
+
+
+class InsecureBindRefused(RuntimeError):
+    """Binding to a non-loopback address without CURVE keys needs an explicit --insecure."""
+
+
+@dataclass
+class WorkerHandle:
+    wid: str
+    proc: subprocess.Popen
+    started: float
+    ready: bool = False
+    current: str | None = None
+    last_seen: float = 0.0
+
+
+@dataclass
+class Run:
+    record: dict[str, Any]
+    seq: int = 0
+    worker: str | None = None
+    cancel_requested: bool = False
+    cancel_deadline: float | None = None
+    waiters: list[tuple[list[bytes], Any, float]] = field(default_factory=list)
+    task: dict[str, Any] | None = None
+
+
+class ExecutionServer:
+    """Runs pipelines submitted over the control channel in a pool of worker processes."""
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        workers: int | None = None,
+        data_dir: Path | str | None = None,
+        cancel_grace: float = 2.0,
+        keys: Path | str | None = None,
+        insecure: bool = False,
+        heartbeat_timeout: float = 10.0,
+        keep_days: float | None = None,
+        max_store_gb: float | None = None,
+    ) -> None:
+        if not is_loopback(host) and keys is None and not insecure:
+            raise InsecureBindRefused(
+                f"refusing to bind to {host}: anyone who reaches that address could run code "
+                "on this machine. Pass --keys DIR (CURVE keys, see 'zmqruntime keys "
+                "generate') or, on a trusted network only, --insecure."
+            )
+        self.port = port
+        self.host = host
+        self.data_port = data_port_of(port)
+        self.n_workers = workers or os.cpu_count() or 1
+        self.data_dir = Path(data_dir) if data_dir else local.default_data_dir(port)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = self.data_dir / "server.log"
+        self.cancel_grace = cancel_grace
+        self.heartbeat_timeout = heartbeat_timeout
+        self.keep_days = keep_days
+        self.max_store_gb = max_store_gb
+        self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
+        self.runs: dict[str, Run] = {}
+        self.queue: collections.deque[str] = collections.deque()
+        self.workers: dict[str, WorkerHandle] = {}
+        self._worker_counter = 0
+        self._stopping = False
+        self._started = time.time()
+        self._bad_input_logged: set[str] = set()
+        self.bad_messages = 0
+
+    # ------------------------------------------------------------------ setup
+    def _setup_logging(self) -> None:
+        handler = logging.FileHandler(self.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("zmqruntime")
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _bind(self) -> None:
+        self.zctx = zmq.Context()
+        if self.security:
+            self.security.start(self.zctx)
+        self.control = self.zctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_MESSAGE)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.data = self.zctx.socket(zmq.PUB)
+        self.data.setsockopt(zmq.SNDHWM, DATA_HWM)
+        self.data.setsockopt(zmq.LINGER, 0)
+        for sock in (self.control, self.data):
+            if self.security:
+                self.security.apply(sock)
+        self.control.bind(tcp_url(self.host, self.port))
+        self.data.bind(tcp_url(self.host, self.data_port))
+        self.ipc_dir = Path(tempfile.mkdtemp(prefix="zmqr-"))
+        self.worker_ctl = self.zctx.socket(zmq.ROUTER)
+        self.worker_ctl.setsockopt(zmq.LINGER, 0)
+        self.worker_events = self.zctx.socket(zmq.PULL)
+        self.worker_events.setsockopt(zmq.LINGER, 0)
+        if zmq.has("ipc") and os.name != "nt":
+            self.worker_ctl_url = f"ipc://{self.ipc_dir}/ctl"
+            self.worker_events_url = f"ipc://{self.ipc_dir}/events"
+            self.worker_ctl.bind(self.worker_ctl_url)
+            self.worker_events.bind(self.worker_events_url)
+        else:  # pragma: no cover - Windows
+            p1 = self.worker_ctl.bind_to_random_port("tcp://127.0.0.1")
+            p2 = self.worker_events.bind_to_random_port("tcp://127.0.0.1")
+            self.worker_ctl_url = f"tcp://127.0.0.1:{p1}"
+            self.worker_events_url = f"tcp://127.0.0.1:{p2}"
+
+    def _recover(self) -> None:
+        """Bring back what a previous server on this data dir left: queue, interrupted runs."""
+        for exec_id in self.store.ids_in_state("running"):
+            record = self.store.get(exec_id)
+            assert record is not None
+            if record["attempts"] <= record["retries"]:
+                self.store.update(
+                    exec_id, state="queued", started=None, message="requeued after a server restart"
+                )
+            else:
+                self.store.update(
+                    exec_id,
+                    state="failed",
+                    finished=time.time(),
+                    error="interrupted: the server stopped while this run was running",
+                )
+        for exec_id in self.store.ids_in_state("queued"):
+            record = self.store.get(exec_id)
+            assert record is not None
+            record.pop("worker", None)
+            self.runs[exec_id] = Run(record=record)
+            self.queue.append(exec_id)
+        self.store.commit()
+        if self.queue:
+            log.info("recovered %d queued run(s) from %s", len(self.queue), self.data_dir)
+
+    # ------------------------------------------------------------------ main loop
+    def serve_forever(self, announce: bool = True) -> None:
+        self._setup_logging()
+        self.store = Store(self.data_dir)
+        if self.keep_days is not None or self.max_store_gb is not None:
+            self._apply_retention()
+        self._recover()
+        self._bind()
+        entry = local.ServerEntry(
+            port=self.port,
+            host=self.host,
+            pid=os.getpid(),
+            create_time=psutil.Process().create_time(),
+            data_dir=str(self.data_dir),
+            log_file=str(self.log_file),
+            data_port=self.data_port,
+            workers=self.n_workers,
+            started=self._started,
+        )
+        local.register(entry)
+        for _ in range(self.n_workers):
+            self._spawn_worker()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        log.info(
+            "serving on %s (data %s), %d workers, data dir %s",
+            tcp_url(self.host, self.port),
+            tcp_url(self.host, self.data_port),
+            self.n_workers,
+            self.data_dir,
+        )
+        if announce:
+            print(f"zmqruntime {__version__} server (pid {os.getpid()})", flush=True)
+            print(f"  control: {tcp_url(self.host, self.port)}", flush=True)
+            print(f"  data:    {tcp_url(self.host, self.data_port)}", flush=True)
+            print(f"  workers: {self.n_workers}", flush=True)
+            print(f"  data dir: {self.data_dir}", flush=True)
+            print(f"  log:     {self.log_file}", flush=True)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+            for s, h in previous.items():
+                signal.signal(s, h)
+            local.unregister(self.port, os.getpid())
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+
+    def request_stop(self) -> None:
+        self._stopping = True
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.control, self.worker_ctl, self.worker_events):
+            poller.register(sock, zmq.POLLIN)
+        last_tick = 0.0
+        while not self._stopping:
+            ready = dict(poller.poll(int(TICK * 1000)))
+            if self.control in ready:
+                self._drain(self.control, self._on_control, 200)
+            if self.worker_ctl in ready:
+                self._drain(self.worker_ctl, self._on_worker_ctl, 200)
+            if self.worker_events in ready:
+                self._drain(self.worker_events, self._on_worker_event, 100)
+            now = time.monotonic()
+            if now - last_tick >= TICK:
+                self._tick()
+                last_tick = now
+            self.store.commit()
+
+    def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ------------------------------------------------------------------ control channel
+    def _on_control(self, frames: list[zmq.Frame]) -> None:
+        # ROUTER prefix: identity, then an empty delimiter if the peer is a REQ socket
+        route = [frames[0].bytes]
+        rest = frames[1:]
+        if rest and len(rest[0]) == 0:
+            route.append(b"")
+            rest = rest[1:]
+        req = None
+        try:
+            msg_type, req, body = protocol.parse_request(rest)
+            self._current_route, self._current_req = route, req
+            result = msg_type.dispatch(self, body)
+            if result is NO_REPLY:
+                return
+            reply = protocol.reply(req, result)
+        except ProtocolError as exc:
+            self._note_bad_input(str(exc))
+            reply = protocol.error_reply(
+                exc.req if exc.req is not None else req, ErrorCode(exc.code), str(exc)
+            )
+        except UnknownExecution as exc:
+            reply = protocol.error_reply(req, ErrorCode.UNKNOWN_EXECUTION, str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            self._note_bad_input(f"{type(exc).__name__}: {exc}")
+            reply = protocol.error_reply(req, ErrorCode.BAD_REQUEST, _bad_request_message(exc))
+        except Exception as exc:  # a bug must cost one reply, never the server
+            log.exception("internal error handling a request")
+            reply = protocol.error_reply(req, ErrorCode.INTERNAL, f"internal error: {exc}")
+        self._send(route, reply)
+
+    def _send(self, route: list[bytes], frames: list[Any]) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart([*route, *frames], copy=False)
+
+    def _note_bad_input(self, what: str) -> None:
+        self.bad_messages += 1
+        key = what.split(":")[0][:80]
+        if key not in self._bad_input_logged and len(self._bad_input_logged) < 1000:
+            self._bad_input_logged.add(key)
+            log.warning("bad request (logged once per kind): %s", what[:500])
+
+    # -- handlers: one per ControlMessageType member
+    def handle_ping(self, body: dict) -> dict:
+        busy = sum(1 for w in self.workers.values() if w.current)
+        return {
+            "server": "zmqruntime",
+            "version": __version__,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "host": self.host,
+            "port": self.port,
+            "data_port": self.data_port,
+            "workers": self.n_workers,
+            "workers_ready": sum(1 for w in self.workers.values() if w.ready),
+            "workers_busy": busy,
+            "queued": len(self.queue),
+            "running": busy,
+            "uptime": time.time() - self._started,
+            "data_dir": str(self.data_dir),
+            "log_file": str(self.log_file),
+            "secure": self.security is not None,
+            "cancel_grace": self.cancel_grace,
+            "time": time.time(),
+        }
+
+    def handle_execute(self, body: dict) -> dict:
+        pipeline_code = _require(body, "pipeline_code", str)
+        config_code = _optional(body, "config_code", str)
+        config = _optional(body, "config", dict)
+        name = _optional(body, "name", str)
+        retries = _optional(body, "retries", int) or 0
+        if self._stopping:
+            raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        exec_id = secrets.token_hex(8)
+        record = {
+            "id": exec_id,
+            "name": name or exec_id,
+            "state": "queued",
+            "progress": None,
+            "message": None,
+            "error": None,
+            "traceback": None,
+            "created": time.time(),
+            "started": None,
+            "finished": None,
+            "n_results": 0,
+            "n_logs": 0,
+            "retries": max(0, retries),
+            "attempts": 0,
+        }
+        self.store.insert(record, pipeline_code, config_code, config)
+        run = Run(record=record)
+        run.task = {"pipeline_code": pipeline_code, "config_code": config_code, "config": config}
+        self.runs[exec_id] = run
+        self.queue.append(exec_id)
+        self._publish_state(run)
+        self._dispatch()
+        return {"id": exec_id, "status": self._status(run.record)}
+
+    def handle_status(self, body: dict) -> dict:
+        return self._status(self._record(_require(body, "id", str)))
+
+    def handle_wait(self, body: dict) -> Any:
+        """Long poll: answered when the run ends or after ``timeout`` seconds."""
+        exec_id = _require(body, "id", str)
+        timeout = min(float(_optional(body, "timeout", (int, float)) or MAX_WAIT), MAX_WAIT)
+        record = self._record(exec_id)
+        run = self.runs.get(exec_id)
+        if record["state"] in protocol.FINAL_STATES or run is None or timeout <= 0:
+            return self._status(record)
+        run.waiters.append((self._current_route, self._current_req, time.monotonic() + timeout))
+        return NO_REPLY
+
+    def handle_list(self, body: dict) -> dict:
+        limit = int(_optional(body, "limit", int) or 200)
+        states = _optional(body, "states", list)
+        records = self.store.list(limit=limit, states=states)
+        live = {r["id"]: r for r in (run.record for run in self.runs.values())}
+        out = [self._status(live.get(r["id"], r)) for r in records]
+        return {"executions": out}
+
+    def handle_cancel(self, body: dict) -> dict:
+        exec_id = _require(body, "id", str)
+        record = self._record(exec_id)
+        run = self.runs.get(exec_id)
+        if run is None or record["state"] in protocol.FINAL_STATES:
+            return {
+                "cancelled": False,
+                "state": record["state"],
+                "message": f"execution {exec_id} already {record['state']}; nothing to cancel",
+            }
+        if record["state"] == "queued":
+            with contextlib.suppress(ValueError):
+                self.queue.remove(exec_id)
+            self._finish(run, "cancelled", message="cancelled while queued")
+            return {"cancelled": True, "state": "cancelled", "message": "cancelled while queued"}
+        if not run.cancel_requested:
+            run.cancel_requested = True
+            run.cancel_deadline = time.monotonic() + self.cancel_grace
+            if run.worker:
+                self._send_worker(run.worker, {"type": "cancel", "id": exec_id})
+            run.record["message"] = "cancel requested"
+            self._publish(
+                run,
+                EventKind.PROGRESS,
+                {"progress": run.record["progress"], "message": "cancel requested"},
+            )
+        return {
+            "cancelled": True,
+            "state": "running",
+            "message": f"cancel requested; the worker is killed after {self.cancel_grace:g} s "
+            "if the pipeline does not stop",
+        }
+
+    def handle_results(self, body: dict) -> dict:
+        exec_id = _require(body, "id", str)
+        start = int(_optional(body, "start", int) or 0)
+        limit = int(_optional(body, "limit", int) or 1000)
+        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        record = self._record(exec_id)
+        run_dir = self.store.run_dir(exec_id)
+        out, total_bytes = [], 0
+        for entry in self.store.results(exec_id, start, limit):
+            value = self._load_result(run_dir, entry)
+            out.append({"index": entry["index"], "name": entry["name"], "value": value})
+            total_bytes += int(entry.get("nbytes", 0))
+            if total_bytes >= max_bytes:
+                break
+        return {"results": out, "n_results": record["n_results"], "state": record["state"]}
+
+    def handle_logs(self, body: dict) -> dict:
+        exec_id = _require(body, "id", str)
+        record = self._record(exec_id)
+        start = int(_optional(body, "start", int) or 0)
+        limit = int(_optional(body, "limit", int) or 10_000)
+        return {"logs": self.store.logs(exec_id, start, limit), "n_logs": record["n_logs"]}
+
+    def handle_shutdown(self, body: dict) -> dict:
+        self._stopping = True
+        return {"stopping": True, "pid": os.getpid()}
+
+    # -- handler helpers
+    def _record(self, exec_id: str) -> dict[str, Any]:
+        run = self.runs.get(exec_id)
+        if run is not None:
+            return run.record
+        record = self.store.get(exec_id)
+        if record is None:
+            raise UnknownExecution(f"unknown execution id {exec_id!r}: this server never issued it")
+        return record
+
+    @staticmethod
+    def _status(record: dict[str, Any]) -> dict[str, Any]:
+        return dict(record)
+
+    def _load_result(self, run_dir: Path, entry: dict[str, Any]) -> Any:
+        kind = entry.get("kind")
+        if kind == "array":
+            path = run_dir / entry["file"]
+            if int(entry.get("nbytes", 1)) == 0:
+                return np.load(path)
+            return np.load(path, mmap_mode="r")  # sent straight from the page cache
+        if kind == "bytes":
+            return (run_dir / entry["file"]).read_bytes()
+        return entry.get("value")
+
+    # ------------------------------------------------------------------ workers
+    def _spawn_worker(self) -> None:
+        self._worker_counter += 1
+        wid = f"w{self._worker_counter}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "zmqruntime.worker",
+            "--id",
+            wid,
+            "--control",
+            self.worker_ctl_url,
+            "--events",
+            self.worker_events_url,
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        with open(self.log_file, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.workers[wid] = WorkerHandle(wid, proc, time.monotonic(), last_seen=time.monotonic())
+
+    def _send_worker(self, wid: str, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.worker_ctl.send_multipart([wid.encode(), *protocol.encode(msg)], copy=False)
+
+    def _on_worker_ctl(self, frames: list[zmq.Frame]) -> None:
+        wid = frames[0].bytes.decode()
+        worker = self.workers.get(wid)
+        if worker is None:
+            return
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError:
+            log.warning("worker %s sent an undecodable message", wid)
+            return
+        worker.last_seen = time.monotonic()
+        if msg.get("type") == "ready" and not worker.ready:
+            worker.ready = True
+            log.info("worker %s ready (pid %s)", wid, msg.get("pid"))
+            self._dispatch()
+
+    def _on_worker_event(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = protocol.decode(frames, resolve_arrays=False)
+        except ProtocolError:
+            log.warning("a worker sent an undecodable event")
+            return
+        run = self.runs.get(msg.get("id", ""))
+        if run is None or run.record["state"] != "running":
+            return  # a late event of a run that already ended (e.g. killed on cancel)
+        if msg["type"] == "done":
+            self._on_done(run, msg)
+            return
+        kind = msg.get("kind")
+        record = run.record
+        if kind == EventKind.RESULT.value:
+            meta = msg.pop("meta")
+            index = msg["index"]
+            self.store.add_result(
+                record["id"], index, msg["name"], meta, int(meta.get("nbytes", 0))
+            )
+            record["n_results"] = index + 1
+        elif kind == EventKind.LOG.value:
+            msg["index"] = record["n_logs"]
+            record["n_logs"] += 1
+            self.store.add_log(record["id"], msg["index"], time.time(), msg["text"])
+        elif kind == EventKind.PROGRESS.value:
+            record["progress"] = msg.get("progress")
+            if msg.get("message") is not None:
+                record["message"] = msg["message"]
+        del msg["type"]
+        msg["seq"] = run.seq
+        msg["t"] = time.time()
+        run.seq += 1
+        with contextlib.suppress(zmq.ZMQError):
+            self.data.send_multipart(protocol.relay_event(msg, frames[2:]), copy=False)
+
+    def _on_done(self, run: Run, msg: dict[str, Any]) -> None:
+        state = msg.get("state", "failed")
+        if run.cancel_requested and state != "failed":
+            state = "cancelled"
+        worker = self.workers.get(run.worker or "")
+        if worker is not None:
+            worker.current = None
+        message = {"completed": "completed", "cancelled": "cancelled by request"}.get(state)
+        self._finish(
+            run,
+            state,
+            error=msg.get("error"),
+            traceback=msg.get("traceback"),
+            message=message or msg.get("error"),
+        )
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._stopping:
+            return
+        idle = [w for w in self.workers.values() if w.ready and w.current is None]
+        while self.queue and idle:
+            exec_id = self.queue.popleft()
+            run = self.runs[exec_id]
+            worker = idle.pop(0)
+            task = run.task
+            if task is None:  # recovered after a restart: the code is in the store
+                pipeline, config_code, config = self.store.code_of(exec_id)
+                task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
+            worker.current = exec_id
+            run.worker = worker.wid
+            record = run.record
+            record.update(
+                state="running", started=time.time(), attempts=record["attempts"] + 1, message=None
+            )
+            self.store.update(
+                exec_id, state="running", started=record["started"], attempts=record["attempts"]
+            )
+            self._send_worker(worker.wid, {"type": "task", "id": exec_id, **task})
+            run.task = None
+            self._publish_state(run)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            code = worker.proc.poll()
+            if code is not None:
+                self._on_worker_exit(worker, code)
+            elif worker.ready and now - worker.last_seen > self.heartbeat_timeout:
+                log.warning(
+                    "worker %s sent no heartbeat for %.1f s: killing it",
+                    worker.wid,
+                    now - worker.last_seen,
+                )
+                self._kill_worker(
+                    worker, f"worker hung: no heartbeat for {self.heartbeat_timeout:g} s"
+                )
+            elif not worker.ready and now - worker.started > WORKER_START_TIMEOUT:
+                log.error("worker %s did not start within %.0f s", worker.wid, WORKER_START_TIMEOUT)
+                self._kill_worker(worker, "worker failed to start")
+        for run in list(self.runs.values()):
+            if run.cancel_deadline is not None and now > run.cancel_deadline:
+                worker = self.workers.get(run.worker or "")
+                if run.record["state"] == "running" and worker is not None:
+                    log.info(
+                        "run %s ignored cancel for %.1f s: killing worker %s",
+                        run.record["id"],
+                        self.cancel_grace,
+                        worker.wid,
+                    )
+                    self._kill_worker(
+                        worker,
+                        f"cancelled: the pipeline did not stop within {self.cancel_grace:g} s, "
+                        "so its worker was killed",
+                        state="cancelled",
+                    )
+            if run.waiters:
+                self._expire_waiters(run, now)
+
+    def _kill_worker(self, worker: WorkerHandle, reason: str, state: str = "failed") -> None:
+        with contextlib.suppress(OSError):
+            worker.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(timeout=5)
+        self._on_worker_exit(worker, worker.proc.returncode, reason=reason, state=state)
+
+    def _on_worker_exit(
+        self,
+        worker: WorkerHandle,
+        code: int | None,
+        reason: str | None = None,
+        state: str = "failed",
+    ) -> None:
+        self.workers.pop(worker.wid, None)
+        run = self.runs.get(worker.current or "")
+        if run is not None and run.record["state"] == "running":
+            if reason is None:
+                reason = f"the worker process died ({describe_exit(code)})"
+            record = run.record
+            if state == "failed" and record["attempts"] <= record["retries"]:
+                log.info(
+                    "run %s: %s; retrying (attempt %d of %d)",
+                    record["id"],
+                    reason,
+                    record["attempts"] + 1,
+                    record["retries"] + 1,
+                )
+                record.update(state="queued", message=f"retrying: {reason}")
+                self.store.update(record["id"], state="queued", message=record["message"])
+                pipeline, config_code, config = self.store.code_of(record["id"])
+                run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
+                self.queue.appendleft(record["id"])
+                self._publish_state(run)
+            else:
+                self._finish(
+                    run, state, error=reason if state == "failed" else None, message=reason
+                )
+        elif reason is None and not self._stopping:
+            log.warning("worker %s exited (%s)", worker.wid, describe_exit(code))
+        if not self._stopping:
+            self._spawn_worker()
+
+    # ------------------------------------------------------------------ state changes
+    def _finish(
+        self,
+        run: Run,
+        state: str,
+        *,
+        error: str | None = None,
+        traceback: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        record = run.record
+        record.update(
+            state=state, finished=time.time(), error=error, traceback=traceback, message=message
+        )
+        if state == "completed":
+            record["progress"] = 1.0
+        self.store.update(
+            record["id"],
+            state=state,
+            finished=record["finished"],
+            error=error,
+            traceback=traceback,
+            message=message,
+            progress=record["progress"],
+            n_results=record["n_results"],
+            n_logs=record["n_logs"],
+            attempts=record["attempts"],
+        )
+        self.store.commit()  # a final state is durable before anyone hears of it
+        self._publish_state(run)
+        status = self._status(record)
+        for route, req, _ in run.waiters:
+            self._send(route, protocol.reply(req, status))
+        run.waiters.clear()
+        del self.runs[record["id"]]
+
+    def _expire_waiters(self, run: Run, now: float) -> None:
+        keep = []
+        for route, req, deadline in run.waiters:
+            if now >= deadline:
+                self._send(route, protocol.reply(req, self._status(run.record)))
+            else:
+                keep.append((route, req, deadline))
+        run.waiters = keep
+
+    def _publish_state(self, run: Run) -> None:
+        self._publish(run, EventKind.STATE, {"status": self._status(run.record)})
+
+    def _publish(self, run: Run, kind: EventKind, body: dict[str, Any]) -> None:
+        frames = protocol.event(run.record["id"], kind, run.seq, {**body, "t": time.time()})
+        run.seq += 1
+        with contextlib.suppress(zmq.ZMQError):
+            self.data.send_multipart(frames, copy=False)
+
+    # ------------------------------------------------------------------ retention, shutdown
+    def _apply_retention(self) -> None:
+        max_bytes = int(self.max_store_gb * 1e9) if self.max_store_gb is not None else None
+        n = self.store.purge(self.keep_days, max_bytes)
+        if n:
+            log.info("retention removed %d finished run(s)", n)
+
+    def _shutdown(self) -> None:
+        log.info("shutting down")
+        for worker in self.workers.values():
+            self._send_worker(worker.wid, {"type": "shutdown"})
+        deadline = time.monotonic() + 2.0
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait()
+        for run in list(self.runs.values()):
+            if run.record["state"] == "running":
+                self._finish(
+                    run,
+                    "failed",
+                    error="interrupted: the server shut down while this run was running",
+                    message="interrupted by server shutdown",
+                )
+        for run in self.runs.values():  # queued runs stay queued: they run after a restart
+            for route, req, _ in run.waiters:
+                self._send(
+                    route,
+                    protocol.error_reply(
+                        req, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
+                    ),
+                )
+        self.store.close()
+        for sock in (self.control, self.data, self.worker_ctl, self.worker_events):
+            sock.close(linger=0)
+        if self.security:
+            self.security.stop()
+        self.zctx.term()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        logging.getLogger("zmqruntime").removeHandler(self._log_handler)
+        self._log_handler.close()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _require(body: dict, key: str, types: Any) -> Any:
+    if key not in body:
+        raise ProtocolError(f"missing field {key!r}")
+    return _optional(body, key, types)
+
+
+def _optional(body: dict, key: str, types: Any) -> Any:
+    value = body.get(key)
+    if value is not None and (
+        not isinstance(value, types) or isinstance(value, bool) and types is int
+    ):
+        expected = getattr(types, "__name__", None) or "/".join(t.__name__ for t in types)
+        raise ProtocolError(f"field {key!r} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _bad_request_message(exc: Exception) -> str:
+    return f"bad request: {type(exc).__name__}: {exc}"

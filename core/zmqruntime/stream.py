@@ -1,0 +1,163 @@
+"""Data-channel consumption: live events with gap filling, and where results land.
+
+``follow`` turns a SUB socket plus the control channel into the stream a caller wants:
+every result exactly once and in order (missed ones are fetched from the server's
+store), live progress/logs/previews, then the final state, then the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol
+from .protocol import FINAL_STATES, EventKind
+
+FetchResults = Callable[[str, int, int], Iterator[dict[str, Any]]]
+GetStatus = Callable[[str], dict[str, Any]]
+
+
+def follow(
+    sub: zmq.Socket,
+    exec_id: str,
+    get_status: GetStatus,
+    fetch_results: FetchResults,
+    *,
+    previews: bool = True,
+    poll_interval: float = 0.5,
+) -> Iterator[dict[str, Any]]:
+    """Yield the events of one run; ``sub`` is already subscribed to its topic."""
+    status = get_status(exec_id)
+    next_index = 0
+    if status["state"] in FINAL_STATES:
+        yield from fetch_results(exec_id, 0, status["n_results"])
+        yield _state_event(status)
+        return
+    while True:
+        if sub.poll(int(poll_interval * 1000)):
+            event = protocol.parse_event(sub.recv_multipart(copy=False))
+            kind = event.get("kind")
+            if kind == EventKind.RESULT.value:
+                index = event["index"]
+                if index < next_index:
+                    continue
+                if index > next_index:  # dropped on the way: the store has them
+                    yield from fetch_results(exec_id, next_index, index)
+                yield event
+                next_index = index + 1
+            elif kind == EventKind.STATE.value:
+                status = event["status"]
+                if status["state"] in FINAL_STATES:
+                    yield from fetch_results(exec_id, next_index, status["n_results"])
+                    yield event
+                    return
+                yield event
+            elif kind == EventKind.PREVIEW.value and not previews:
+                continue
+            else:
+                yield event
+        else:  # quiet: the final state may have been dropped, so ask
+            status = get_status(exec_id)
+            if status["state"] in FINAL_STATES:
+                yield from fetch_results(exec_id, next_index, status["n_results"])
+                yield _state_event(status)
+                return
+
+
+def _state_event(status: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": EventKind.STATE.value, "id": status["id"], "seq": None, "status": status}
+
+
+class MemorySink:
+    """Results kept in memory: ``{name: [value, ...]}`` in emit order."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, list[Any]] = {}
+
+    def add(self, index: int, name: str, value: Any) -> None:
+        self.results.setdefault(name, []).append(value)
+
+    def close(self) -> dict[str, list[Any]]:
+        return self.results
+
+
+class DirectorySink:
+    """Results written to disk as they arrive; nothing stays in memory.
+
+    Layout: ``DIR/<index>-<name>.npy`` for arrays, ``DIR/<index>-<name>.bin`` for bytes,
+    and ``DIR/index.json``: ``{"execution": id, "results": [{"index", "name", "kind",
+    "file" | "value", "dtype", "shape"}]}``. Small values live in the index itself.
+    """
+
+    def __init__(self, directory: Path, exec_id: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.exec_id = exec_id
+        self.entries: list[dict[str, Any]] = []
+        self.results: dict[str, list[Any]] = {}
+
+    def add(self, index: int, name: str, value: Any) -> None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        entry: dict[str, Any] = {"index": index, "name": name}
+        if isinstance(value, np.ndarray):
+            path = self.directory / f"{index:06d}-{safe}.npy"
+            np.save(path, value, allow_pickle=False)
+            entry.update(
+                kind="array", file=path.name, dtype=str(value.dtype), shape=list(value.shape)
+            )
+            out: Any = path
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            path = self.directory / f"{index:06d}-{safe}.bin"
+            path.write_bytes(value)
+            entry.update(kind="bytes", file=path.name)
+            out = path
+        else:
+            entry.update(kind="value", value=value)
+            out = value
+        self.entries.append(entry)
+        self.results.setdefault(name, []).append(out)
+        if len(self.entries) % 100 == 0:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        tmp = self.directory / "index.json.tmp"
+        tmp.write_text(
+            json.dumps(
+                {"execution": self.exec_id, "results": self.entries}, indent=1, default=_jsonable
+            )
+        )
+        os.replace(tmp, self.directory / "index.json")
+
+    def close(self) -> dict[str, list[Any]]:
+        self._write_index()
+        return self.results
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def load_directory(directory: Path) -> dict[str, list[Any]]:
+    """Read back what a DirectorySink wrote: arrays memory-mapped, values as stored."""
+    directory = Path(directory)
+    index = json.loads((directory / "index.json").read_text())
+    out: dict[str, list[Any]] = {}
+    for entry in index["results"]:
+        if entry["kind"] == "array":
+            value: Any = np.load(directory / entry["file"], mmap_mode="r")
+        elif entry["kind"] == "bytes":
+            value = (directory / entry["file"]).read_bytes()
+        else:
+            value = entry["value"]
+        out.setdefault(entry["name"], []).append(value)
+    return out

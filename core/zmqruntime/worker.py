@@ -1,0 +1,208 @@
+"""The worker process: runs one pipeline at a time for the server.
+
+Two sockets, two threads. The *io thread* owns a DEALER to the server's worker router:
+it announces the worker, sends heartbeats, receives tasks and cancel requests, and
+flushes coalesced log lines. The *main thread* runs the pipeline and sends its events
+through a PUSH socket (guarded by a lock the io thread also takes to flush logs). A
+PUSH that is full blocks a result (no loss) but drops a preview (newest wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import linecache
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .context import Context, LogWriter, build_config
+from .errors import ExecutionCancelled
+
+HEARTBEAT_INTERVAL = 0.5
+LOG_FLUSH_INTERVAL = 0.1
+EVENT_HWM = 16
+
+
+class CodeCache:
+    """Compiled code objects keyed by source hash, so a repeated pipeline compiles once."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._codes: dict[str, Any] = {}
+        self._max = max_entries
+
+    def __call__(self, source: str, label: str) -> Any:
+        key = hashlib.sha256(source.encode()).hexdigest()
+        code = self._codes.get(key)
+        if code is None:
+            filename = f"<{label.strip('<>')} {key[:8]}>"
+            code = compile(source, filename, "exec")
+            # let tracebacks show the pipeline's source lines
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            if len(self._codes) >= self._max:
+                self._codes.pop(next(iter(self._codes)))
+            self._codes[key] = code
+        return code
+
+
+class Worker:
+    def __init__(self, worker_id: str, control: str, events: str, data_dir: Path) -> None:
+        self.worker_id = worker_id
+        self.data_dir = Path(data_dir)
+        self.zctx = zmq.Context()
+        self.control_endpoint = control
+        self.events = self.zctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.SNDHWM, EVENT_HWM)
+        self.events.setsockopt(zmq.LINGER, 5000)
+        self.events.connect(events)
+        self.events_lock = threading.Lock()
+        self.tasks: queue.Queue[dict | None] = queue.Queue()
+        self.cancel_event = threading.Event()
+        self.current: str | None = None
+        self.current_ctx: Context | None = None
+        self.codes = CodeCache()
+        self.parent = os.getppid()
+        self.stop = threading.Event()
+
+    # -- sending (main thread, and io thread for log flushes)
+    def send_event(self, exec_id: str, kind: str, body: dict[str, Any], reliable: bool) -> None:
+        frames = protocol.encode({"type": "event", "id": exec_id, "kind": kind, **body})
+        with self.events_lock:
+            if reliable:
+                self.events.send_multipart(frames, copy=False)
+            else:
+                with contextlib.suppress(zmq.Again):
+                    self.events.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+
+    # -- io thread
+    def io_loop(self) -> None:
+        sock = self.zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.control_endpoint)
+        sock.send_multipart(protocol.encode({"type": "ready", "pid": os.getpid()}))
+        last_beat = last_flush = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if sock.poll(int(LOG_FLUSH_INTERVAL * 1000)):
+                    self.on_control(protocol.decode(sock.recv_multipart()))
+                now = time.monotonic()
+                if now - last_flush >= LOG_FLUSH_INTERVAL:
+                    ctx = self.current_ctx
+                    if ctx is not None:
+                        ctx.flush_logs()
+                    last_flush = now
+                if now - last_beat >= HEARTBEAT_INTERVAL:
+                    sock.send_multipart(
+                        protocol.encode({"type": "heartbeat", "current": self.current})
+                    )
+                    last_beat = now
+                    if os.getppid() != self.parent:  # the server died: don't linger as an orphan
+                        os._exit(3)
+        finally:
+            sock.close()
+
+    def on_control(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "task":
+            self.tasks.put(msg)
+        elif kind == "cancel":
+            if msg.get("id") == self.current:
+                self.cancel_event.set()
+        elif kind == "shutdown":
+            self.stop.set()
+            self.tasks.put(None)
+
+    # -- main thread
+    def run(self) -> None:
+        io = threading.Thread(target=self.io_loop, name="worker-io", daemon=True)
+        io.start()
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                break
+            self.execute(task)
+        io.join(timeout=2)
+        with self.events_lock:
+            self.events.close()
+        self.zctx.term()
+
+    def execute(self, task: dict[str, Any]) -> None:
+        exec_id = task["id"]
+        self.cancel_event.clear()
+        self.current = exec_id
+
+        def send(kind: str, body: dict[str, Any], reliable: bool) -> None:
+            self.send_event(exec_id, kind, body, reliable)
+
+        ctx = Context(exec_id, send, self.data_dir / "results" / exec_id, self.cancel_event)
+        self.current_ctx = ctx
+        state, error, tb = "completed", None, None
+        writer = LogWriter(ctx)
+        try:
+            config = build_config(task.get("config_code"), task.get("config"), self.codes)
+            ns: dict[str, Any] = {"__name__": "__zmqruntime_pipeline__"}
+            exec(self.codes(task["pipeline_code"], "<pipeline>"), ns)
+            run = ns.get("run")
+            if not callable(run):
+                raise TypeError("pipeline_code must define a function run(ctx, config)")
+            with contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
+                value = run(ctx, config)
+            if value is not None:
+                ctx.emit("return", value)
+            if ctx.cancelled:
+                state = "cancelled"
+        except ExecutionCancelled:
+            state = "cancelled"
+        except BaseException as exc:  # the pipeline's failure is the run's, not the worker's
+            state = "cancelled" if ctx.cancelled else "failed"
+            error = f"{type(exc).__name__}: {exc}"
+            tb = _pipeline_traceback(exc)
+        finally:
+            writer.flush()
+            self.current_ctx = None
+            ctx.flush_logs()
+            self.current = None
+        done = {
+            "type": "done",
+            "id": exec_id,
+            "state": state,
+            "error": error,
+            "traceback": tb,
+            "n_results": ctx.n_results,
+        }
+        with self.events_lock:
+            self.events.send_multipart(protocol.encode(done))
+
+
+def _pipeline_traceback(exc: BaseException) -> str:
+    """The traceback without the worker's own frames: the user's code starts at run()."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    keep = [f for f in frames if not f.filename.endswith(("zmqruntime/worker.py",))]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(keep)]
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="zmqruntime worker (started by the server)")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    Worker(args.id, args.control, args.events, args.data_dir).run()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

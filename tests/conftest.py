@@ -1,0 +1,167 @@
+"""Shared fixtures: real servers on free loopback ports, torn down with their workers.
+
+Every test session gets its own runtime dir (registry, spawn locks) and data root, so
+tests never touch a user's servers; at the end, any server still registered there is
+killed and reported as a leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from zmqruntime import ExecutionClient, local
+from zmqruntime.transport import free_port, port_accepts_tcp
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("zmqruntime-env")
+    saved = {k: os.environ.get(k) for k in ("ZMQRUNTIME_RUNTIME_DIR", "ZMQRUNTIME_DATA_DIR")}
+    os.environ["ZMQRUNTIME_RUNTIME_DIR"] = str(root / "runtime")
+    os.environ["ZMQRUNTIME_DATA_DIR"] = str(root / "data")
+    yield root
+    leaked = local.list_servers()
+    for entry in leaked:
+        local.kill_server(entry)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not leaked, f"tests left servers running: {[e.port for e in leaked]}"
+
+
+@dataclass
+class ServerProcess:
+    """A ``zmqruntime serve`` subprocess; ``client()`` gives clients that it closes."""
+
+    port: int
+    proc: subprocess.Popen
+    data_dir: Path
+    clients: list[ExecutionClient] = field(default_factory=list)
+
+    def client(self, **kwargs) -> ExecutionClient:
+        kwargs.setdefault("auto_spawn", False)
+        c = ExecutionClient(port=self.port, **kwargs)
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> None:
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        self.clients.clear()
+        kill_tree(self.proc)
+
+
+def kill_tree(proc: subprocess.Popen, graceful: float = 5.0) -> None:
+    """Stop a server process: SIGTERM (graceful), then SIGKILL it and its workers."""
+    try:
+        parent = psutil.Process(proc.pid)
+        children = parent.children(recursive=True)
+    except psutil.Error:
+        children = []
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=graceful)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
+
+
+def start_server(
+    data_dir: Path,
+    workers: int = 2,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    timeout: float = 30.0,
+) -> ServerProcess:
+    port = port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "zmqruntime",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--data-dir",
+        str(data_dir),
+        *(extra or []),
+    ]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = open(data_dir / "stdout.txt", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + timeout
+    while not port_accepts_tcp("127.0.0.1", port):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode}: {(data_dir / 'stdout.txt').read_text()}"
+            )
+        if time.monotonic() > deadline:
+            kill_tree(proc)
+            raise RuntimeError("server did not open its port")
+        time.sleep(0.02)
+    server = ServerProcess(port, proc, data_dir)
+    # wait until every worker is ready, so timing-sensitive tests start from a full pool
+    c = server.client()
+    while c.ping()["workers_ready"] < workers:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("workers did not start")
+        time.sleep(0.02)
+    return server
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path / "server")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> ExecutionClient:
+    return server.client()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator:
+    """Factory for tests that need special servers (several, custom flags, restarts)."""
+    started: list[ServerProcess] = []
+
+    def make(name: str = "s", **kwargs) -> ServerProcess:
+        s = start_server(tmp_path / name, **kwargs)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real microscopy images beside the checkout; their absence is an error."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"test data missing: expected the shared data folder at {SHARED_DATA}")
+    return SHARED_DATA
