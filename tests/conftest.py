@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from zmqruntime import ExecutionClient, local
 from zmqruntime.transport import free_port, port_accepts_tcp
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 
 from . import local, protocol
@@ -74,7 +74,7 @@ class ExecutionClient:
         self.security = ClientSecurity.from_dir(Path(keys)) if keys else None
         self.keys = Path(keys) if keys else None
         self.endpoint = tcp_url(host, self.port)
-        self.spawned: subprocess.Popen | None = None
+        self.spawned: psutil.Process | None = None  # the server this client started
         self._zctx = zmq.Context()
         self._lock = threading.RLock()
         self._sock: zmq.Socket | None = None
@@ -290,11 +290,11 @@ class ExecutionClient:
             proc = local.spawn_server(self.port, self.host, self.workers, self.data_dir, extra)
             deadline = time.monotonic() + self.spawn_timeout
             while time.monotonic() < deadline:
-                if proc.poll() is not None:
+                if not _running(proc):
                     log_dir = self.data_dir or local.default_data_dir(self.port)
                     raise ServerUnavailable(
-                        f"the spawned server on port {self.port} exited with code "
-                        f"{proc.returncode}; see {log_dir / 'spawn.out'}"
+                        f"the server spawned on port {self.port} exited at once; "
+                        f"see {log_dir / 'spawn.out'}"
                     )
                 if port_accepts_tcp(self.host, self.port):
                     self.spawned = proc
@@ -371,6 +371,13 @@ class ExecutionClient:
             f"no reply from the zmqruntime server at {self.endpoint} within {timeout:g} s "
             f"({msg_type.value} request)"
         )
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def raise_for_status(status: dict[str, Any]) -> None:

@@ -123,14 +123,25 @@ def spawn_lock(port: int) -> FileLock:
     return FileLock(str(runtime_dir() / f"spawn-{port}.lock"))
 
 
+# Started by a short-lived launcher, the server is not our child: it outlives us without
+# becoming a zombie, and no Popen object is left to complain when it is collected.
+_LAUNCHER = """
+import subprocess, sys
+with open(sys.argv[1], "ab") as out:
+    p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+print(p.pid)
+"""
+
+
 def spawn_server(
     port: int,
     host: str = "127.0.0.1",
     workers: int | None = None,
     data_dir: Path | None = None,
     extra_args: list[str] | None = None,
-) -> subprocess.Popen:
-    """Start ``zmqruntime serve`` detached from this process (its own session)."""
+) -> psutil.Process:
+    """Start ``zmqruntime serve`` detached from this process; return the server process."""
     cmd = [sys.executable, "-m", "zmqruntime", "serve", "--port", str(port), "--host", host]
     if workers:
         cmd += ["--workers", str(workers)]
@@ -139,15 +150,22 @@ def spawn_server(
     cmd += extra_args or []
     log_dir = default_data_dir(port) if data_dir is None else Path(data_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "spawn.out", "ab") as out:
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
+    out_file = log_dir / "spawn.out"
+    if os.name == "posix":
+        launched = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(out_file), *cmd],
+            capture_output=True,
+            text=True,
+            check=True,
         )
+        return psutil.Process(int(launched.stdout.strip()))
+    flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP  # pragma: no cover
+    with open(out_file, "ab") as out:  # pragma: no cover - Windows
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, creationflags=flags
+        )
+    proc.returncode = 0  # detached on purpose: never wait for it here
+    return psutil.Process(proc.pid)
 
 
 def kill_server(entry: ServerEntry, timeout: float = 5.0) -> bool:
