@@ -19,8 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from zmqruntime import ExecutionClient, local
-from zmqruntime.transport import free_port, port_accepts_tcp
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # GUI tests never need a display
+
+from zmqruntime import ExecutionClient, local  # noqa: E402
+from zmqruntime.transport import free_port, port_accepts_tcp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
