@@ -15,14 +15,29 @@ import pytest
 from zmqruntime import local
 from zmqruntime.transport import free_port
 
-COMMANDS = ["serve", "submit", "status", "cancel", "results", "watch", "servers", "stop",
-            "keys", "purge", "demo"]
+COMMANDS = [
+    "serve",
+    "submit",
+    "status",
+    "cancel",
+    "results",
+    "watch",
+    "servers",
+    "stop",
+    "keys",
+    "purge",
+    "demo",
+]
 
 
 def cli(*args: str, timeout: float = 120, check: bool = True, cwd: Path | None = None):
     proc = subprocess.run(
-        [sys.executable, "-m", "zmqruntime", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=cwd, env={**os.environ, "COLUMNS": "200"},
+        [sys.executable, "-m", "zmqruntime", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -56,8 +71,17 @@ def test_help_of_every_command():
 
 def test_submit_wait_status_results(server, pipeline, tmp_path):
     port = str(server.port)
-    proc = cli("submit", str(pipeline), "--config", str(tmp_path / "count_config.py"),
-               "--port", port, "--wait", "--set", "n=4")
+    proc = cli(
+        "submit",
+        str(pipeline),
+        "--config",
+        str(tmp_path / "count_config.py"),
+        "--port",
+        port,
+        "--wait",
+        "--set",
+        "n=4",
+    )
     assert "completed" in proc.stdout and "5 result(s)" in proc.stdout
     assert "step 3" in proc.stdout  # log lines are shown live
     exec_id = proc.stdout.split()[1]
@@ -69,14 +93,23 @@ def test_submit_wait_status_results(server, pipeline, tmp_path):
     cli("results", exec_id, "--out", str(out), "--port", port)
     index = json.loads((out / "index.json").read_text())
     assert [e["name"] for e in index["results"]] == ["frame"] * 4 + ["return"]
-    np.testing.assert_array_equal(np.load(out / index["results"][2]["file"]),
-                                  np.full((4, 4), 2, dtype=np.uint16))
+    np.testing.assert_array_equal(
+        np.load(out / index["results"][2]["file"]), np.full((4, 4), 2, dtype=np.uint16)
+    )
 
 
 def test_submit_then_watch(server, pipeline, tmp_path):
     port = str(server.port)
-    exec_id = cli("submit", str(pipeline), "--config", str(tmp_path / "count_config.py"),
-                  "--port", port, "--set", "delay=0.3").stdout.strip()
+    exec_id = cli(
+        "submit",
+        str(pipeline),
+        "--config",
+        str(tmp_path / "count_config.py"),
+        "--port",
+        port,
+        "--set",
+        "delay=0.3",
+    ).stdout.strip()
     assert len(exec_id) == 16
     watched = cli("watch", exec_id, "--port", port)
     assert "completed" in watched.stdout and "step 2" in watched.stdout
@@ -92,16 +125,17 @@ def test_failed_run_exit_code_and_traceback(server, tmp_path):
 
 def test_cancel_command(server, tmp_path):
     loop = tmp_path / "loop.py"
-    loop.write_text("import time\ndef run(ctx, config):\n    while not ctx.cancelled:\n"
-                    "        time.sleep(0.01)\n")
+    loop.write_text(
+        "import time\ndef run(ctx, config):\n    while not ctx.cancelled:\n"
+        "        time.sleep(0.01)\n"
+    )
     port = str(server.port)
     exec_id = cli("submit", str(loop), "--port", port).stdout.strip()
     proc = cli("cancel", exec_id, "--port", port, "--wait")
     assert "cancel" in proc.stdout and "cancelled" in proc.stdout
     again = cli("cancel", exec_id, "--port", port)
     assert "already cancelled" in again.stdout
-    results = cli("results", exec_id, "--out", str(tmp_path / "o"), "--port", port,
-                  check=False)
+    results = cli("results", exec_id, "--out", str(tmp_path / "o"), "--port", port, check=False)
     assert results.returncode == 5
 
 
@@ -160,8 +194,21 @@ def test_purge(server, pipeline, tmp_path):
 
 def test_demo_runs_headless_and_writes_results(tmp_path):
     port = str(free_port())
-    proc = cli("demo", "--frames", "12", "--size", "128", "--interval", "0.01", "--port", port,
-               "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=180)
+    proc = cli(
+        "demo",
+        "--frames",
+        "12",
+        "--size",
+        "128",
+        "--interval",
+        "0.01",
+        "--port",
+        port,
+        "--out",
+        str(tmp_path / "demo"),
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert "completed" in proc.stdout, proc.stdout + proc.stderr
     assert "stopped the server the demo started" in proc.stdout
     index = json.loads((tmp_path / "demo" / "index.json").read_text())

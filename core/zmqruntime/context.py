@@ -118,8 +118,10 @@ class Context:
         )
 
     def _store_result(self, index: int, value: Any) -> tuple[dict[str, Any], Any]:
-        if isinstance(value, np.generic):
-            value = value.item()
+        if isinstance(value, (np.generic, complex)):
+            # numpy scalars become plain numbers, except complex ones (msgpack has none)
+            is_complex = isinstance(value, complex) or value.dtype.kind == "c"
+            value = np.asarray(value) if is_complex else value.item()
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("arrays of Python objects cannot be results")

@@ -159,6 +159,8 @@ class _Packer:
             self.buffers.append(buf)
             meta = [len(self.buffers) - 1, dtype_to_wire(obj.dtype), list(obj.shape), order]
             return msgpack.ExtType(EXT_NDARRAY, msgpack.packb(meta))
+        if isinstance(obj, complex) or (isinstance(obj, np.generic) and obj.dtype.kind == "c"):
+            return self.default(np.asarray(obj))  # msgpack has no complex: a 0-d array
         if isinstance(obj, np.generic):
             return obj.item()
         if isinstance(obj, (set, frozenset, tuple)):

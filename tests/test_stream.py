@@ -1,0 +1,256 @@
+"""The data channel: fidelity, order, many watchers, late joiners, gaps, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import zmq
+
+from zmqruntime import protocol
+from zmqruntime.stream import follow, load_directory
+from zmqruntime.transport import tcp_url
+
+
+def code(src: str) -> str:
+    return textwrap.dedent(src).strip() + "\n"
+
+
+FIDELITY = code("""
+    import numpy as np
+    DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+              "uint64", "float16", "float32", "float64", "complex64", "complex128"]
+    def arrays():
+        for dt in DTYPES:
+            base = (np.arange(60) % 11).astype(dt).reshape(3, 4, 5)
+            yield base                                  # C order
+            yield np.asfortranarray(base)               # Fortran order
+            yield base[:, ::2, 1:]                      # non-contiguous slice
+            yield np.array(base[0, 0, 0])              # 0-d
+            yield base[:0]                              # empty
+    def run(ctx, config):
+        for a in arrays():
+            ctx.emit("a", a)
+""")
+
+
+def expected_arrays():
+    ns: dict = {}
+    exec(FIDELITY, ns)
+    return list(ns["arrays"]())
+
+
+def assert_same(got, want):
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_result_fidelity_every_dtype_and_layout_live_and_stored(client):
+    exec_id = client.execute(FIDELITY)
+    live = [e["value"] for e in client.stream(exec_id) if e["kind"] == "result"]
+    stored = client.get_results(exec_id, timeout=30)["a"]
+    want = expected_arrays()
+    assert len(live) == len(stored) == len(want) == 70
+    for got_live, got_stored, w in zip(live, stored, want):
+        assert_same(got_live, w)
+        assert_same(got_stored, w)
+
+
+def test_ten_thousand_small_results_in_order(client):
+    exec_id = client.execute(
+        code("""
+        def run(ctx, config):
+            for i in range(10_000):
+                ctx.emit("i", i)
+    """)
+    )
+    indices, values = [], []
+    for event in client.stream(exec_id, previews=False):
+        if event["kind"] == "result":
+            indices.append(event["index"])
+            values.append(event["value"])
+        last = event
+    assert last["kind"] == "state" and last["status"]["state"] == "completed"
+    assert indices == list(range(10_000)) and values == list(range(10_000))
+    assert client.get_results(exec_id)["i"] == list(range(10_000))
+
+
+FRAMES = code("""
+    import numpy as np, time
+    def run(ctx, config):
+        for i in range(config.n):
+            ctx.emit("frame", np.full((256, 256), i, dtype=np.uint16))
+            ctx.preview("live", np.full((64, 64), i, dtype=np.uint16))
+            ctx.progress(i + 1, config.n)
+            time.sleep(config.delay)
+""")
+
+
+def test_two_watchers_both_receive_everything(server):
+    c1, c2, submitter = server.client(), server.client(), server.client()
+    exec_id = submitter.execute(FRAMES, config={"n": 100, "delay": 0.005})
+    got: dict[str, list[int]] = {}
+
+    def watch(name, c):
+        got[name] = [int(e["value"][0, 0]) for e in c.stream(exec_id) if e["kind"] == "result"]
+
+    threads = [threading.Thread(target=watch, args=(n, c)) for n, c in (("a", c1), ("b", c2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got["a"] == got["b"] == list(range(100))
+
+
+def test_a_client_that_connects_after_the_end_gets_every_result(server):
+    exec_id = server.client().execute(FRAMES, config={"n": 20, "delay": 0})
+    server.client().wait(exec_id, timeout=30)
+    late = server.client()
+    events = list(late.stream(exec_id))
+    assert [int(e["value"][0, 0]) for e in events if e["kind"] == "result"] == list(range(20))
+    assert events[-1]["kind"] == "state" and events[-1]["status"]["state"] == "completed"
+    assert not any(e["kind"] == "preview" for e in events)  # previews are never stored
+
+
+class LossySub:
+    """A SUB socket that loses every third result on the way (as a full HWM would)."""
+
+    def __init__(self, sub: zmq.Socket) -> None:
+        self.sub = sub
+        self.dropped = 0
+        self.seen = 0
+
+    def poll(self, timeout: int) -> int:
+        return self.sub.poll(timeout)
+
+    def recv_multipart(self, copy: bool = True):
+        while True:
+            frames = self.sub.recv_multipart(copy=copy)
+            event = protocol.parse_event(frames)
+            if event["kind"] == "result":
+                self.seen += 1
+                if self.seen % 3 == 0:
+                    self.dropped += 1
+                    if not self.sub.poll(200):
+                        return frames  # never drop the last one: nothing would follow
+                    continue
+            return frames
+
+
+def test_a_forced_gap_is_filled_from_the_store(server):
+    client = server.client()
+    exec_id = client.execute(FRAMES, config={"n": 60, "delay": 0.01})
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, exec_id.encode())
+    sub.connect(tcp_url("127.0.0.1", server.port + 1))
+    lossy = LossySub(sub)
+    try:
+        events = list(follow(lossy, exec_id, client.get_status, client._fetch_results))
+    finally:
+        sub.close(linger=0)
+    results = [e for e in events if e["kind"] == "result"]
+    assert lossy.dropped >= 5
+    assert [int(e["value"][0, 0]) for e in results] == list(range(60))
+    assert sum(1 for e in results if e.get("fetched")) >= lossy.dropped - 1
+
+
+def test_previews_are_newest_wins_for_a_lagging_watcher(client):
+    exec_id = client.execute(
+        code("""
+        import numpy as np, time
+        def run(ctx, config):
+            for i in range(400):
+                ctx.preview("cam", np.full((512, 512), i, dtype=np.uint16))
+            time.sleep(0.5)
+            ctx.preview("cam", np.full((512, 512), 999, dtype=np.uint16))
+            time.sleep(0.3)
+    """)
+    )
+    seen = []
+    for event in client.stream(exec_id):
+        if event["kind"] == "preview":
+            seen.append(int(event["value"][0, 0]))
+            time.sleep(0.02)  # a slow consumer
+    assert seen and seen[-1] == 999  # the newest frame always arrives
+    assert len(seen) < 200  # most of the backlog was dropped, not queued
+    assert client.get_results(exec_id) == {}
+
+
+def test_a_stalled_watcher_does_not_slow_the_run_or_grow_the_server(server):
+    client = server.client()
+    pipeline = code("""
+        import numpy as np
+        def run(ctx, config):
+            frame = np.ones((1024, 1024), dtype=np.uint16)
+            for i in range(config.n):
+                ctx.preview("cam", frame)
+                ctx.emit("f", frame)
+    """)
+    t0 = time.monotonic()
+    client.wait(client.execute(pipeline, config={"n": 150}), timeout=120)
+    baseline = time.monotonic() - t0
+    server_proc = psutil.Process(server.proc.pid)
+    rss_before = server_proc.memory_info().rss
+    stalled = zmq.Context.instance().socket(zmq.SUB)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.connect(tcp_url("127.0.0.1", server.port + 1))
+    time.sleep(0.3)
+    try:
+        t0 = time.monotonic()
+        client.wait(client.execute(pipeline, config={"n": 150}), timeout=120)
+        with_stalled = time.monotonic() - t0
+        growth = server_proc.memory_info().rss - rss_before
+    finally:
+        stalled.close(linger=0)
+    # 150 x 2 MiB results + previews went out; a queue for the stalled watcher would hold
+    # hundreds of MiB. Bounds are generous: the tight figures belong to the benchmark.
+    assert growth < 150 * 2**20, f"server grew {growth / 2**20:.0f} MiB"
+    assert with_stalled < 4 * baseline + 2.0, (baseline, with_stalled)
+
+
+@pytest.mark.timeout(300)
+def test_one_gigabyte_to_a_directory_keeps_the_client_bounded(server, tmp_path):
+    client = server.client()
+    exec_id = client.execute(
+        code("""
+        import numpy as np
+        def run(ctx, config):
+            frame = np.arange(2048 * 2048, dtype=np.uint16).reshape(2048, 2048)
+            for i in range(128):                       # 128 x 8 MiB = 1 GiB
+                ctx.emit("frame", frame)
+    """)
+    )
+    client.wait(exec_id, timeout=240)
+    me = psutil.Process()
+    peak = before = me.memory_info().rss
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, me.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = client.get_results(exec_id, directory=tmp_path / "out")
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(results["frame"]) == 128
+    growth = (peak - before) / 2**20
+    print(f"\nclient RSS growth while writing 1 GiB to disk: {growth:.0f} MiB")
+    assert growth < 300, f"client grew {growth:.0f} MiB for 1 GiB written"
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert len(index["results"]) == 128
+    back = load_directory(tmp_path / "out")["frame"]
+    assert back[127].shape == (2048, 2048) and int(back[127][1, 0]) == 2048
