@@ -238,16 +238,26 @@ class ExecutionClient:
 
     # ------------------------------------------------------------------ internals
     def _fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
-        """Stored results ``start <= index < stop`` as result events, in batches."""
+        """Stored results ``start <= index < stop`` as result events, in batches.
+
+        A result is streamed before its file is written; one not stored yet is waited for.
+        """
         index = start
+        pause = 0.002
         while index < stop:
             body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
             reply = self._request(ControlMessageType.RESULTS, body)
             batch = reply["results"]
             if not batch:
-                raise ProtocolError(
-                    f"server returned no stored result at index {index} of {exec_id}"
-                )
+                if reply["state"] in FINAL_STATES:
+                    raise ProtocolError(
+                        f"the server has no stored result {index} of {exec_id} "
+                        f"(it stored {reply['n_results']})"
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            pause = 0.002
             for item in batch:
                 if item["index"] >= stop:
                     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import threading
 import time
@@ -14,6 +15,7 @@ import numpy as np
 
 from . import protocol
 from .errors import ExecutionCancelled
+from .resultfile import aligned_copy, write_npy
 
 #: bytes results larger than this are written to a file instead of the index
 INLINE_BYTES_LIMIT = 1 << 20
@@ -22,7 +24,109 @@ PROGRESS_RATE_HZ = 50.0
 #: a print loop cannot push more than this much log text per flush
 LOG_FLUSH_MAX_CHARS = 64 * 1024
 
+#: array results waiting for the disk may hold at most this much memory before emit blocks
+WRITE_BEHIND_BYTES = 128 * 1024 * 1024
+
 SendEvent = Callable[[str, dict[str, Any], bool], None]
+Stored = Callable[[int, str, dict[str, Any]], None]
+
+
+class ResultWriter:
+    """Writes results to disk behind the live stream, in emit order.
+
+    ``emit`` hands a private copy here and streams it at once; this thread writes the
+    file and then calls ``stored`` so the server indexes it. Memory is bounded: emit
+    blocks while more than WRITE_BEHIND_BYTES wait. A small value with nothing queued
+    ahead of it is stored inline (no thread hop on the latency path).
+    """
+
+    def __init__(self, stored: Stored, limit: int = WRITE_BEHIND_BYTES) -> None:
+        self._stored = stored
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._pending_bytes = 0
+        self._busy = False
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="result-writer", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, index: int, name: str, meta: dict, path: Path | None, value: Any, nbytes: int
+    ) -> None:
+        with self._cond:
+            if self.error is not None:
+                raise OSError(f"storing results failed: {self.error}") from self.error
+            inline = path is None and not self._queue and not self._busy
+            if inline:
+                self._busy = True
+            else:
+                while self._pending_bytes > self._limit and self.error is None:
+                    self._cond.wait()
+                self._queue.append((index, name, meta, path, value, nbytes))
+                self._pending_bytes += nbytes
+                self._cond.notify_all()
+                return
+        try:
+            self._stored(index, name, meta)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                while self._busy:
+                    self._cond.wait()
+                index, name, meta, path, value, nbytes = self._queue[0]
+                self._busy = True
+            try:
+                if path is not None and self.error is None:
+                    if isinstance(value, np.ndarray):
+                        write_npy(path, value)
+                    else:
+                        path.write_bytes(value)
+                if self.error is None:
+                    self._stored(index, name, meta)
+            except BaseException as exc:  # a full disk fails the run, not the worker
+                self.error = exc
+            finally:
+                with self._cond:
+                    self._queue.popleft()
+                    self._pending_bytes -= nbytes
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def start_run(self, stored: Stored) -> None:
+        """Direct the next results to ``stored`` (the writer is idle between runs)."""
+        self.flush_quietly()
+        self._stored = stored
+        self.error = None
+
+    def flush_quietly(self) -> None:
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+
+    def flush(self) -> None:
+        """Wait until every submitted result is stored (or failed)."""
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+        if self.error is not None:
+            raise OSError(f"storing results failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
 
 
 class Config(types.SimpleNamespace):
@@ -75,10 +179,12 @@ class Context:
         send: SendEvent,
         results_dir: Path,
         cancel_event: threading.Event,
+        writer: ResultWriter,
     ) -> None:
         self.execution_id = execution_id
         self._send = send
         self._results_dir = results_dir
+        self._writer = writer
         self._cancel = cancel_event
         self._n_results = 0
         self._last_progress = 0.0
@@ -104,20 +210,25 @@ class Context:
         return self._n_results
 
     def emit(self, name: str, value: Any) -> None:
-        """Store a result (array, bytes, or msgpack-able value) and stream it to watchers."""
+        """Store a result (array, bytes, or msgpack-able value) and stream it to watchers.
+
+        Arrays are copied once, so the pipeline may reuse its buffer right away; the copy
+        is streamed at once and written to disk behind the stream.
+        """
         if not isinstance(name, str) or not name:
             raise TypeError("a result name must be a non-empty str")
         index = self._n_results
-        meta, wire_value = self._store_result(index, value)
+        meta, wire_value, path, nbytes = self._prepare_result(index, value)
         self._n_results += 1
         self.flush_logs()
         self._send(
             protocol.EventKind.RESULT.value,
-            {"name": name, "index": index, "meta": meta, "value": wire_value},
+            {"name": name, "index": index, "value": wire_value},
             True,
         )
+        self._writer.submit(index, name, meta, path, wire_value if path else None, nbytes)
 
-    def _store_result(self, index: int, value: Any) -> tuple[dict[str, Any], Any]:
+    def _prepare_result(self, index: int, value: Any) -> tuple[dict, Any, Path | None, int]:
         if isinstance(value, (np.generic, complex)):
             # numpy scalars become plain numbers, except complex ones (msgpack has none)
             is_complex = isinstance(value, complex) or value.dtype.kind == "c"
@@ -125,8 +236,8 @@ class Context:
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("arrays of Python objects cannot be results")
+            copy = aligned_copy(value)
             path = self._file(f"{index}.npy")
-            np.save(path, value, allow_pickle=False)
             meta = {
                 "kind": "array",
                 "file": path.name,
@@ -134,16 +245,18 @@ class Context:
                 "shape": list(value.shape),
                 "nbytes": int(value.nbytes),
             }
-            return meta, value
+            return meta, copy, path, int(value.nbytes)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > INLINE_BYTES_LIMIT:
+            data = bytes(value)
             path = self._file(f"{index}.bin")
-            path.write_bytes(value)
-            return {"kind": "bytes", "file": path.name, "nbytes": len(value)}, bytes(value)
+            return {"kind": "bytes", "file": path.name, "nbytes": len(data)}, data, path, len(data)
         try:
             protocol.pack(value)
         except TypeError as exc:
             raise TypeError(f"result {index}: {exc}") from None
-        return {"kind": "value", "value": value}, value
+        if isinstance(value, (bytearray, memoryview)):
+            value = bytes(value)
+        return {"kind": "value", "value": value}, value, None, 0
 
     def _file(self, name: str) -> Path:
         self._results_dir.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,11 @@ class ExecutionServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception:  # one bad message costs itself, never the server
+                self.bad_messages += 1
+                log.exception("error handling a message; the server carries on")
 
     # ------------------------------------------------------------------ control channel
     def _on_control(self, frames: list[zmq.Frame]) -> None:
@@ -517,19 +521,19 @@ class ExecutionServer:
         run = self.runs.get(msg.get("id", ""))
         if run is None or run.record["state"] != "running":
             return  # a late event of a run that already ended (e.g. killed on cancel)
+        record = run.record
         if msg["type"] == "done":
             self._on_done(run, msg)
             return
-        kind = msg.get("kind")
-        record = run.record
-        if kind == EventKind.RESULT.value:
-            meta = msg.pop("meta")
-            index = msg["index"]
+        if msg["type"] == "stored":  # on disk: from now on fetchable from the store
+            meta, index = msg["meta"], msg["index"]
             self.store.add_result(
                 record["id"], index, msg["name"], meta, int(meta.get("nbytes", 0))
             )
             record["n_results"] = index + 1
-        elif kind == EventKind.LOG.value:
+            return
+        kind = msg.get("kind")
+        if kind == EventKind.LOG.value:
             msg["index"] = record["n_logs"]
             record["n_logs"] += 1
             self.store.add_log(record["id"], msg["index"], time.time(), msg["text"])

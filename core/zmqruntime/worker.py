@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .context import Context, LogWriter, build_config
+from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 
 HEARTBEAT_INTERVAL = 0.5
@@ -70,6 +70,7 @@ class Worker:
         self.current: str | None = None
         self.current_ctx: Context | None = None
         self.codes = CodeCache()
+        self.writer = ResultWriter(lambda index, name, meta: None)
         self.parent = os.getppid()
         self.stop = threading.Event()
 
@@ -132,6 +133,7 @@ class Worker:
                 break
             self.execute(task)
         io.join(timeout=2)
+        self.writer.close()
         with self.events_lock:
             self.events.close()
         self.zctx.term()
@@ -144,7 +146,15 @@ class Worker:
         def send(kind: str, body: dict[str, Any], reliable: bool) -> None:
             self.send_event(exec_id, kind, body, reliable)
 
-        ctx = Context(exec_id, send, self.data_dir / "results" / exec_id, self.cancel_event)
+        def stored(index: int, name: str, meta: dict[str, Any]) -> None:
+            msg = {"type": "stored", "id": exec_id, "index": index, "name": name, "meta": meta}
+            with self.events_lock:
+                self.events.send_multipart(protocol.encode(msg))
+
+        self.writer.start_run(stored)
+        ctx = Context(
+            exec_id, send, self.data_dir / "results" / exec_id, self.cancel_event, self.writer
+        )
         self.current_ctx = ctx
         state, error, tb = "completed", None, None
         writer = LogWriter(ctx)
@@ -171,7 +181,12 @@ class Worker:
             writer.flush()
             self.current_ctx = None
             ctx.flush_logs()
-            self.current = None
+        try:
+            self.writer.flush()  # every result is on disk and indexed before "done"
+        except OSError as exc:
+            if state != "failed":
+                state, error, tb = "failed", str(exc), None
+        self.current = None
         done = {
             "type": "done",
             "id": exec_id,
