@@ -209,16 +209,17 @@ class Context:
     def n_results(self) -> int:
         return self._n_results
 
-    def emit(self, name: str, value: Any) -> None:
+    def emit(self, name: str, value: Any, *, copy: bool = True) -> None:
         """Store a result (array, bytes, or msgpack-able value) and stream it to watchers.
 
         Arrays are copied once, so the pipeline may reuse its buffer right away; the copy
-        is streamed at once and written to disk behind the stream.
+        is streamed at once and written to disk behind the stream. ``copy=False`` sends
+        and writes the array itself (zero-copy): then it must not change afterwards.
         """
         if not isinstance(name, str) or not name:
             raise TypeError("a result name must be a non-empty str")
         index = self._n_results
-        meta, wire_value, path, nbytes = self._prepare_result(index, value)
+        meta, wire_value, path, nbytes = self._prepare_result(index, value, copy)
         self._n_results += 1
         self.flush_logs()
         self._send(
@@ -228,7 +229,9 @@ class Context:
         )
         self._writer.submit(index, name, meta, path, wire_value if path else None, nbytes)
 
-    def _prepare_result(self, index: int, value: Any) -> tuple[dict, Any, Path | None, int]:
+    def _prepare_result(
+        self, index: int, value: Any, copy: bool = True
+    ) -> tuple[dict, Any, Path | None, int]:
         if isinstance(value, (np.generic, complex)):
             # numpy scalars become plain numbers, except complex ones (msgpack has none)
             is_complex = isinstance(value, complex) or value.dtype.kind == "c"
@@ -236,7 +239,7 @@ class Context:
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("arrays of Python objects cannot be results")
-            copy = aligned_copy(value)
+            data = aligned_copy(value) if copy else value
             path = self._file(f"{index}.npy")
             meta = {
                 "kind": "array",
@@ -245,7 +248,7 @@ class Context:
                 "shape": list(value.shape),
                 "nbytes": int(value.nbytes),
             }
-            return meta, copy, path, int(value.nbytes)
+            return meta, data, path, int(value.nbytes)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > INLINE_BYTES_LIMIT:
             data = bytes(value)
             path = self._file(f"{index}.bin")
