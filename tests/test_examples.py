@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tifffile
 from scipy import stats
+
 from zmqruntime import resources
 
 REPO = Path(__file__).resolve().parents[1]
