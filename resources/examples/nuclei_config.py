@@ -1,0 +1,12 @@
+"""Configuration of the nucleus counter (every public name is a config value)."""
+
+# Folder of images, one field per file. A relative path is resolved against the server's
+# working directory: this default works for a server started in the project checkout.
+input_dir = "../shared/data/dsb2018_stage1_fluo_nuclei/images"
+pattern = "*.png"  # which files of input_dir to count (glob), e.g. "*.tif"
+
+smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
+background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide
+split_touching = True  # split touching nuclei (distance-transform watershed)
+split_distance = 0.5  # two nuclei centres are at least this many nucleus radii apart
+min_area_fraction = 0.1  # drop objects smaller than this fraction of the typical nucleus

@@ -1,0 +1,16 @@
+"""Configuration of the time-lapse viewer and counter (every public name is a config value)."""
+
+# Folder with the movie: one multi-page TIFF (axis 0 = time) or one file per frame.
+# A relative path is resolved against the server's working directory: this default
+# works for a server started in the project checkout.
+input_dir = "../shared/data/cell_migration_timelapse"
+pattern = "*.tif"  # which files of input_dir make the movie, in name order (glob)
+
+acquisition_rate = 5.0  # frames per second, as a camera would deliver them (0: no pause)
+
+# nucleus segmentation, as in the nuclei example
+smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
+background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide
+split_touching = True  # split touching nuclei (distance-transform watershed)
+split_distance = 0.5  # two nuclei centres are at least this many nucleus radii apart
+min_area_fraction = 0.1  # drop objects smaller than this fraction of the typical nucleus
