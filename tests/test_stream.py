@@ -259,13 +259,15 @@ def test_one_gigabyte_to_a_directory_keeps_the_client_bounded(server, tmp_path):
 def test_control_answers_while_frames_stream(server):
     """Invariant 1: a ping from another client is answered in ms while gigabytes flow."""
     client = server.client()
-    exec_id = client.execute(code("""
+    exec_id = client.execute(
+        code("""
         import numpy as np
         def run(ctx, config):
             frame = np.ones((2048, 2048), dtype=np.uint16)
             for i in range(120):                       # ~1 GB of results
                 ctx.emit("frame", frame)
-    """))
+    """)
+    )
     received = []
 
     def consume():
@@ -288,14 +290,16 @@ def test_control_answers_while_frames_stream(server):
 
 
 def test_emit_copies_so_a_reused_buffer_is_safe(client):
-    exec_id = client.execute(code("""
+    exec_id = client.execute(
+        code("""
         import numpy as np
         def run(ctx, config):
             buf = np.zeros((512, 512), dtype=np.uint16)
             for i in range(50):
                 buf[:] = i                             # a camera reusing its buffer
                 ctx.emit("frame", buf)
-    """))
+    """)
+    )
     frames = client.get_results(exec_id, timeout=60)["frame"]
     assert [int(f[0, 0]) for f in frames] == list(range(50))
     assert all(int(f.max()) == int(f.min()) for f in frames)

@@ -24,6 +24,7 @@ from .errors import (
     ZmqRuntimeError,
 )
 from .protocol import FINAL_STATES
+from .stream import load_directory
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -178,6 +179,11 @@ def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
                     final = status
     assert final is not None
     return final
+
+
+def _short(value: Any, width: int = 70) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # --------------------------------------------------------------------------- commands
@@ -453,18 +459,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return _exit_for(status)
         out = args.out or Path.cwd() / f"zmqruntime-demo-{exec_id}"
         results = client.get_results(exec_id, directory=out)
-        counts = client.get_results(exec_id)["counts"][0]
+        counts = load_directory(out)["counts"][0]
+        table_path = Path(out) / "counts.csv"
+        columns = list(counts)
+        rows = zip(*(counts[c] for c in columns))
+        table_path.write_text(
+            ",".join(columns)
+            + "\n"
+            + "".join(",".join(f"{v:g}" for v in row) + "\n" for row in rows)
+        )
         cells = counts["cells"]
+        visible = counts["cells_visible"]
         console.print(
             f"cells counted per frame: min {min(cells)}, mean "
-            f"{sum(cells) / len(cells):.1f}, max {max(cells)} "
-            f"(simulated visible: mean "
-            f"{sum(counts['cells_visible']) / len(cells):.1f})"
+            f"{sum(cells) / len(cells):.1f}, max {max(cells)} (simulated visible: "
+            f"mean {sum(visible) / len(visible):.1f})"
         )
         console.print(f"results written to [bold]{out}[/]:")
         for name, values in results.items():
             for v in values:
-                console.print(f"  {name}: {v}", markup=False)
+                shown = v.name if isinstance(v, Path) else _short(v)
+                console.print(f"  {name:15s} {shown}", markup=False)
+        console.print(f"  {'counts table':15s} {table_path.name}", markup=False)
         return EXIT_OK
     finally:
         if client.spawned is not None and not args.keep_server:
