@@ -29,7 +29,6 @@ EXT_NDARRAY = 1
 #: Largest control request the server accepts (ZMQ_MAXMSGSIZE on the control socket).
 MAX_CONTROL_MESSAGE = 64 * 1024 * 1024
 
-Frame = bytes | memoryview | Any  # zmq.Frame is accepted wherever a buffer is
 
 
 class ControlMessageType(str, enum.Enum):
