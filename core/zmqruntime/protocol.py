@@ -30,7 +30,6 @@ EXT_NDARRAY = 1
 MAX_CONTROL_MESSAGE = 64 * 1024 * 1024
 
 
-
 class ControlMessageType(str, enum.Enum):
     """Requests on the control channel. A new request is one member plus one handler.
 

@@ -46,6 +46,7 @@ DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in
 MAX_WAIT = 30.0
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
+MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 
 
 class InsecureBindRefused(RuntimeError):
@@ -71,6 +72,7 @@ class Run:
     cancel_deadline: float | None = None
     waiters: list[tuple[list[bytes], Any, float]] = field(default_factory=list)
     task: dict[str, Any] | None = None
+    log_bytes: int = 0
 
 
 class ExecutionServer:
@@ -534,9 +536,19 @@ class ExecutionServer:
             return
         kind = msg.get("kind")
         if kind == EventKind.LOG.value:
-            msg["index"] = record["n_logs"]
-            record["n_logs"] += 1
-            self.store.add_log(record["id"], msg["index"], time.time(), msg["text"])
+            run.log_bytes += len(msg["text"])
+            if run.log_bytes > MAX_LOG_BYTES_PER_RUN:
+                if run.log_bytes - len(msg["text"]) <= MAX_LOG_BYTES_PER_RUN:
+                    msg["text"] = (
+                        f"[zmqruntime: this run's log passed {MAX_LOG_BYTES_PER_RUN >> 20}"
+                        " MiB; further lines are shown live but not stored]"
+                    )
+                else:
+                    msg["index"] = None  # live only
+            if "index" not in msg:
+                msg["index"] = record["n_logs"]
+                record["n_logs"] += 1
+                self.store.add_log(record["id"], msg["index"], time.time(), msg["text"])
         elif kind == EventKind.PROGRESS.value:
             record["progress"] = msg.get("progress")
             if msg.get("message") is not None:

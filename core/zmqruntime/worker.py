@@ -99,7 +99,9 @@ class Worker:
                 now = time.monotonic()
                 if now - last_flush >= LOG_FLUSH_INTERVAL:
                     ctx = self.current_ctx
-                    if ctx is not None:
+                    # best effort: never queue behind a result blocked on a full socket,
+                    # so heartbeats and cancel requests keep flowing
+                    if ctx is not None and not self.events_lock.locked():
                         ctx.flush_logs()
                     last_flush = now
                 if now - last_beat >= HEARTBEAT_INTERVAL:
