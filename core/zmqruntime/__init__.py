@@ -20,6 +20,7 @@ from .errors import (  # noqa: E402
     UnknownExecution,
     ZmqRuntimeError,
 )
+from .pool import ExecutionPool, MapItem  # noqa: E402
 from .server import ExecutionServer  # noqa: E402
 from .stream import load_directory  # noqa: E402
 
@@ -30,7 +31,9 @@ __all__ = [
     "ExecutionCancelled",
     "ExecutionClient",
     "ExecutionFailed",
+    "ExecutionPool",
     "ExecutionServer",
+    "MapItem",
     "ProtocolError",
     "RemoteError",
     "ServerUnavailable",
