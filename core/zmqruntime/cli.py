@@ -64,6 +64,18 @@ def _connection_args(p: argparse.ArgumentParser, spawn_flag: bool = False) -> No
     p.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)"
     )
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="tcp://HOST:PORT",
+        help="use a pool of servers instead of --host/--port (repeatable)",
+    )
+    p.add_argument(
+        "--servers-file",
+        type=Path,
+        metavar="FILE",
+        help="pool endpoints, one per line ('#' starts a comment)",
+    )
     if spawn_flag:
         p.add_argument(
             "--no-spawn",
@@ -75,6 +87,17 @@ def _connection_args(p: argparse.ArgumentParser, spawn_flag: bool = False) -> No
 def _client(args: argparse.Namespace, spawn: bool = False):
     from .client import ExecutionClient
 
+    servers = list(getattr(args, "server", None) or [])
+    if servers or getattr(args, "servers_file", None):  # a pool has the client's contract
+        from .pool import ExecutionPool, read_servers_file
+
+        try:
+            if args.servers_file:
+                servers += read_servers_file(args.servers_file)
+            return ExecutionPool(servers, keys=args.keys, timeout=args.timeout)
+        except ValueError as exc:
+            err.print(f"zmqruntime: {exc}", markup=False)
+            raise SystemExit(EXIT_USAGE) from None
     return ExecutionClient(
         port=args.port,
         host=args.host,
