@@ -59,7 +59,7 @@ from .errors import (
     ZmqRuntimeError,
 )
 from .protocol import FINAL_STATES, ControlMessageType, ErrorCode, EventKind
-from .stream import DirectorySink
+from .stream import DirectorySink, MemorySink
 from .transport import tcp_url
 
 log = logging.getLogger("zmqruntime.pool")
@@ -886,7 +886,11 @@ class ExecutionPool:
             return
         results = None
         if run.prefetch and status["state"] == "completed":
-            results = s.mon.get_results(sid)  # a server lost here: handled as lost while running
+            # a server lost during this fetch is handled like one lost while running
+            sink = MemorySink()
+            for event in s.mon._fetch_results(sid, 0, status["n_results"]):
+                sink.add(event["index"], event["name"], event["value"])
+            results = sink.close()
         self._finalize(run, status, sid=sid, results=results)
 
     def _finalize(
