@@ -64,8 +64,11 @@ from .transport import tcp_url
 
 log = logging.getLogger("zmqruntime.pool")
 
-#: how long a tracker's long-poll waits on one run before sweeping all of them again
+#: how long a tracker's long-poll waits on one run before looking at the others
 TRACK_CHUNK = 0.1
+#: a tracker lists the server's queued and running runs at least this often, and at once
+#: after one of this pool's runs there ended
+SWEEP_INTERVAL = 0.2
 #: a fresh pool waits this long for slow servers' first answer before dispatching
 FIRST_CONTACT = 0.5
 
@@ -145,6 +148,7 @@ class _Server:
     last_error: str | None = None
     last_contact: float = 0.0
     last_ping: float = 0.0
+    last_sweep: float = 0.0
     down_since: float | None = None
     others: int = 0  # runs of other clients running or queued there, at the last look
     last_chosen: int = 0
@@ -773,8 +777,10 @@ class ExecutionPool:
     # ------------------------------------------------------------------ tracking
     def _track(self, s: _Server) -> None:
         """One thread per server: ping it, follow this pool's runs there, notice its death."""
+        ended = True
         while not self._closing.is_set():
             try:
+                s.wake.clear()  # a submission from now on wakes the waits below
                 now = time.monotonic()
                 if s.up is not True or now - s.last_ping >= self.heartbeat:
                     self._ping(s)
@@ -782,14 +788,14 @@ class ExecutionPool:
                     with self._cond:
                         runs = list(s.inflight.items())
                     if runs:
-                        self._sweep(s, runs)
-                        self._long_poll(s)
+                        if ended or now - s.last_sweep >= SWEEP_INTERVAL:
+                            self._sweep(s, runs)
+                            s.last_sweep = now
+                        ended = self._long_poll(s)
                     else:
                         s.wake.wait(self.heartbeat)
-                        s.wake.clear()
                 else:
                     s.wake.wait(self.heartbeat)
-                    s.wake.clear()
             except (ServerUnavailable, ProtocolError) as exc:
                 if self._closing.is_set():
                     break
@@ -858,24 +864,25 @@ class ExecutionPool:
                 continue
             self._observe(s, run, sid, status)
 
-    def _long_poll(self, s: _Server) -> None:
-        """Wait (briefly) on the oldest run there: its end wakes the tracker at once."""
+    def _long_poll(self, s: _Server) -> bool:
+        """Wait (briefly) on the oldest run there; True if it ended (others may have too)."""
         with self._cond:
             candidates = [r for r in s.inflight.values() if r.final is None]
             if not candidates:
-                return
+                return True
             run = min(candidates, key=lambda r: r.order)
             sid = run.sid
         assert sid is not None
         try:
             status = s.mon.wait(sid, timeout=TRACK_CHUNK)
         except TimeoutError:
-            return
+            return False
         except UnknownExecution:
             self._lost(s, run, sid, f"server {s.key} no longer knows run {sid}")
-            return
+            return True
         s.last_contact = time.monotonic()
         self._observe(s, run, sid, status)
+        return True
 
     def _observe(self, s: _Server, run: _Run, sid: str, status: dict[str, Any]) -> None:
         with self._cond:
