@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+
 from zmqruntime import (
     ExecutionCancelled,
     ExecutionClient,

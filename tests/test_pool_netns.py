@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 import zmqruntime
 from zmqruntime import ExecutionClient, ExecutionPool, ServerUnavailable
 from zmqruntime.transport import free_port, generate_keys, port_accepts_tcp
