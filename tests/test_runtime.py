@@ -372,3 +372,13 @@ def test_two_racing_clients_spawn_one_server(tmp_path):
         assert len(servers) == 1
     finally:
         _stop_spawned(port)
+
+
+def test_close_with_an_abandoned_stream_does_not_hang(server):
+    c = ExecutionClient(port=server.port, auto_spawn=False)
+    exec_id = c.execute(SLEEP, config={"seconds": 0.5})
+    events = c.stream(exec_id)
+    next(events)  # the stream's SUB socket is open
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 2.0

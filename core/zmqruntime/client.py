@@ -85,10 +85,11 @@ class ExecutionClient:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
+        """Close every socket of this client, including those of unfinished streams."""
         with self._lock:
             self._discard_socket()
             self._closed = True
-        self._zctx.term()
+        self._zctx.destroy(linger=0)  # term() would wait for an abandoned stream()'s socket
 
     def __enter__(self) -> ExecutionClient:
         return self
