@@ -38,6 +38,7 @@ from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_t
 WAIT_CHUNK = 1.0
 LIVENESS_MARGIN = 2.0
 RESULTS_BATCH = 1000
+BATCH = 1000  # runs per execute_many / wait_many request
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -121,6 +122,83 @@ class ExecutionClient:
             "retries": int(retries),
         }
         return self._request(ControlMessageType.EXECUTE, body)["id"]
+
+    def execute_many(
+        self,
+        pipeline_code: str,
+        configs: list[dict[str, Any] | None],
+        config_code: str | None = None,
+        *,
+        names: list[str | None] | None = None,
+        retries: int = 0,
+    ) -> list[str]:
+        """Queue one run per config (in batches of requests); ids in config order."""
+        if not isinstance(pipeline_code, str):
+            raise TypeError("pipeline_code must be Python source code (a str)")
+        ids: list[str] = []
+        for start in range(0, len(configs), BATCH):
+            body = {
+                "pipeline_code": pipeline_code,
+                "config_code": config_code,
+                "configs": list(configs[start : start + BATCH]),
+                "names": None if names is None else list(names[start : start + BATCH]),
+                "retries": int(retries),
+            }
+            ids += self._request(ControlMessageType.EXECUTE_MANY, body)["ids"]
+        return ids
+
+    def gather(
+        self,
+        exec_ids: list[str],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[dict[str, list[Any]]]:
+        """Wait for many runs and return their results, in the order of ``exec_ids``.
+
+        Results come with the final states in few round trips. A failed or cancelled run
+        raises (ExecutionFailed / ExecutionCancelled) unless ``return_exceptions``, which
+        puts the exception in its place instead.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: dict[str, Any] = {}
+        for start in range(0, len(exec_ids), BATCH):
+            chunk = list(exec_ids[start : start + BATCH])
+            while True:
+                wait = WAIT_CHUNK
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
+                reply = self._request(
+                    ControlMessageType.WAIT_MANY,
+                    {"ids": chunk, "timeout": wait, "with_results": True},
+                    timeout=wait + LIVENESS_MARGIN,
+                )
+                statuses = reply["statuses"]
+                if all(s["state"] in FINAL_STATES for s in statuses):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    left = sum(s["state"] not in FINAL_STATES for s in statuses)
+                    raise TimeoutError(
+                        f"{left} of {len(exec_ids)} runs not finished after {timeout:g} s"
+                    )
+            stored = reply.get("results", {})
+            for status in statuses:
+                exec_id = status["id"]
+                try:
+                    raise_for_status(status)
+                except (ExecutionFailed, ExecutionCancelled) as exc:
+                    if not return_exceptions:
+                        raise
+                    out[exec_id] = exc
+                    continue
+                sink = MemorySink()
+                items = stored.get(exec_id)
+                if items is None:  # left out of the reply for size: fetch on its own
+                    items = self._fetch_results(exec_id, 0, status["n_results"])
+                for item in items:
+                    sink.add(item["index"], item["name"], item["value"])
+                out[exec_id] = sink.close()
+        return [out[i] for i in exec_ids]
 
     def get_status(self, exec_id: str) -> dict[str, Any]:
         """The run's status dict; raises UnknownExecution for an id never issued."""

@@ -39,8 +39,10 @@ class ControlMessageType(str, enum.Enum):
 
     PING = "ping"
     EXECUTE = "execute"
+    EXECUTE_MANY = "execute_many"
     STATUS = "status"
     WAIT = "wait"
+    WAIT_MANY = "wait_many"
     LIST = "list"
     CANCEL = "cancel"
     RESULTS = "results"

@@ -47,6 +47,7 @@ MAX_WAIT = 30.0
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
+MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 
 
 class InsecureBindRefused(RuntimeError):
@@ -64,6 +65,20 @@ class WorkerHandle:
 
 
 @dataclass
+class MultiWaiter:
+    """A parked wait_many request: answered when ``pending`` empties or at ``deadline``."""
+
+    route: list[bytes]
+    req: Any
+    pending: set[str]
+    deadline: float
+    ids: list[str]
+    with_results: bool
+    max_bytes: int
+    answered: bool = False
+
+
+@dataclass
 class Run:
     record: dict[str, Any]
     seq: int = 0
@@ -73,6 +88,7 @@ class Run:
     waiters: list[tuple[list[bytes], Any, float]] = field(default_factory=list)
     task: dict[str, Any] | None = None
     log_bytes: int = 0
+    multi_waiters: list[MultiWaiter] = field(default_factory=list)
 
 
 class ExecutionServer:
@@ -333,11 +349,50 @@ class ExecutionServer:
         }
 
     def handle_execute(self, body: dict) -> dict:
+        run = self._submit(
+            _require(body, "pipeline_code", str),
+            _optional(body, "config_code", str),
+            _optional(body, "config", dict),
+            _optional(body, "name", str),
+            _optional(body, "retries", int) or 0,
+        )
+        self._dispatch()
+        return {"id": run.record["id"], "status": self._status(run.record)}
+
+    def handle_execute_many(self, body: dict) -> dict:
+        """One run per config, in one request: for maps over many inputs."""
         pipeline_code = _require(body, "pipeline_code", str)
         config_code = _optional(body, "config_code", str)
-        config = _optional(body, "config", dict)
-        name = _optional(body, "name", str)
+        configs = _require(body, "configs", list)
+        names = _optional(body, "names", list)
         retries = _optional(body, "retries", int) or 0
+        if len(configs) > MAX_BATCH:
+            raise ProtocolError(f"at most {MAX_BATCH} configs per request, got {len(configs)}")
+        if names is not None and len(names) != len(configs):
+            raise ProtocolError("'names' must have one entry per config")
+        for i, config in enumerate(configs):
+            if config is not None and not isinstance(config, dict):
+                raise ProtocolError(f"configs[{i}] must be a map or nil")
+        for i, name in enumerate(names or []):
+            if name is not None and not isinstance(name, str):
+                raise ProtocolError(f"names[{i}] must be str or nil")
+        ids = [
+            self._submit(
+                pipeline_code, config_code, config, names[i] if names else None, retries
+            ).record["id"]
+            for i, config in enumerate(configs)
+        ]
+        self._dispatch()
+        return {"ids": ids}
+
+    def _submit(
+        self,
+        pipeline_code: str,
+        config_code: str | None,
+        config: dict | None,
+        name: str | None,
+        retries: int,
+    ) -> Run:
         if self._stopping:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
         exec_id = secrets.token_hex(8)
@@ -363,8 +418,7 @@ class ExecutionServer:
         self.runs[exec_id] = run
         self.queue.append(exec_id)
         self._publish_state(run)
-        self._dispatch()
-        return {"id": exec_id, "status": self._status(run.record)}
+        return run
 
     def handle_status(self, body: dict) -> dict:
         return self._status(self._record(_require(body, "id", str)))
@@ -379,6 +433,67 @@ class ExecutionServer:
             return self._status(record)
         run.waiters.append((self._current_route, self._current_req, time.monotonic() + timeout))
         return NO_REPLY
+
+    def handle_wait_many(self, body: dict) -> Any:
+        """Long poll on many runs: answered when all have ended or after ``timeout``.
+
+        With ``with_results``, the stored results of completed runs come along (up to
+        ``max_bytes`` of arrays; the ids left out are listed in ``truncated``).
+        """
+        ids = _require(body, "ids", list)
+        if len(ids) > MAX_BATCH or not all(isinstance(i, str) for i in ids):
+            raise ProtocolError(f"'ids' must be a list of at most {MAX_BATCH} str")
+        timeout = min(float(_optional(body, "timeout", (int, float)) or 0.0), MAX_WAIT)
+        with_results = bool(_optional(body, "with_results", bool))
+        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
+        waiter = MultiWaiter(
+            self._current_route,
+            self._current_req,
+            pending,
+            time.monotonic() + timeout,
+            ids,
+            with_results,
+            max_bytes,
+        )
+        if not pending or timeout <= 0:
+            return self._wait_many_reply(waiter)
+        for exec_id in pending:
+            self.runs[exec_id].multi_waiters.append(waiter)
+        return NO_REPLY
+
+    def _wait_many_reply(self, waiter: MultiWaiter) -> dict[str, Any]:
+        statuses = [self._status(self._record(i)) for i in waiter.ids]
+        reply: dict[str, Any] = {"statuses": statuses}
+        if waiter.with_results:
+            results: dict[str, list] = {}
+            truncated: list[str] = []
+            budget = waiter.max_bytes
+            for status in statuses:
+                if status["state"] != "completed" or status["n_results"] == 0:
+                    continue
+                if budget <= 0:
+                    truncated.append(status["id"])
+                    continue
+                run_dir = self.store.run_dir(status["id"])
+                items = []
+                for entry in self.store.results(status["id"]):
+                    items.append(
+                        {
+                            "index": entry["index"],
+                            "name": entry["name"],
+                            "value": self._load_result(run_dir, entry),
+                        }
+                    )
+                    budget -= int(entry.get("nbytes", 0))
+                results[status["id"]] = items
+            reply.update(results=results, truncated=truncated)
+        return reply
+
+    def _answer_multi_waiter(self, waiter: MultiWaiter) -> None:
+        if not waiter.answered:
+            waiter.answered = True
+            self._send(waiter.route, protocol.reply(waiter.req, self._wait_many_reply(waiter)))
 
     def handle_list(self, body: dict) -> dict:
         limit = int(_optional(body, "limit", int) or 200)
@@ -638,6 +753,11 @@ class ExecutionServer:
                     )
             if run.waiters:
                 self._expire_waiters(run, now)
+            if run.multi_waiters:
+                for waiter in run.multi_waiters:
+                    if now >= waiter.deadline:
+                        self._answer_multi_waiter(waiter)
+                run.multi_waiters = [w for w in run.multi_waiters if not w.answered]
 
     def _kill_worker(self, worker: WorkerHandle, reason: str, state: str = "failed") -> None:
         with contextlib.suppress(OSError):
@@ -717,6 +837,11 @@ class ExecutionServer:
             self._send(route, protocol.reply(req, status))
         run.waiters.clear()
         del self.runs[record["id"]]
+        for waiter in run.multi_waiters:
+            waiter.pending.discard(record["id"])
+            if not waiter.pending:
+                self._answer_multi_waiter(waiter)
+        run.multi_waiters.clear()
 
     def _expire_waiters(self, run: Run, now: float) -> None:
         keep = []
@@ -763,7 +888,11 @@ class ExecutionServer:
                     message="interrupted by server shutdown",
                 )
         for run in self.runs.values():  # queued runs stay queued: they run after a restart
-            for route, req, _ in run.waiters:
+            parked = [(route, req) for route, req, _ in run.waiters]
+            parked += [(w.route, w.req) for w in run.multi_waiters if not w.answered]
+            for w in run.multi_waiters:
+                w.answered = True
+            for route, req in parked:
                 self._send(
                     route,
                     protocol.error_reply(
