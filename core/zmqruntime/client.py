@@ -185,6 +185,29 @@ class ExecutionClient:
         """Stored log lines of a run: ``[{"index", "t", "text"}]``."""
         return self._request(ControlMessageType.LOGS, {"id": exec_id, "start": start})["logs"]
 
+    def get_source(self, exec_id: str) -> dict[str, Any]:
+        """What the run was submitted with: ``pipeline_code``, ``config_code``, ``config``."""
+        return self._request(ControlMessageType.SOURCE, {"id": exec_id})
+
+    def list_results(
+        self, exec_id: str, start: int = 0, limit: int = RESULTS_BATCH
+    ) -> list[dict[str, Any]]:
+        """What a run stored so far, without the bytes: ``[{"index", "name", "kind", ...}]``.
+
+        Arrays list ``dtype``, ``shape`` and ``nbytes``; small plain values come inline as
+        ``value``. Fetch one result's value with :meth:`get_result`.
+        """
+        body = {"id": exec_id, "start": start, "limit": limit, "values": False}
+        return self._request(ControlMessageType.RESULTS, body)["results"]
+
+    def get_result(self, exec_id: str, index: int) -> Any:
+        """The value of one stored result, by index (running runs included)."""
+        body = {"id": exec_id, "start": index, "limit": 1}
+        batch = self._request(ControlMessageType.RESULTS, body)["results"]
+        if not batch or batch[0]["index"] != index:
+            raise IndexError(f"execution {exec_id} has no stored result {index}")
+        return batch[0]["value"]
+
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
         t0 = time.perf_counter()
