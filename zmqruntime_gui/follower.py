@@ -1,0 +1,90 @@
+"""The QThread that follows one run on the data channel.
+
+It subscribes to the run's topic and sorts what arrives into a :class:`FollowBox`:
+the newest preview frame per stream (older unread ones are simply replaced), the
+newest progress and state, log lines and result notices. It emits no signal per
+event: the GUI's timers read the box at their own pace, so a camera at 100 fps costs
+the event loop nothing but the frames it actually draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+from PySide6 import QtCore
+from zmqruntime import ExecutionClient, protocol
+from zmqruntime.errors import ProtocolError
+from zmqruntime.protocol import EventKind
+
+from .model import FollowBox
+
+log = logging.getLogger("zmqruntime_gui")
+
+POLL_MS = 50
+DRAIN_LIMIT = 256
+
+
+class RunFollower(QtCore.QThread):
+    """Subscribe to ``box.key``'s events until stopped or until the run ends."""
+
+    def __init__(
+        self, client: ExecutionClient, box: FollowBox, parent: QtCore.QObject | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.client = client
+        self.box = box
+        self._stop = threading.Event()
+        self.setObjectName(f"follow-{box.key.exec_id}")
+
+    def stop(self) -> None:
+        """Ask the thread to end (within one poll interval); does not wait."""
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            sub = self.client.events(self.box.key.exec_id)
+        except Exception as exc:  # the server went away before we could subscribe
+            self.box.error = f"cannot follow {self.box.key.exec_id}: {exc}"
+            return
+        try:
+            while not self._stop.is_set() and not self.box.finished:
+                if not sub.poll(POLL_MS):
+                    continue
+                for _ in range(DRAIN_LIMIT):
+                    try:
+                        frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+        except zmq.ZMQError as exc:
+            if not self._stop.is_set():
+                self.box.error = f"data channel error: {exc}"
+        finally:
+            sub.close(linger=0)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        try:
+            event = protocol.parse_event(frames)
+        except ProtocolError as exc:
+            log.warning("undecodable event on the data channel: %s", exc)
+            return
+        kind = event.get("kind")
+        box = self.box
+        if kind == EventKind.PREVIEW.value:
+            value = event.get("value")
+            if hasattr(value, "shape"):
+                box.put_frame(
+                    str(event.get("name", "preview")), value, event.get("seq"), event.get("t")
+                )
+        elif kind == EventKind.PROGRESS.value:
+            box.put_progress(event.get("progress"), event.get("message"))
+        elif kind == EventKind.LOG.value:
+            box.put_log(event.get("index"), str(event.get("text", "")))
+        elif kind == EventKind.RESULT.value:
+            box.put_result(int(event.get("index", -1)), str(event.get("name", "")))
+        elif kind == EventKind.STATE.value:
+            status = event.get("status")
+            if isinstance(status, dict):
+                box.put_status(status)
