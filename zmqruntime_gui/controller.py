@@ -176,8 +176,8 @@ class Controller(QtCore.QObject):
 
     def _on_registry(self, entries: dict[Endpoint, local.ServerEntry]) -> None:
         self.registry = entries
+        changed = not self._registry_polled  # the first answer decides "no server yet"
         self._registry_polled = True
-        changed = False
         for ep, entry in entries.items():
             row = self.servers.get(ep)
             if row is None:

@@ -91,7 +91,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.tabifyDockWidget(self.logs_dock, self.results_dock)
         self.logs_dock.raise_()
         self.resizeDocks(
-            [self.servers_dock, self.runs_dock], [560, 940], QtCore.Qt.Orientation.Horizontal
+            [self.servers_dock, self.runs_dock], [600, 900], QtCore.Qt.Orientation.Horizontal
         )
         self.resizeDocks([self.servers_dock], [300], QtCore.Qt.Orientation.Vertical)
         self.resizeDocks([self.logs_dock], [430], QtCore.Qt.Orientation.Horizontal)
@@ -205,6 +205,7 @@ class MainWindow(QtWidgets.QMainWindow):
         c.sigError.connect(self.show_error)
         c.sigServersChanged.connect(self._update_summary)
         c.sigRunFinished.connect(self._run_finished)
+        self.runs_panel.model.sigFlushed.connect(self._update_summary)
         self.preview.sigStatus.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.results_panel.sigShowArray.connect(self.preview.show_array)
         self.results_panel.sigStatus.connect(lambda t: self.statusBar().showMessage(t, 8000))
@@ -266,6 +267,9 @@ class MainWindow(QtWidgets.QMainWindow):
         row = self.controller.runs.rows.get(key)
         name = row.name if row is not None else key.exec_id
         self.statusBar().showMessage(f"{name} ({key.exec_id}) {status.get('state')}", 10000)
+        box = self.controller.box
+        if box is not None and box.key == key and self.preview.box is box:
+            self.preview.run_ended(status.get("state", "finished"))
 
     def selected_server(self) -> Endpoint | None:
         sel = self.servers_panel.selected()

@@ -143,7 +143,14 @@ class ServerRow:
 
     @property
     def ping_text(self) -> str:
-        return "–" if self.ping_ms is None else f"{self.ping_ms:.1f} ms"
+        if self.ping_ms is not None:
+            return f"{self.ping_ms:.1f} ms"
+        if self.state == ServerState.DOWN and self.error:
+            if "refused" in self.error:
+                return "refused"
+            if "no reply" in self.error:
+                return "timeout"
+        return "–"
 
     @property
     def queued_text(self) -> str:

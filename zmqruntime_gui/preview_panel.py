@@ -200,6 +200,14 @@ class PreviewPanel(QtWidgets.QWidget):
             self._show_placeholder(f"<h3>{title}</h3>Waiting for the first preview frame…")
         self.update_stats()
 
+    def run_ended(self, state: str) -> None:
+        """The followed run ended: keep its last frame, or say why there is none."""
+        if self.frame is None and self.static is None:
+            self._show_placeholder(
+                f"<h3>{self.title} — {state}</h3>The run ended without a preview frame. "
+                "Its stored results are in the Results panel."
+            )
+
     def show_array(self, array: np.ndarray, title: str) -> None:
         """Show a stored array (a result) instead of the live stream."""
         array = np.asarray(array)
@@ -213,6 +221,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.levels = auto_levels(array)
         self._display(array, self.levels)
         self._histogram_stale = True
+        self._update_histogram()
         self.update_stats()
 
     def _show_placeholder(self, html: str) -> None:

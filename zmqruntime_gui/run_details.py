@@ -44,7 +44,7 @@ class RunDetailsDialog(QtWidgets.QDialog):
             label.setTextInteractionFlags(QtCore.Qt.TextInteractionFlag.TextSelectableByMouse)
             label.setWordWrap(True)
             self.fields[name] = label
-            self.form.addRow(name.capitalize(), label)
+            self.form.addRow("ID" if name == "id" else name.capitalize(), label)
         self.tabs.addTab(self.overview, "Overview")
 
         self.config_text = self._code_view()

@@ -20,6 +20,7 @@ class RunsModel(KeyedTableModel):
     """Rows of the controller's RunTable, redrawn on a ~30 Hz clock when it changed."""
 
     columns = COLUMNS
+    sigFlushed = QtCore.Signal()
 
     def __init__(self, controller: Controller, parent: QtCore.QObject | None = None) -> None:
         super().__init__(parent)
@@ -53,6 +54,7 @@ class RunsModel(KeyedTableModel):
             self.set_keys(self.table.ordered(self.servers))
         else:
             self.repaint_all()
+        self.sigFlushed.emit()
 
     def cell(self, key: RunKey, col: int, role: int):
         row = self.table.rows.get(key)
@@ -152,7 +154,21 @@ class RunsPanel(QtWidgets.QWidget):
         setup_table(self.table)
         self.table.setItemDelegateForColumn(COL_PROGRESS, ProgressDelegate(self.table))
         header = self.table.horizontalHeader()
-        for col, width in zip(range(len(COLUMNS)), (190, 150, 130, 110, 320, 80)):
+        metrics = QtGui.QFontMetrics(self.table.font())
+        mono = QtGui.QFontMetrics(
+            QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.SystemFont.FixedFont)
+        )
+        bold = QtGui.QFont(self.table.font())
+        bold.setBold(True)
+        widths = (
+            170,
+            mono.horizontalAdvance("0123456789abcdef") + 28,
+            metrics.horizontalAdvance("127.0.0.1:55555") + 40,
+            QtGui.QFontMetrics(bold).horizontalAdvance("completed") + 50,
+            300,
+            metrics.horizontalAdvance("59m 59s") + 28,
+        )
+        for col, width in enumerate(widths):
             self.table.setColumnWidth(col, width)
         header.setSectionResizeMode(COL_PROGRESS, QtWidgets.QHeaderView.ResizeMode.Stretch)
         header.setMinimumSectionSize(60)

@@ -56,6 +56,8 @@ class ServersModel(KeyedTableModel):
             return icon("computer" if row.origin == "local" else "globe")
         elif role == Role.ForegroundRole and col == 1:
             return QtGui.QBrush(QtGui.QColor(SERVER_STATE_COLOURS[row.state]))
+        elif role == Role.BackgroundRole and row.state == ServerState.DOWN:
+            return QtGui.QBrush(QtGui.QColor("#3b2428"))  # a dead server's row turns red
         elif role == Role.FontRole and col == 1:
             font = QtGui.QFont()
             font.setBold(True)
@@ -177,7 +179,7 @@ class ServersPanel(QtWidgets.QWidget):
         self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.ActionsContextMenu)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QtWidgets.QHeaderView.ResizeMode.Stretch)
-        for col, width in zip(range(1, len(COLUMNS)), (96, 72, 70, 60, 72)):
+        for col, width in zip(range(1, len(COLUMNS)), (100, 76, 74, 68, 74)):
             header.setSectionResizeMode(col, QtWidgets.QHeaderView.ResizeMode.Interactive)
             self.table.setColumnWidth(col, width)
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
