@@ -16,6 +16,7 @@ from zmqruntime_gui.model import (
     ServerState,
     auto_levels,
     describe_result,
+    downsample,
     fmt_duration,
 )
 
@@ -46,7 +47,9 @@ def test_server_row_states():
     )
     row.apply_failure("no reply within 1.5 s")
     assert row.state == ServerState.DOWN and row.error == "no reply within 1.5 s"
-    assert row.workers_text == "–" and row.ping_text == "–"
+    assert row.workers_text == "–" and row.ping_text == "timeout"
+    row.apply_failure("nothing listens on h:1 (connection refused)")
+    assert row.ping_text == "refused"
 
 
 def status(exec_id, state="running", progress=None, created=1.0, **kw):
@@ -147,3 +150,21 @@ def test_formatting():
     assert describe_result({"kind": "value", "value": {"frames": 60, "cells": [1, 2]}}) == (
         "{frames: 60, cells: [2 items]}"
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32])
+def test_downsample_is_a_block_mean(dtype):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 100, (37, 50)).astype(dtype)
+    for step in (1, 2, 3, 4):
+        out = downsample(image, step)
+        h, w = 37 // step, 50 // step
+        ref = image[: h * step, : w * step].reshape(h, step, w, step).astype(np.float64)
+        ref = ref.mean(axis=(1, 3))
+        assert out.shape == (h, w) and out.dtype == image.dtype
+        if np.issubdtype(dtype, np.integer):
+            np.testing.assert_array_equal(out, np.floor(ref).astype(dtype))
+        else:
+            np.testing.assert_allclose(out, ref, rtol=1e-6)
+    big = np.full((8, 8), 65535, np.uint16)
+    assert downsample(big, 4).max() == 65535  # no overflow in the accumulator

@@ -36,9 +36,9 @@ def test_newest_frame_only_and_stats(panel, qtbot):
     assert panel.frame.number == 50
     assert panel.image.image[0, 0] == 49
     assert panel.image.image.shape == (300, 400)
-    painted = panel.image.painted
+    qtbot.waitUntil(lambda: panel.image.painted == 1)  # one frame drawn, not 50
     qtbot.wait(100)
-    assert panel.image.painted == painted  # nothing new: nothing redrawn
+    assert panel.image.painted == 1  # nothing new: nothing redrawn
     for i in range(20):
         box.put_frame("camera", gradient(100 + i), seq=100 + i, t=None)
         qtbot.wait(20)
@@ -120,7 +120,8 @@ def test_choice_among_preview_streams(panel, qtbot):
 
 def test_empty_states(panel):
     panel.set_source(None)
-    assert panel.stack.currentWidget() is panel.placeholder
+    assert panel.stack.currentWidget() is panel.empty_page and panel.demo_button.isVisible()
+    assert not panel.act_tiff.isEnabled()
     assert "No run selected" in panel.placeholder.text()
     box = FollowBox(RunKey("127.0.0.1:1", "abc"))
     box.finished = True
@@ -146,3 +147,21 @@ def test_real_time_lapse_through_the_box(panel, qtbot, shared_data):
     assert stack.min() <= lo < hi <= stack.max()  # set once, from the first frame shown
     qtbot.wait(300)  # one histogram refresh
     screenshot(panel, "10-preview-real-frames")
+
+
+def test_large_frames_are_drawn_at_screen_resolution(panel, qtbot):
+    box = FollowBox(RunKey("127.0.0.1:1", "big"))
+    panel.set_source(box, "2048")
+    frame = np.arange(2048 * 2048, dtype=np.uint32).reshape(2048, 2048).astype(np.uint16)
+    box.put_frame("camera", frame, seq=0, t=None)
+    qtbot.waitUntil(lambda: panel.frame is not None)
+    step = panel._shown_step
+    assert step >= 2  # a 2048² frame in a ~600 px view
+    assert panel.image.image.shape == (2048 // step, 2048 // step)
+    rect = panel.image.mapRectToView(panel.image.boundingRect())
+    assert rect.width() == pytest.approx(2048 // step * step)  # full-frame coordinates
+    assert panel.pixel_at(1000.5, 3.2) == (1000, 3, frame[3, 1000])  # raw value, not the mean
+    # zoomed in to a 100-pixel region: drawn at full resolution again
+    panel.view.setRange(QtCore.QRectF(500, 500, 100, 100), padding=0)
+    qtbot.waitUntil(lambda: panel._shown_step == 1)
+    assert panel.image.image.shape == (2048, 2048)

@@ -220,9 +220,12 @@ class Controller(QtCore.QObject):
         row = self.servers.get(ep)
         if row is None:
             return
+        first_answer = row.last_ok is None
         row.apply_ping(info)
         if ep in self.stopping:
             row.state = ServerState.STOPPING
+        if first_answer and ep in self.spawned:
+            self.sigMessage.emit(f"local server {ep.key} is up ({row.workers} workers)")
         self.sigServersChanged.emit()
 
     def _on_probe_failed(self, ep: Endpoint, exc: BaseException) -> None:

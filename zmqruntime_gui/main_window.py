@@ -208,6 +208,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.runs_panel.model.sigFlushed.connect(self._update_summary)
         self.preview.sigStatus.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.results_panel.sigShowArray.connect(self.preview.show_array)
+        self.preview.sigDemoRequested.connect(lambda: self.start_demo())
         self.results_panel.sigStatus.connect(lambda t: self.statusBar().showMessage(t, 8000))
 
     # ------------------------------------------------------------------ settings

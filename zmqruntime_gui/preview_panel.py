@@ -15,7 +15,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from .model import FollowBox, Frame, RateMeter, auto_levels
+from .model import FollowBox, Frame, RateMeter, auto_levels, downsample
 from .widgets import icon
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
@@ -51,6 +51,7 @@ class PreviewPanel(QtWidgets.QWidget):
     """Image view with stream choice, levels, colour map, pause and snapshots."""
 
     sigStatus = QtCore.Signal(str)
+    sigDemoRequested = QtCore.Signal()
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
@@ -66,6 +67,8 @@ class PreviewPanel(QtWidgets.QWidget):
         self.displayed_fps = 0.0
         self._setting_levels = False
         self._histogram_stale = False
+        self._shown_shape: tuple[int, ...] | None = None
+        self._shown_step = 1
 
         # -- controls
         bar = QtWidgets.QToolBar()
@@ -122,6 +125,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.view.setMenuEnabled(False)
         self.image = CountingImageItem(axisOrder="row-major")
         self.view.addItem(self.image)
+        self.view.sigRangeChanged.connect(self._range_changed)
         self.hist = pg.HistogramLUTItem()
         self.hist.setImageItem(self.image)
         # the histogram follows the image on our clock, not on every frame
@@ -133,8 +137,18 @@ class PreviewPanel(QtWidgets.QWidget):
         self.placeholder = QtWidgets.QLabel(objectName="placeholder")
         self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         self.placeholder.setWordWrap(True)
+        self.demo_button = QtWidgets.QPushButton(icon("demo"), "Run the demo acquisition")
+        self.demo_button.setObjectName("primary")
+        self.demo_button.setToolTip("A simulated camera on a local server, with live preview")
+        self.demo_button.clicked.connect(self.sigDemoRequested)
+        self.empty_page = QtWidgets.QWidget(objectName="placeholderPage")
+        empty_layout = QtWidgets.QVBoxLayout(self.empty_page)
+        empty_layout.addStretch(1)
+        empty_layout.addWidget(self.placeholder)
+        empty_layout.addWidget(self.demo_button, 0, QtCore.Qt.AlignmentFlag.AlignHCenter)
+        empty_layout.addStretch(1)
         self.stack = QtWidgets.QStackedWidget()
-        self.stack.addWidget(self.placeholder)
+        self.stack.addWidget(self.empty_page)
         self.stack.addWidget(self.graphics)
 
         # -- status line
@@ -186,10 +200,12 @@ class PreviewPanel(QtWidgets.QWidget):
         self.stream_combo.blockSignals(False)
         self.image.clear()
         self.image.frame_serial += 1
+        self._shown_shape = None
         if box is None:
             self._show_placeholder(
                 "<h3>No run selected</h3>Select a run in the Runs panel to watch its live "
-                "preview, or submit one with <b>Ctrl+N</b>."
+                "preview, or submit one with <b>Ctrl+N</b>.",
+                demo=True,
             )
         elif box.finished or state in ("completed", "failed", "cancelled"):
             self._show_placeholder(
@@ -224,9 +240,17 @@ class PreviewPanel(QtWidgets.QWidget):
         self._update_histogram()
         self.update_stats()
 
-    def _show_placeholder(self, html: str) -> None:
+    def _show_placeholder(self, html: str, demo: bool = False) -> None:
         self.placeholder.setText(html)
-        self.stack.setCurrentWidget(self.placeholder)
+        self.demo_button.setVisible(demo)
+        self.stack.setCurrentWidget(self.empty_page)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        shown = self.stack.currentWidget() is self.graphics
+        for act in (self.act_autolevel, self.act_tiff, self.act_png):
+            act.setEnabled(shown)
+        self.act_pause.setEnabled(self.box is not None)
 
     def current_stream(self) -> str:
         return self.stream_combo.currentText()
@@ -274,12 +298,46 @@ class PreviewPanel(QtWidgets.QWidget):
         self._histogram_stale = True
 
     def _display(self, image: np.ndarray, levels: tuple[float, float] | None) -> None:
-        first = self.image.image is None or self.image.image.shape != image.shape
-        self.image.set_frame(image, levels)
+        """Draw ``image``, block-averaged to about the screen's resolution.
+
+        A 2048² frame in a 600-pixel view is drawn from a 512² mean of 4x4 blocks: the
+        eye sees the same picture and the event loop does a sixteenth of the work. The
+        item keeps the full frame's coordinates, so the cursor reads raw pixels.
+        """
+        first = self._shown_shape != image.shape
+        self._shown_shape = image.shape
+        step = self._display_step(image.shape, first)
+        shown = downsample(image, step)
+        self._shown_step = step
+        self.image.set_frame(shown, levels)
+        self.image.setRect(QtCore.QRectF(0, 0, shown.shape[1] * step, shown.shape[0] * step))
         if self.stack.currentWidget() is not self.graphics:
             self.stack.setCurrentWidget(self.graphics)
+            self._update_actions()
         if first:
             self.view.autoRange(padding=0.0)
+
+    def _display_step(self, shape: tuple[int, ...], first: bool) -> int:
+        """Image pixels per screen pixel (at least 1) for the current zoom."""
+        if len(shape) != 2:
+            return 1
+        if first:  # not laid out for this image yet: fit the whole image
+            size = self.view.size()
+            if size.width() < 2 or size.height() < 2:
+                return 1
+            ratio = max(shape[0] / size.height(), shape[1] / size.width())
+        else:
+            px_w, px_h = self.view.viewPixelSize()
+            ratio = min(px_w, px_h)
+        return max(1, int(ratio))
+
+    def _range_changed(self, *args) -> None:
+        """After a zoom, redraw the shown frame at the new resolution."""
+        array = self.displayed_array()
+        if array is None or array.shape != self._shown_shape:
+            return
+        if self._display_step(array.shape, False) != self._shown_step:
+            self._display(array, self.levels)
 
     def _update_histogram(self) -> None:
         if not self._histogram_stale or self.image.image is None:
