@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6 import QtCore
     from zmqruntime import ExecutionClient, local
     from zmqruntime.transport import free_port, port_accepts_tcp
+
     from zmqruntime_gui.app import make_app
     from zmqruntime_gui.main_window import MainWindow
     from zmqruntime_gui.model import Endpoint, ServerState
@@ -166,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         c.shutdown()
     window.close()
     proc.wait(timeout=30)
-    del window, app
 
     received, displayed = (recv1 - recv0) / elapsed, (disp1 - disp0) / elapsed
     print(
