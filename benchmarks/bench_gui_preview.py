@@ -36,10 +36,15 @@ def run(ctx, config):
         for _ in range(8)
     ]
     sent = 0
-    t_end = time.monotonic() + float(config.seconds)
+    interval = 1.0 / float(config.fps) if config.fps else 0.0
+    t_next = time.monotonic()
+    t_end = t_next + float(config.seconds)
     while time.monotonic() < t_end and not ctx.cancelled:
         ctx.preview("camera", frames[sent % len(frames)])
         sent += 1
+        if interval:
+            t_next += interval
+            time.sleep(max(0.0, t_next - time.monotonic()))
         if sent % 20 == 0:
             ctx.progress(1 - (t_end - time.monotonic()) / float(config.seconds), None,
                          f"{sent} frames sent")
@@ -64,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     p.add_argument("--size", type=int, default=2048, help="frame edge in pixels (default 2048)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=0.0,
+        help="frames per second the pipeline offers (default 0: as fast as it can)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--screenshot", type=Path, help="save the window as PNG at the end")
     args = p.parse_args(argv)
@@ -114,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     rss_idle = rss_mb()
     duration = args.warmup + args.seconds + 1.0
     window.controller.submit_run(
-        ep, PIPELINE, None, config={"size": args.size, "seconds": duration}, name="bench-preview"
+        ep,
+        PIPELINE,
+        None,
+        config={"size": args.size, "seconds": duration, "fps": args.fps},
+        name="bench-preview",
     )
     assert pump_until(lambda: window.preview.frame is not None, 60), "no frame displayed"
 
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = QtCore.QEventLoop()
     QtCore.QTimer.singleShot(int(args.warmup * 1000), loop.quit)
     loop.exec()  # warm-up: steady state first
-    box = window.controller.box
+    box = window.preview.box
     image = window.preview.image
     rss_before = rss_mb()
     recv0, disp0, t0 = box.received_count("camera"), image.painted, time.perf_counter()
@@ -150,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler.stop()
     elapsed = time.perf_counter() - t0
     recv1, disp1 = box.received_count("camera"), image.painted
+    if window.preview.box is not box:
+        print("warning: the preview switched runs during the measurement", file=sys.stderr)
     rss_after = rss_mb()
     shape = window.preview.frame.image.shape
     if args.screenshot:

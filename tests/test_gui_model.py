@@ -168,3 +168,25 @@ def test_downsample_is_a_block_mean(dtype):
             np.testing.assert_allclose(out, ref, rtol=1e-6)
     big = np.full((8, 8), 65535, np.uint16)
     assert downsample(big, 4).max() == 65535  # no overflow in the accumulator
+
+
+def test_follow_box_prepares_only_what_the_view_will_take():
+    box = FollowBox(RunKey("s", "id"))
+    assert not box.prepare_newest()  # the view has not said what it wants yet
+    box.want = ("camera", 512.0, 512.0, None, None)
+    box.put_frame("camera", np.ones((2048, 2048), np.uint16), seq=0, t=None)
+    assert box.prepare_newest()
+    box.put_frame("camera", np.full((2048, 2048), 2, np.uint16), seq=1, t=None)
+    assert not box.prepare_newest()  # frame 1 still waits for the view: no wasted work
+    frame, step, shown = box.take_prepared("camera")
+    assert frame.number == 1 and step == 4 and shown.shape == (512, 512) and shown[0, 0] == 1
+    assert box.take_prepared("camera") is None
+    assert box.prepare_newest()  # now the newest (frame 2) is prepared
+    frame, step, shown = box.take_prepared("camera")
+    assert frame.number == 2 and shown[0, 0] == 2
+    assert box.take_frame("camera") is None  # taken through the prepared path
+    # zoomed in on the same shape: full resolution
+    box.want = ("camera", 512.0, 512.0, 0.25, (2048, 2048))
+    box.put_frame("camera", np.zeros((2048, 2048), np.uint16), seq=2, t=None)
+    assert box.prepare_newest()
+    assert box.take_prepared("camera")[1] == 1

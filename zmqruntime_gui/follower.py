@@ -4,7 +4,9 @@ It subscribes to the run's topic and sorts what arrives into a :class:`FollowBox
 the newest preview frame per stream (older unread ones are simply replaced), the
 newest progress and state, log lines and result notices. It emits no signal per
 event: the GUI's timers read the box at their own pace, so a camera at 100 fps costs
-the event loop nothing but the frames it actually draws.
+the event loop nothing but the frames it actually draws. The thread also prepares
+the next frame to draw (block-averaged to screen resolution), once the view has taken
+the previous one, so that work stays off the GUI thread too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .model import FollowBox
 
 log = logging.getLogger("zmqruntime_gui")
 
-POLL_MS = 50
+POLL_MS = 10  # also how soon a frame taken by the view is followed by the next
 DRAIN_LIMIT = 256
 
 
@@ -48,20 +50,23 @@ class RunFollower(QtCore.QThread):
         except Exception as exc:  # the server went away before we could subscribe
             self.box.error = f"cannot follow {self.box.key.exec_id}: {exc}"
             return
+        self.box.preparer_alive = True
         try:
             while not self._stop.is_set() and not self.box.finished:
-                if not sub.poll(POLL_MS):
-                    continue
-                for _ in range(DRAIN_LIMIT):
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
+                if sub.poll(POLL_MS):
+                    for _ in range(DRAIN_LIMIT):
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                # the view's next frame is made ready here, off the GUI thread
+                self.box.prepare_newest()
         except zmq.ZMQError as exc:
             if not self._stop.is_set():
                 self.box.error = f"data channel error: {exc}"
         finally:
+            self.box.preparer_alive = False
             sub.close(linger=0)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:

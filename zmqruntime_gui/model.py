@@ -392,6 +392,11 @@ class FollowBox:
         self._lock = threading.Lock()
         self._frames: dict[str, Frame] = {}
         self._taken: dict[str, int] = {}
+        #: set by the view: (stream, view width px, view height px, image px per screen
+        #: px or None, shape now shown); tells the follower how to prepare frames
+        self.want: tuple[str, float, float, float | None, tuple | None] | None = None
+        self._prepared: dict[str, tuple[Frame, int, np.ndarray]] = {}
+        self.preparer_alive = False
         self.received: collections.Counter[str] = collections.Counter()
         self._progress: tuple[float | None, str | None] | None = None
         self._status: dict[str, Any] | None = None
@@ -442,6 +447,41 @@ class FollowBox:
                 return None
             self._taken[name] = frame.number
             return frame
+
+    def prepare_newest(self) -> bool:
+        """Downsample the newest frame of the wanted stream for display (follower thread).
+
+        Runs only when the view took the previously prepared frame, so a view slower
+        than the camera costs no preparation of frames it will never show.
+        """
+        want = self.want
+        if want is None:
+            return False
+        name = want[0]
+        with self._lock:
+            frame = self._frames.get(name)
+            if frame is None or self._taken.get(name) == frame.number:
+                return False
+            prepared = self._prepared.get(name)
+            if prepared is not None and prepared[0].number != self._taken.get(name):
+                return False  # the last one still waits for the view
+        step = display_step(frame.image.shape, *want[1:])
+        shown = downsample(frame.image, step)
+        with self._lock:
+            self._prepared[name] = (frame, step, shown)
+        return True
+
+    def take_prepared(self, name: str) -> tuple[Frame, int, np.ndarray] | None:
+        """(frame, step, downsampled image) prepared by the follower and not taken yet."""
+        with self._lock:
+            prepared = self._prepared.get(name)
+            if prepared is None or self._taken.get(name) == prepared[0].number:
+                return None
+            newest = self._frames.get(name)
+            if newest is not None and newest.number < prepared[0].number:
+                return None  # cannot happen; keeps the order obvious
+            self._taken[name] = prepared[0].number
+            return prepared
 
     def peek_frame(self, name: str) -> Frame | None:
         with self._lock:
@@ -499,6 +539,29 @@ def auto_levels(
     if hi <= lo:
         hi = lo + 1.0
     return lo, hi
+
+
+def display_step(
+    shape: tuple[int, ...],
+    view_width: float,
+    view_height: float,
+    pixel_size: float | None = None,
+    shown_shape: tuple[int, ...] | None = None,
+) -> int:
+    """How many image pixels to average per drawn pixel (at least 1).
+
+    ``pixel_size`` is image pixels per screen pixel at the current zoom, valid for
+    frames of ``shown_shape``; otherwise the whole frame is assumed to fit the view.
+    """
+    if len(shape) != 2:
+        return 1
+    if pixel_size is not None and tuple(shown_shape or ()) == tuple(shape):
+        ratio = pixel_size
+    elif view_width >= 2 and view_height >= 2:
+        ratio = max(shape[0] / view_height, shape[1] / view_width)
+    else:
+        return 1
+    return max(1, int(ratio))
 
 
 def downsample(image: np.ndarray, step: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from .model import FollowBox, Frame, RateMeter, auto_levels, downsample
+from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
 from .widgets import icon
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
@@ -33,8 +33,12 @@ class CountingImageItem(pg.ImageItem):
         self._painted_serial = 0
         self.painted = 0
 
-    def set_frame(self, image: np.ndarray, levels: tuple[float, float] | None) -> None:
-        self.frame_serial += 1
+    def set_frame(
+        self, image: np.ndarray, levels: tuple[float, float] | None, new: bool = True
+    ) -> None:
+        """Show ``image``; ``new=False`` for a redraw of the same frame (not counted)."""
+        if new:
+            self.frame_serial += 1
         if levels is None:
             self.setImage(image, autoLevels=False)
         else:
@@ -125,6 +129,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.view.setMenuEnabled(False)
         self.image = CountingImageItem(axisOrder="row-major")
         self.view.addItem(self.image)
+        # the view is fitted once per new image shape; after that only the user zooms
+        # (an automatic re-fit on every bounds change would fight the resolution steps)
+        self.view.disableAutoRange()
         self.view.sigRangeChanged.connect(self._range_changed)
         self.hist = pg.HistogramLUTItem()
         self.hist.setImageItem(self.image)
@@ -285,31 +292,62 @@ class PreviewPanel(QtWidgets.QWidget):
             self._refresh_streams()
             if not self.current_stream():
                 return
-        frame = box.take_frame(self.current_stream())
-        if frame is None:
-            return
+        stream = self.current_stream()
+        box.want = self._want(stream)
+        prepared = box.take_prepared(stream)
+        if prepared is not None:
+            frame, step, shown = prepared
+        elif box.preparer_alive:
+            return  # the follower thread prepares the next one
+        else:  # no follower (the run ended, or a box fed directly): prepare here
+            frame = box.take_frame(stream)
+            if frame is None:
+                return
+            step, shown = None, None
         self.frame = frame
         image = frame.image
         if self.needs_autolevel or self.continuous.isChecked():
             self.levels = auto_levels(image)
             self.needs_autolevel = False
-            self._histogram_stale = True
-        self._display(image, self.levels)
+        self._display(image, self.levels, step, shown)
         self._histogram_stale = True
 
-    def _display(self, image: np.ndarray, levels: tuple[float, float] | None) -> None:
+    def _want(self, stream: str) -> tuple:
+        size = self.view.size()
+        pixel_size = None
+        if self._shown_shape is not None:
+            px_w, px_h = self.view.viewPixelSize()
+            pixel_size = min(px_w, px_h)
+        return (stream, size.width(), size.height(), pixel_size, self._shown_shape)
+
+    def _display(
+        self,
+        image: np.ndarray,
+        levels: tuple[float, float] | None,
+        step: int | None = None,
+        shown: np.ndarray | None = None,
+        new: bool = True,
+    ) -> None:
         """Draw ``image``, block-averaged to about the screen's resolution.
 
         A 2048² frame in a 600-pixel view is drawn from a 512² mean of 4x4 blocks: the
         eye sees the same picture and the event loop does a sixteenth of the work. The
-        item keeps the full frame's coordinates, so the cursor reads raw pixels.
+        follower thread usually prepared ``shown`` already. The item keeps the full
+        frame's coordinates, so the cursor reads raw pixels.
         """
         first = self._shown_shape != image.shape
+        if shown is None or step is None:
+            size = self.view.size()
+            pixel_size = None
+            if not first:
+                pixel_size = min(self.view.viewPixelSize())
+            step = display_step(
+                image.shape, size.width(), size.height(), pixel_size, self._shown_shape
+            )
+            shown = downsample(image, step)
         self._shown_shape = image.shape
-        step = self._display_step(image.shape, first)
-        shown = downsample(image, step)
         self._shown_step = step
-        self.image.set_frame(shown, levels)
+        self.image.set_frame(shown, levels, new)
         self.image.setRect(QtCore.QRectF(0, 0, shown.shape[1] * step, shown.shape[0] * step))
         if self.stack.currentWidget() is not self.graphics:
             self.stack.setCurrentWidget(self.graphics)
@@ -317,27 +355,17 @@ class PreviewPanel(QtWidgets.QWidget):
         if first:
             self.view.autoRange(padding=0.0)
 
-    def _display_step(self, shape: tuple[int, ...], first: bool) -> int:
-        """Image pixels per screen pixel (at least 1) for the current zoom."""
-        if len(shape) != 2:
-            return 1
-        if first:  # not laid out for this image yet: fit the whole image
-            size = self.view.size()
-            if size.width() < 2 or size.height() < 2:
-                return 1
-            ratio = max(shape[0] / size.height(), shape[1] / size.width())
-        else:
-            px_w, px_h = self.view.viewPixelSize()
-            ratio = min(px_w, px_h)
-        return max(1, int(ratio))
-
     def _range_changed(self, *args) -> None:
         """After a zoom, redraw the shown frame at the new resolution."""
         array = self.displayed_array()
         if array is None or array.shape != self._shown_shape:
             return
-        if self._display_step(array.shape, False) != self._shown_step:
-            self._display(array, self.levels)
+        size = self.view.size()
+        step = display_step(
+            array.shape, size.width(), size.height(), min(self.view.viewPixelSize()), array.shape
+        )
+        if step != self._shown_step:
+            self._display(array, self.levels, new=False)
 
     def _update_histogram(self) -> None:
         if not self._histogram_stale or self.image.image is None:
