@@ -402,6 +402,7 @@ class Controller(QtCore.QObject):
         def done(status: dict[str, Any]) -> None:
             key = RunKey(ep.key, status["id"])
             self.runs.apply_status(key, status)
+            self._probe(ep)
             self.sigMessage.emit(f"submitted {status.get('name')} ({status['id']}) to {ep.key}")
             self.sigRunSubmitted.emit(key)
             if on_submitted is not None:
@@ -492,6 +493,7 @@ class Controller(QtCore.QObject):
             self.runs.apply_status(key, status)
             if status.get("state") in FINAL_STATES:
                 self.sigRunFinished.emit(key, status)
+                self._probe(Endpoint.parse(key.server))  # its worker is free now: show it
         if box.error:
             self.sigMessage.emit(box.error)
             box.error = None
