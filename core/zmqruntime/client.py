@@ -247,12 +247,17 @@ class ExecutionClient:
         finally:
             sub.close(linger=0)
 
-    def events(self, topic: str = "") -> zmq.Socket:
-        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it."""
+    def events(self, topic: str = "", *, hwm: int = 16) -> zmq.Socket:
+        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it.
+
+        ``hwm`` is how many events may wait in this process: a viewer that only wants
+        the newest frame passes a small one, so frames it would drop anyway are dropped
+        by the server before they cost a copy.
+        """
         info = self._ensure_server()
         sub = self._zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 16)
+        sub.setsockopt(zmq.RCVHWM, hwm)
         if self.security:
             self.security.apply(sub)
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
