@@ -26,6 +26,9 @@ log = logging.getLogger("zmqruntime_gui")
 
 POLL_MS = 10  # also how soon a frame taken by the view is followed by the next
 DRAIN_LIMIT = 256
+#: events waiting in this process at most: the view wants the newest frame only, and
+#: whatever else is dropped (logs, results) is fetched from the server by index
+RCV_HWM = 2
 
 
 class RunFollower(QtCore.QThread):
@@ -46,13 +49,14 @@ class RunFollower(QtCore.QThread):
 
     def run(self) -> None:
         try:
-            sub = self.client.events(self.box.key.exec_id)
+            sub = self.client.events(self.box.key.exec_id, hwm=RCV_HWM)
         except Exception as exc:  # the server went away before we could subscribe
             self.box.error = f"cannot follow {self.box.key.exec_id}: {exc}"
             return
-        self.box.preparer_alive = True
+        box = self.box
+        box.preparer_alive = True
         try:
-            while not self._stop.is_set() and not self.box.finished:
+            while not self._stop.is_set() and not box.finished:
                 if sub.poll(POLL_MS):
                     for _ in range(DRAIN_LIMIT):
                         try:
@@ -61,7 +65,7 @@ class RunFollower(QtCore.QThread):
                             break
                         self._handle(frames)
                 # the view's next frame is made ready here, off the GUI thread
-                self.box.prepare_newest()
+                box.prepare_newest()
         except zmq.ZMQError as exc:
             if not self._stop.is_set():
                 self.box.error = f"data channel error: {exc}"
