@@ -168,3 +168,59 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"test data missing: expected the shared data folder at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# --------------------------------------------------------------------------- GUI tests
+# Offscreen Qt (no display needed); Qt itself is imported only by the GUI fixtures.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture
+def gui_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A settings file of this test only (also for anything that asks for defaults)."""
+    from PySide6 import QtCore
+
+    path = tmp_path / "gui-settings.ini"
+    monkeypatch.setenv("ZMQRUNTIME_GUI_SETTINGS", str(path))
+    QtCore.QSettings.setPath(
+        QtCore.QSettings.Format.IniFormat, QtCore.QSettings.Scope.UserScope, str(tmp_path)
+    )
+    QtCore.QSettings.setPath(
+        QtCore.QSettings.Format.NativeFormat, QtCore.QSettings.Scope.UserScope, str(tmp_path)
+    )
+    return QtCore.QSettings(str(path), QtCore.QSettings.Format.IniFormat)
+
+
+@pytest.fixture
+def themed_app(qapp):
+    from zmqruntime_gui.app import apply_theme
+
+    apply_theme(qapp)
+    return qapp
+
+
+@pytest.fixture
+def make_window(qtbot, themed_app, gui_settings) -> Iterator:
+    """Factory of main windows on the test's settings; all are closed at the end."""
+    from zmqruntime_gui.main_window import MainWindow
+
+    windows = []
+
+    def make(settings=None) -> MainWindow:
+        w = MainWindow(settings or gui_settings)
+        qtbot.addWidget(w)
+        w.resize(1500, 940)
+        w.show()
+        qtbot.waitExposed(w)
+        windows.append(w)
+        return w
+
+    yield make
+    for w in windows:
+        w.close()
+        assert w.controller.follower is None and not w.controller._old_followers
+
+
+@pytest.fixture
+def window(make_window):
+    return make_window()

@@ -264,6 +264,29 @@ class ExecutionClient:
         """Stored log lines of a run: ``[{"index", "t", "text"}]``."""
         return self._request(ControlMessageType.LOGS, {"id": exec_id, "start": start})["logs"]
 
+    def get_source(self, exec_id: str) -> dict[str, Any]:
+        """What the run was submitted with: ``pipeline_code``, ``config_code``, ``config``."""
+        return self._request(ControlMessageType.SOURCE, {"id": exec_id})
+
+    def list_results(
+        self, exec_id: str, start: int = 0, limit: int = RESULTS_BATCH
+    ) -> list[dict[str, Any]]:
+        """What a run stored so far, without the bytes: ``[{"index", "name", "kind", ...}]``.
+
+        Arrays list ``dtype``, ``shape`` and ``nbytes``; small plain values come inline as
+        ``value``. Fetch one result's value with :meth:`get_result`.
+        """
+        body = {"id": exec_id, "start": start, "limit": limit, "values": False}
+        return self._request(ControlMessageType.RESULTS, body)["results"]
+
+    def get_result(self, exec_id: str, index: int) -> Any:
+        """The value of one stored result, by index (running runs included)."""
+        body = {"id": exec_id, "start": index, "limit": 1}
+        batch = self._request(ControlMessageType.RESULTS, body)["results"]
+        if not batch or batch[0]["index"] != index:
+            raise IndexError(f"execution {exec_id} has no stored result {index}")
+        return batch[0]["value"]
+
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
         t0 = time.perf_counter()
@@ -303,12 +326,17 @@ class ExecutionClient:
         finally:
             sub.close(linger=0)
 
-    def events(self, topic: str = "") -> zmq.Socket:
-        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it."""
+    def events(self, topic: str = "", *, hwm: int = 16) -> zmq.Socket:
+        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it.
+
+        ``hwm`` is how many events may wait in this process: a viewer that only wants
+        the newest frame passes a small one, so frames it would drop anyway are dropped
+        by the server before they cost a copy.
+        """
         info = self._ensure_server()
         sub = self._zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 16)
+        sub.setsockopt(zmq.RCVHWM, hwm)
         if self.security:
             self.security.apply(sub)
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())

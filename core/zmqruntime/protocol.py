@@ -47,6 +47,7 @@ class ControlMessageType(str, enum.Enum):
     CANCEL = "cancel"
     RESULTS = "results"
     LOGS = "logs"
+    SOURCE = "source"
     SHUTDOWN = "shutdown"
 
     def dispatch(self, handler: object, body: dict[str, Any]) -> Any:

@@ -541,7 +541,11 @@ class ExecutionServer:
         start = int(_optional(body, "start", int) or 0)
         limit = int(_optional(body, "limit", int) or 1000)
         max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        values = _optional(body, "values", bool)
         record = self._record(exec_id)
+        if values is False:  # a listing: what each result is, without its bytes
+            listing = [_result_summary(e) for e in self.store.results(exec_id, start, limit)]
+            return {"results": listing, "n_results": record["n_results"], "state": record["state"]}
         run_dir = self.store.run_dir(exec_id)
         out, total_bytes = [], 0
         for entry in self.store.results(exec_id, start, limit):
@@ -558,6 +562,18 @@ class ExecutionServer:
         start = int(_optional(body, "start", int) or 0)
         limit = int(_optional(body, "limit", int) or 10_000)
         return {"logs": self.store.logs(exec_id, start, limit), "n_logs": record["n_logs"]}
+
+    def handle_source(self, body: dict) -> dict:
+        """The code and config a run was submitted with (for a details view or a re-run)."""
+        exec_id = _require(body, "id", str)
+        self._record(exec_id)
+        pipeline_code, config_code, config = self.store.code_of(exec_id)
+        return {
+            "id": exec_id,
+            "pipeline_code": pipeline_code,
+            "config_code": config_code,
+            "config": config,
+        }
 
     def handle_shutdown(self, body: dict) -> dict:
         self._stopping = True
@@ -919,6 +935,24 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+#: a listed "value" result carries its value only when it is at most this large (packed)
+SUMMARY_VALUE_BYTES = 4096
+
+
+def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """Index, name and kind of a stored result, with dtype/shape/nbytes; small values inline."""
+    out = {"index": entry["index"], "name": entry["name"], "kind": entry.get("kind", "value")}
+    for key in ("dtype", "shape", "nbytes"):
+        if key in entry:
+            out[key] = entry[key]
+    if out["kind"] == "value":
+        packed, _ = protocol.pack(entry.get("value"))
+        out["nbytes"] = len(packed)
+        if len(packed) <= SUMMARY_VALUE_BYTES:
+            out["value"] = entry.get("value")
+    return out
 
 
 def _require(body: dict, key: str, types: Any) -> Any:

@@ -1,0 +1,499 @@
+"""The window's state and every action that touches a server, all off the GUI thread.
+
+The controller owns the server rows, the run table, the followed run and the task
+pool. Timers poll: servers once a second (registry + a ping per endpoint), runs twice
+a second (one list request per live server). Every request runs in the pool and comes
+back as a callback on the GUI thread; a request to a server that does not answer
+costs a pool thread its timeout, never the event loop. Panels read the state and call
+the actions; they never talk to the network themselves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PySide6 import QtCore
+from zmqruntime import local
+from zmqruntime.protocol import FINAL_STATES
+
+from . import net
+from .follower import RunFollower
+from .model import (
+    Endpoint,
+    FollowBox,
+    RunKey,
+    RunTable,
+    ServerRow,
+    ServerState,
+)
+from .tasks import TaskRunner
+
+SERVER_POLL_MS = 1000
+RUNS_POLL_MS = 500
+NEWS_MS = 33  # ~30 Hz: how often the followed run's news reach the tables
+SPAWN_GRACE = 60.0  # seconds a spawned server may take to answer before it counts as down
+FORGET_DOWN_LOCAL = 30.0  # a local server gone from the registry leaves the list after this
+RUN_LIST_LIMIT = 200
+
+
+class Controller(QtCore.QObject):
+    """State plus actions; emits signals when something a panel shows has changed."""
+
+    sigServersChanged = QtCore.Signal()
+    sigMessage = QtCore.Signal(str)
+    sigError = QtCore.Signal(str, str)  # title, text
+    sigRunSubmitted = QtCore.Signal(object)  # RunKey
+    sigFollowChanged = QtCore.Signal(object)  # FollowBox | None
+    sigLogLines = QtCore.Signal(object, object)  # RunKey, [(index, text)]
+    sigResultNotice = QtCore.Signal(object)  # RunKey
+    sigRunFinished = QtCore.Signal(object, object)  # RunKey, status
+
+    def __init__(
+        self,
+        settings: QtCore.QSettings,
+        runner: TaskRunner | None = None,
+        connections: net.Connections | None = None,
+        parent: QtCore.QObject | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.settings = settings
+        self.runner = runner or TaskRunner(parent=self)
+        self.conns = connections or net.Connections()
+        self.servers: dict[Endpoint, ServerRow] = {}
+        self.registry: dict[Endpoint, local.ServerEntry] = {}
+        self.spawned: dict[Endpoint, tuple[subprocess.Popen, float]] = {}
+        self.stopping: set[Endpoint] = set()
+        self.runs = RunTable()
+        self.box: FollowBox | None = None
+        self.follower: RunFollower | None = None
+        self._old_followers: list[RunFollower] = []
+        self._registry_polled = False
+        self._closed = False
+        for text in self._remote_setting():
+            try:
+                ep = Endpoint.parse(text)
+            except ValueError:
+                continue
+            self.servers[ep] = ServerRow(ep, "remote")
+
+        self.server_timer = QtCore.QTimer(self)
+        self.server_timer.setInterval(SERVER_POLL_MS)
+        self.server_timer.timeout.connect(self.poll_servers)
+        self.runs_timer = QtCore.QTimer(self)
+        self.runs_timer.setInterval(RUNS_POLL_MS)
+        self.runs_timer.timeout.connect(self.poll_runs)
+        self.news_timer = QtCore.QTimer(self)
+        self.news_timer.setInterval(NEWS_MS)
+        self.news_timer.timeout.connect(self._drain_news)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.poll_servers()
+        self.server_timer.start()
+        self.runs_timer.start()
+        self.news_timer.start()
+
+    def close(self) -> None:
+        """Stop timers and threads, then close every client. Bounded by the timeouts."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self.server_timer, self.runs_timer, self.news_timer):
+            timer.stop()
+        followers = [f for f in [self.follower, *self._old_followers] if f is not None]
+        for f in followers:
+            f.stop()
+        self.runner.shutdown(wait_s=net.WORK_TIMEOUT + 2)
+        for f in followers:
+            f.wait(int((net.WORK_TIMEOUT + 2) * 1000))
+        self.follower = None
+        self._old_followers.clear()
+        self.conns.close()
+
+    # ------------------------------------------------------------------ servers
+    def _remote_setting(self) -> list[str]:
+        value = self.settings.value("servers/remote", [])
+        if isinstance(value, str):
+            return [value] if value else []
+        return [str(v) for v in value or []]
+
+    def _save_remotes(self) -> None:
+        remotes = [ep.key for ep, row in self.servers.items() if row.origin == "remote"]
+        self.settings.setValue("servers/remote", remotes)
+        self.settings.sync()
+
+    def server_rows(self) -> list[ServerRow]:
+        return sorted(self.servers.values(), key=lambda r: (r.origin != "local", r.endpoint))
+
+    def alive_servers(self) -> list[Endpoint]:
+        return [ep for ep, row in self.servers.items() if row.state == ServerState.ALIVE]
+
+    def add_remote(self, ep: Endpoint) -> bool:
+        """Watch a server this window did not start (it is remembered in the settings)."""
+        if ep in self.servers:
+            self.sigMessage.emit(f"{ep.key} is already in the list")
+            return False
+        self.servers[ep] = ServerRow(ep, "remote")
+        self._save_remotes()
+        self.sigServersChanged.emit()
+        self._probe(ep)
+        return True
+
+    def watch(self, ep: Endpoint) -> None:
+        """Make sure ``ep`` has a row (local: not remembered; others: remembered) and ping it."""
+        if ep not in self.servers:
+            if ep.is_local:
+                self.servers[ep] = ServerRow(ep, "local")
+                self.sigServersChanged.emit()
+            else:
+                self.add_remote(ep)
+                return
+        self._probe(ep)
+
+    def remove_server(self, ep: Endpoint) -> None:
+        """Take a server off the list (a local one that still runs comes back)."""
+        row = self.servers.pop(ep, None)
+        if row is None:
+            return
+        if self.box is not None and self.box.key.server == ep.key:
+            self.follow(None)
+        self.runs.drop_server(ep.key)
+        if row.origin == "remote":
+            self._save_remotes()
+        self.sigServersChanged.emit()
+
+    def poll_servers(self) -> None:
+        if self._closed:
+            return
+        self.runner.submit(net.registry, self._on_registry, self._on_registry_error, "registry")
+        for ep in list(self.servers):
+            self._probe(ep)
+        self._reap_spawned()
+
+    def _on_registry(self, entries: dict[Endpoint, local.ServerEntry]) -> None:
+        self.registry = entries
+        changed = not self._registry_polled  # the first answer decides "no server yet"
+        self._registry_polled = True
+        for ep, entry in entries.items():
+            row = self.servers.get(ep)
+            if row is None:
+                row = self.servers[ep] = ServerRow(ep, "local", pid=entry.pid)
+                row.log_file = entry.log_file
+                row.workers = entry.workers
+                changed = True
+                self._probe(ep)
+            elif row.origin == "remote" and ep.is_local:
+                row.origin = "local"  # a remembered loopback endpoint that we now know
+                changed = True
+        now = time.time()
+        for ep, row in list(self.servers.items()):
+            gone = (
+                row.origin == "local"
+                and ep not in entries
+                and ep not in self.spawned
+                and row.state == ServerState.DOWN
+                and now - (row.last_ok or 0) > FORGET_DOWN_LOCAL
+            )
+            if gone:
+                del self.servers[ep]
+                self.runs.drop_server(ep.key)
+                changed = True
+        if changed:
+            self.sigServersChanged.emit()
+
+    def _on_registry_error(self, exc: BaseException) -> None:
+        self.sigMessage.emit(f"cannot read the local server registry: {exc}")
+
+    def _probe(self, ep: Endpoint) -> None:
+        self.runner.submit(
+            lambda: self.conns.probe(ep),
+            lambda info: self._on_probe(ep, info),
+            lambda exc: self._on_probe_failed(ep, exc),
+            key=f"probe:{ep.key}",
+        )
+
+    def _on_probe(self, ep: Endpoint, info: dict[str, Any]) -> None:
+        row = self.servers.get(ep)
+        if row is None:
+            return
+        first_answer = row.last_ok is None
+        row.apply_ping(info)
+        if ep in self.stopping:
+            row.state = ServerState.STOPPING
+        if first_answer and ep in self.spawned:
+            self.sigMessage.emit(f"local server {ep.key} is up ({row.workers} workers)")
+        self.sigServersChanged.emit()
+
+    def _on_probe_failed(self, ep: Endpoint, exc: BaseException) -> None:
+        row = self.servers.get(ep)
+        if row is None:
+            return
+        spawned = self.spawned.get(ep)
+        starting = (
+            spawned is not None
+            and spawned[0].poll() is None
+            and row.last_ok is None
+            and time.monotonic() - spawned[1] < SPAWN_GRACE
+        )
+        registered_recently = (
+            ep in self.registry and time.time() - self.registry[ep].started < 10 and not row.last_ok
+        )
+        if spawned is not None and spawned[0].poll() is not None and row.last_ok is None:
+            output = net.spawn_output(ep.port)
+            message = f"the server exited with code {spawned[0].returncode}"
+            row.apply_failure(message + (f": {output.splitlines()[-1]}" if output else ""))
+            self.spawned.pop(ep, None)
+            self.sigError.emit("Server did not start", f"{message}.\n\n{output[-2000:]}")
+        else:
+            row.apply_failure(str(exc), starting=starting or registered_recently)
+        if row.state == ServerState.DOWN:
+            self.stopping.discard(ep)
+        self.sigServersChanged.emit()
+
+    def _reap_spawned(self) -> None:
+        for ep, (proc, _) in list(self.spawned.items()):
+            row = self.servers.get(ep)
+            if proc.poll() is not None and (row is None or row.state == ServerState.DOWN):
+                del self.spawned[ep]
+
+    def spawn_server(
+        self, port: int, workers: int | None, on_ready: Callable | None = None
+    ) -> None:
+        """Start a local server; its row reads "starting" until it answers."""
+        ep = Endpoint("127.0.0.1", port)
+        if not net.port_is_free(port):
+            self.sigError.emit(
+                "Port in use",
+                f"Port {port} or {port + 1} is already in use on this machine. Pick another port.",
+            )
+            return
+
+        def spawned(proc: subprocess.Popen) -> None:
+            # the server outlives the window; a daemon thread reaps it whenever it exits
+            threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+            self.spawned[ep] = (proc, time.monotonic())
+            row = self.servers.get(ep)
+            if row is None or row.origin != "local":
+                self.servers[ep] = ServerRow(ep, "local", pid=proc.pid)
+            else:
+                row.state, row.last_ok, row.error = ServerState.STARTING, None, None
+            self.sigMessage.emit(f"starting a local server on port {port} (pid {proc.pid})")
+            self.sigServersChanged.emit()
+            self._probe(ep)
+            if on_ready is not None:
+                self.when_alive(ep, on_ready)
+
+        def failed(exc: BaseException) -> None:
+            self.sigError.emit("Cannot start a server", str(exc))
+
+        self.runner.submit(lambda: net.spawn_local(port, workers), spawned, failed)
+
+    def when_alive(
+        self, ep: Endpoint, callback: Callable[[Endpoint], None], timeout: float = SPAWN_GRACE
+    ) -> None:
+        """Call ``callback(ep)`` once ``ep`` answers a ping (checked on each change)."""
+        deadline = time.monotonic() + timeout
+
+        def check() -> None:
+            row = self.servers.get(ep)
+            if row is not None and row.state == ServerState.ALIVE:
+                self.sigServersChanged.disconnect(check)
+                callback(ep)
+            elif time.monotonic() > deadline or row is None:
+                self.sigServersChanged.disconnect(check)
+                self.sigError.emit(
+                    "Server not answering", f"{ep.key} did not answer within {timeout:g} s."
+                )
+
+        self.sigServersChanged.connect(check)
+        check_now = self.servers.get(ep)
+        if check_now is not None and check_now.state == ServerState.ALIVE:
+            self.sigServersChanged.disconnect(check)
+            callback(ep)
+
+    def stop_server(self, ep: Endpoint) -> None:
+        """Ask the server to shut down (running runs end as failed, queued ones stay)."""
+        row = self.servers.get(ep)
+        if row is None:
+            return
+        self.stopping.add(ep)
+        row.state = ServerState.STOPPING
+        self.sigServersChanged.emit()
+
+        def done(reply: dict[str, Any]) -> None:
+            self.sigMessage.emit(f"server {ep.key} (pid {reply.get('pid')}) is stopping")
+            self._probe(ep)
+
+        def failed(exc: BaseException) -> None:
+            self.stopping.discard(ep)
+            self.sigMessage.emit(f"stop {ep.key}: {exc}")
+            self._probe(ep)
+
+        self.runner.submit(lambda: self.conns.client(ep).shutdown(timeout=3.0), done, failed)
+
+    def local_entry(self, ep: Endpoint) -> local.ServerEntry | None:
+        return self.registry.get(ep)
+
+    def kill_server(self, ep: Endpoint) -> None:
+        """Kill a server this machine's registry knows (pid + create time checked)."""
+        entry = self.registry.get(ep)
+        if entry is None:
+            self.sigError.emit(
+                "Cannot force-kill",
+                f"{ep.key} is not a server started on this machine, so it cannot be "
+                "killed from here. Use Stop instead.",
+            )
+            return
+        self.stopping.add(ep)
+
+        def done(killed: bool) -> None:
+            self.sigMessage.emit(
+                f"killed server pid {entry.pid} on {ep.key} and its workers"
+                if killed
+                else f"server {ep.key} had already exited"
+            )
+            self._probe(ep)
+
+        self.runner.submit(lambda: local.kill_server(entry), done)
+
+    # ------------------------------------------------------------------ runs
+    def poll_runs(self) -> None:
+        if self._closed:
+            return
+        for ep in self.alive_servers():
+            self.runner.submit(
+                lambda ep=ep: self.conns.client(ep).list_executions(limit=RUN_LIST_LIMIT),
+                lambda runs, ep=ep: self._on_runs(ep, runs),
+                lambda exc: None,  # the probe reports a server that stopped answering
+                key=f"runs:{ep.key}",
+            )
+
+    def _on_runs(self, ep: Endpoint, executions: list[dict[str, Any]]) -> None:
+        if ep not in self.servers:
+            return
+        self.runs.update_server(ep.key, executions)
+        box = self.box
+        if box is not None and box.key.server == ep.key:
+            row = self.runs.rows.get(box.key)
+            if row is not None and row.is_final and not box.finished:
+                box.put_status(row.status)  # the final state event was missed: stop following
+
+    def submit_run(
+        self,
+        ep: Endpoint,
+        pipeline_code: str,
+        config_code: str | None,
+        *,
+        config: dict[str, Any] | None = None,
+        name: str | None = None,
+        on_submitted: Callable[[RunKey], None] | None = None,
+    ) -> None:
+        """Queue a run on ``ep``; when accepted it is added to the table and followed."""
+
+        def work() -> dict[str, Any]:
+            client = self.conns.client(ep)
+            exec_id = client.execute(pipeline_code, config_code, config=config, name=name)
+            return client.get_status(exec_id)
+
+        def done(status: dict[str, Any]) -> None:
+            key = RunKey(ep.key, status["id"])
+            self.runs.apply_status(key, status)
+            self._probe(ep)
+            self.sigMessage.emit(f"submitted {status.get('name')} ({status['id']}) to {ep.key}")
+            self.sigRunSubmitted.emit(key)
+            if on_submitted is not None:
+                on_submitted(key)
+
+        def failed(exc: BaseException) -> None:
+            self.sigError.emit("Submit failed", f"{ep.key} did not accept the run:\n\n{exc}")
+
+        self.runner.submit(work, done, failed)
+
+    def cancel_runs(self, keys: list[RunKey]) -> None:
+        for key in keys:
+            row = self.runs.rows.get(key)
+            if row is not None and row.is_final:
+                continue
+            ep = Endpoint.parse(key.server)
+            self.runner.submit(
+                lambda ep=ep, key=key: self.conns.client(ep).cancel(key.exec_id),
+                lambda reply, key=key: self.sigMessage.emit(f"{key.exec_id}: {reply['message']}"),
+                lambda exc, key=key: self.sigMessage.emit(f"cancel {key.exec_id} failed: {exc}"),
+            )
+
+    def fetch(
+        self,
+        key: RunKey,
+        what: Callable[[Any], Any],
+        on_done: Callable[[Any], None],
+        on_error: Callable[[BaseException], None] | None = None,
+        task_key: str | None = None,
+    ) -> bool:
+        """Run ``what(client)`` against the run's server in the pool."""
+        ep = Endpoint.parse(key.server)
+        return self.runner.submit(
+            lambda: what(self.conns.client(ep)),
+            on_done,
+            on_error or (lambda exc: self.sigMessage.emit(f"{key.exec_id}: {exc}")),
+            task_key,
+        )
+
+    # ------------------------------------------------------------------ following
+    def follow(self, key: RunKey | None) -> None:
+        """Subscribe to ``key``'s live events (previews, progress, logs); None stops."""
+        if self.box is not None and key == self.box.key and self.follower is not None:
+            return
+        if self.follower is not None:
+            self._retire(self.follower)
+            self.follower = None
+        self.box = None
+        if key is not None:
+            self.box = FollowBox(key)
+            row = self.runs.rows.get(key)
+            if row is not None and row.is_final:
+                self.box.finished = True  # nothing live will come: no thread needed
+            else:
+                try:
+                    ep = Endpoint.parse(key.server)
+                    follower = RunFollower(self.conns.client(ep), self.box, self)
+                except Exception as exc:  # the window is closing
+                    self.sigMessage.emit(str(exc))
+                else:
+                    self.follower = follower
+                    follower.start()
+        self.sigFollowChanged.emit(self.box)
+
+    def _retire(self, follower: RunFollower) -> None:
+        follower.stop()
+        self._old_followers.append(follower)
+        follower.finished.connect(lambda f=follower: self._forget_follower(f))
+
+    def _forget_follower(self, follower: RunFollower) -> None:
+        if follower in self._old_followers:
+            self._old_followers.remove(follower)
+            follower.deleteLater()
+
+    def _drain_news(self) -> None:
+        box = self.box
+        if box is None:
+            return
+        progress, status, logs, results = box.take_news()
+        key = box.key
+        if progress is not None:
+            self.runs.apply_progress(key, *progress)
+        if logs:
+            self.sigLogLines.emit(key, logs)
+        if results:
+            self.sigResultNotice.emit(key)
+        if status is not None:
+            self.runs.apply_status(key, status)
+            if status.get("state") in FINAL_STATES:
+                self.sigRunFinished.emit(key, status)
+                self._probe(Endpoint.parse(key.server))  # its worker is free now: show it
+        if box.error:
+            self.sigMessage.emit(box.error)
+            box.error = None

@@ -1,0 +1,639 @@
+"""What the window shows, without Qt and without the network.
+
+Plain data and the few thread-safe boxes that the network threads fill and the GUI
+timers read. Nothing here blocks for long or talks to a server, so all of it can be
+tested without a display, and the Qt panels stay thin views over it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from zmqruntime.protocol import FINAL_STATES, STATES
+from zmqruntime.transport import is_loopback
+
+#: colours of run states and server states, readable on the dark theme
+STATE_COLOURS = {
+    "queued": "#e5c07b",
+    "running": "#61afef",
+    "completed": "#98c379",
+    "failed": "#e06c75",
+    "cancelled": "#b48ead",
+}
+
+DEFAULT_PORT = 5555
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """Where a server's control channel listens: ``host:port``."""
+
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        return is_loopback(self.host)
+
+    @classmethod
+    def parse(cls, text: str, default_host: str = "127.0.0.1") -> Endpoint:
+        """``"5555"``, ``"host:5555"``, ``"[::1]:5555"`` or ``"tcp://host:5555"``."""
+        text = text.strip()
+        if text.startswith("tcp://"):
+            text = text[len("tcp://") :]
+        if not text:
+            raise ValueError("an endpoint needs a port, e.g. 'myscope.lab:5555'")
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port_text = rest.lstrip(":")
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        elif text.isdigit():
+            host, port_text = default_host, text
+        else:
+            host, port_text = text, str(DEFAULT_PORT)
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"{port_text!r} is not a port number") from None
+        if not 0 < port < 65535:
+            raise ValueError(f"port {port} is out of range (1..65534)")
+        if not host:
+            raise ValueError("the host is empty")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class ServerState(str, enum.Enum):
+    ALIVE = "alive"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    DOWN = "down"
+
+
+SERVER_STATE_COLOURS = {
+    ServerState.ALIVE: "#98c379",
+    ServerState.STARTING: "#e5c07b",
+    ServerState.STOPPING: "#e5c07b",
+    ServerState.DOWN: "#e06c75",
+}
+
+
+@dataclass
+class ServerRow:
+    """One line of the servers panel: what the last ping (or its failure) said."""
+
+    endpoint: Endpoint
+    origin: str  # "local" (from this machine's registry or spawned here) or "remote"
+    state: ServerState = ServerState.STARTING
+    ping_ms: float | None = None
+    workers: int | None = None
+    workers_busy: int | None = None
+    queued: int | None = None
+    uptime: float | None = None
+    pid: int | None = None
+    log_file: str | None = None
+    error: str | None = None
+    last_ok: float | None = None  # time.time() of the last answered ping
+
+    @property
+    def key(self) -> str:
+        return self.endpoint.key
+
+    def apply_ping(self, info: dict[str, Any]) -> None:
+        self.state = ServerState.ALIVE
+        self.ping_ms = info.get("rtt_ms")
+        self.workers = info.get("workers")
+        self.workers_busy = info.get("workers_busy")
+        self.queued = info.get("queued")
+        self.uptime = info.get("uptime")
+        self.pid = info.get("pid", self.pid)
+        self.log_file = info.get("log_file", self.log_file)
+        self.error = None
+        self.last_ok = time.time()
+
+    def apply_failure(self, error: str, starting: bool = False) -> None:
+        self.state = ServerState.STARTING if starting else ServerState.DOWN
+        self.ping_ms = None
+        self.workers_busy = None
+        self.queued = None
+        self.error = error
+
+    @property
+    def workers_text(self) -> str:
+        if self.workers is None or self.state != ServerState.ALIVE:
+            return "–"
+        return f"{self.workers_busy or 0}/{self.workers}"
+
+    @property
+    def ping_text(self) -> str:
+        if self.ping_ms is not None:
+            return f"{self.ping_ms:.1f} ms"
+        if self.state == ServerState.DOWN and self.error:
+            if "refused" in self.error:
+                return "refused"
+            if "no reply" in self.error:
+                return "timeout"
+        return "–"
+
+    @property
+    def queued_text(self) -> str:
+        return "–" if self.queued is None else str(self.queued)
+
+    @property
+    def uptime_text(self) -> str:
+        return fmt_duration(self.uptime) if self.state == ServerState.ALIVE else "–"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A run is named by its server and its id (ids are only unique per server)."""
+
+    server: str
+    exec_id: str
+
+
+@dataclass
+class RunRow:
+    key: RunKey
+    status: dict[str, Any]
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", "queued")
+
+    @property
+    def name(self) -> str:
+        return self.status.get("name") or self.key.exec_id
+
+    @property
+    def progress(self) -> float | None:
+        return self.status.get("progress")
+
+    @property
+    def message(self) -> str:
+        return self.status.get("message") or ""
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def elapsed(self, now: float | None = None) -> float | None:
+        return elapsed(self.status, now)
+
+
+class RunTable:
+    """All runs the window knows, merged from every server's list and the live stream.
+
+    Updates only mark the table dirty; the view redraws from it on its own clock, so a
+    burst of a thousand progress events costs one redraw.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[RunKey, RunRow] = {}
+        self._pinned: set[RunKey] = set()  # known here before any list of its server said so
+        self.dirty = False
+        self.structure_changed = False
+
+    def update_server(self, server: str, executions: list[dict[str, Any]]) -> None:
+        """Replace what ``server``'s list says (its newest runs) into the table."""
+        seen = set()
+        for status in executions:
+            key = RunKey(server, status["id"])
+            seen.add(key)
+            row = self.rows.get(key)
+            if row is None:
+                self.rows[key] = RunRow(key, dict(status))
+                self.structure_changed = True
+            elif _newer(status, row.status):
+                row.status = _merge_live(dict(status), row.status)
+            else:
+                continue
+            self.dirty = True
+        # runs that fell out of the server's list window (or were purged) leave the table
+        self._pinned -= seen
+        gone = [k for k in self.rows if k.server == server and k not in seen]
+        for key in gone:
+            if key in self._pinned:
+                continue
+            del self.rows[key]
+            self.structure_changed = self.dirty = True
+
+    def drop_server(self, server: str) -> None:
+        for key in [k for k in self.rows if k.server == server]:
+            del self.rows[key]
+            self._pinned.discard(key)
+            self.structure_changed = self.dirty = True
+
+    def apply_progress(self, key: RunKey, progress: float | None, message: str | None) -> None:
+        row = self.rows.get(key)
+        if row is None or row.is_final:
+            return
+        row.status["progress"] = progress
+        if message is not None:
+            row.status["message"] = message
+        if row.state == "queued":
+            row.status["state"] = "running"
+        self.dirty = True
+
+    def apply_status(self, key: RunKey, status: dict[str, Any]) -> None:
+        row = self.rows.get(key)
+        if row is None:
+            self.rows[key] = RunRow(key, dict(status))
+            self._pinned.add(key)
+            self.structure_changed = True
+        elif _newer(status, row.status) or status.get("state") in FINAL_STATES:
+            row.status = dict(status)
+        self.dirty = True
+
+    def ordered(self, servers: set[str] | None = None) -> list[RunKey]:
+        """Newest first; only runs of ``servers`` when given."""
+        rows = [r for r in self.rows.values() if servers is None or r.key.server in servers]
+        rows.sort(key=lambda r: (r.status.get("created") or 0.0, r.key.exec_id), reverse=True)
+        return [r.key for r in rows]
+
+    def take_dirty(self) -> tuple[bool, bool]:
+        """(anything changed, rows added or removed) since the last call."""
+        out = (self.dirty, self.structure_changed)
+        self.dirty = self.structure_changed = False
+        return out
+
+
+_STATE_RANK = {state: i for i, state in enumerate(STATES)}
+
+
+def _newer(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether ``new`` may replace ``old``: never go back from a final state."""
+    if old.get("state") in FINAL_STATES and new.get("state") not in FINAL_STATES:
+        return False
+    return new != old
+
+
+def _merge_live(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """A polled status of a running run never takes back progress the stream showed."""
+    if new.get("state") == old.get("state") == "running":
+        if (new.get("progress") or 0.0) < (old.get("progress") or 0.0):
+            new["progress"] = old.get("progress")
+            new["message"] = old.get("message")
+    return new
+
+
+def elapsed(status: dict[str, Any], now: float | None = None) -> float | None:
+    started = status.get("started")
+    if not started:
+        return None
+    end = status.get("finished") or (now if now is not None else time.time())
+    return max(0.0, end - started)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h >= 24:
+        return f"{h // 24}d {h % 24:02d}h"
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s} s")
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "–"
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """A one-line description of a listed result: shape and dtype, or a short value."""
+    kind = summary.get("kind")
+    if kind == "array":
+        shape = "×".join(str(s) for s in summary.get("shape", []))
+        dtype = np.dtype(summary["dtype"]).name if isinstance(summary.get("dtype"), str) else "?"
+        return f"array {shape} {dtype} ({fmt_bytes(summary.get('nbytes'))})"
+    if kind == "bytes":
+        return f"bytes ({fmt_bytes(summary.get('nbytes'))})"
+    if "value" in summary:
+        return short_repr(summary["value"])
+    return f"value ({fmt_bytes(summary.get('nbytes'))}, fetched on demand)"
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    if isinstance(value, dict):
+        text = "{" + ", ".join(f"{k}: {_brief(v)}" for k, v in value.items()) + "}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- live data
+
+
+@dataclass
+class Frame:
+    """One preview frame as received: the array is a read-only view on the message."""
+
+    name: str
+    image: np.ndarray
+    number: int  # how many frames of this stream this watcher received, this one included
+    seq: int | None
+    t: float | None  # when the server relayed it (epoch seconds)
+    received: float  # time.monotonic() on arrival
+
+
+class FollowBox:
+    """What the follower thread leaves for the GUI: newest frame per stream, news, logs.
+
+    A one-slot box per preview stream (a new frame replaces the unread one: never a
+    queue of frames), the newest progress and state, and the log lines and result
+    notices in arrival order (bounded; the logs view refetches any gap by index).
+    """
+
+    MAX_PENDING_LOGS = 2000
+
+    def __init__(self, key: RunKey) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        self._frames: dict[str, Frame] = {}
+        self._taken: dict[str, int] = {}
+        #: set by the view: (stream, view width px, view height px, image px per screen
+        #: px or None, shape now shown); tells the follower how to prepare frames
+        self.want: tuple[str, float, float, float | None, tuple | None] | None = None
+        self._prepared: dict[str, tuple[Frame, int, np.ndarray]] = {}
+        self.preparer_alive = False
+        self.received: collections.Counter[str] = collections.Counter()
+        self._progress: tuple[float | None, str | None] | None = None
+        self._status: dict[str, Any] | None = None
+        self._logs: list[tuple[int | None, str]] = []
+        self._results: list[tuple[int, str]] = []
+        self.error: str | None = None
+        self.finished = False
+
+    # -- written by the follower thread
+    def put_frame(self, name: str, image: np.ndarray, seq: int | None, t: float | None) -> None:
+        with self._lock:
+            self.received[name] += 1
+            self._frames[name] = Frame(name, image, self.received[name], seq, t, time.monotonic())
+
+    def put_progress(self, progress: float | None, message: str | None) -> None:
+        with self._lock:
+            self._progress = (progress, message)
+
+    def put_status(self, status: dict[str, Any]) -> None:
+        with self._lock:
+            self._status = status
+            if status.get("state") in FINAL_STATES:
+                self.finished = True
+
+    def put_log(self, index: int | None, text: str) -> None:
+        with self._lock:
+            if len(self._logs) < self.MAX_PENDING_LOGS:
+                self._logs.append((index, text))
+
+    def put_result(self, index: int, name: str) -> None:
+        with self._lock:
+            self._results.append((index, name))
+
+    # -- read by GUI timers
+    def stream_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._frames)
+
+    def received_count(self, name: str) -> int:
+        with self._lock:
+            return self.received[name]
+
+    def take_frame(self, name: str) -> Frame | None:
+        """The newest frame of ``name`` if it was not taken before, else None."""
+        with self._lock:
+            frame = self._frames.get(name)
+            if frame is None or self._taken.get(name) == frame.number:
+                return None
+            self._taken[name] = frame.number
+            return frame
+
+    def prepare_newest(self) -> bool:
+        """Downsample the newest frame of the wanted stream for display (follower thread).
+
+        Runs only when the view took the previously prepared frame, so a view slower
+        than the camera costs no preparation of frames it will never show.
+        """
+        want = self.want
+        if want is None:
+            return False
+        name = want[0]
+        with self._lock:
+            frame = self._frames.get(name)
+            if frame is None or self._taken.get(name) == frame.number:
+                return False
+            prepared = self._prepared.get(name)
+            if prepared is not None and prepared[0].number != self._taken.get(name):
+                return False  # the last one still waits for the view
+        step = display_step(frame.image.shape, *want[1:])
+        shown = downsample(frame.image, step)
+        with self._lock:
+            self._prepared[name] = (frame, step, shown)
+        return True
+
+    def take_prepared(self, name: str) -> tuple[Frame, int, np.ndarray] | None:
+        """(frame, step, downsampled image) prepared by the follower and not taken yet."""
+        with self._lock:
+            prepared = self._prepared.get(name)
+            if prepared is None or self._taken.get(name) == prepared[0].number:
+                return None
+            newest = self._frames.get(name)
+            if newest is not None and newest.number < prepared[0].number:
+                return None  # cannot happen; keeps the order obvious
+            self._taken[name] = prepared[0].number
+            return prepared
+
+    def peek_frame(self, name: str) -> Frame | None:
+        with self._lock:
+            return self._frames.get(name)
+
+    def take_news(
+        self,
+    ) -> tuple[
+        tuple[float | None, str | None] | None,
+        dict[str, Any] | None,
+        list[tuple[int | None, str]],
+        list[tuple[int, str]],
+    ]:
+        """(newest progress, newest status, log lines, result notices) since the last call."""
+        with self._lock:
+            out = (self._progress, self._status, self._logs, self._results)
+            self._progress, self._status, self._logs, self._results = None, None, [], []
+            return out
+
+
+class RateMeter:
+    """Events per second over a sliding window, from counts sampled now and then."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self.window = window
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def sample(self, count: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, count))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+        t0, c0 = self._samples[0]
+        if now - t0 <= 0:
+            return 0.0
+        return max(0, count - c0) / (now - t0)
+
+    def reset(self) -> None:
+        self._samples.clear()
+
+
+def auto_levels(
+    image: np.ndarray, low: float = 0.1, high: float = 99.9, max_samples: int = 262_144
+) -> tuple[float, float]:
+    """Display levels from percentiles of a strided subsample (fast on 2048² frames)."""
+    if image.size == 0:
+        return 0.0, 1.0
+    step = max(1, int(np.sqrt(image.size / max_samples)))
+    sub = image[::step, ::step] if image.ndim >= 2 else image[::step]
+    sub = sub[np.isfinite(sub)] if np.issubdtype(sub.dtype, np.floating) else sub
+    if sub.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sub, [low, high])
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def display_step(
+    shape: tuple[int, ...],
+    view_width: float,
+    view_height: float,
+    pixel_size: float | None = None,
+    shown_shape: tuple[int, ...] | None = None,
+) -> int:
+    """How many image pixels to average per drawn pixel (at least 1).
+
+    ``pixel_size`` is image pixels per screen pixel at the current zoom, valid for
+    frames of ``shown_shape``; otherwise the whole frame is assumed to fit the view.
+    """
+    if len(shape) != 2:
+        return 1
+    if pixel_size is not None and tuple(shown_shape or ()) == tuple(shape):
+        ratio = pixel_size
+    elif view_width >= 2 and view_height >= 2:
+        ratio = max(shape[0] / view_height, shape[1] / view_width)
+    else:
+        return 1
+    return max(1, int(ratio))
+
+
+def downsample(image: np.ndarray, step: int) -> np.ndarray:
+    """Mean of ``step`` x ``step`` blocks (edges that do not fill a block are dropped).
+
+    Summed from strided views into a wide integer accumulator: a few milliseconds for
+    a 2048² uint16 frame, where numpy's reshape-and-reduce takes ten times longer.
+    """
+    step = min(int(step), 255)
+    if step <= 1 or image.ndim != 2:
+        return image
+    h, w = image.shape[0] // step, image.shape[1] // step
+    if h == 0 or w == 0:
+        return image
+    view = image[: h * step, : w * step]
+    integer = np.issubdtype(image.dtype, np.integer)
+    if integer and np.issubdtype(image.dtype, np.unsignedinteger) and image.dtype.itemsize <= 2:
+        acc_dtype: Any = np.uint32  # 65535 * 255² still fits
+    elif integer:
+        acc_dtype = np.int64 if np.issubdtype(image.dtype, np.signedinteger) else np.uint64
+    else:
+        acc_dtype = np.float64
+    acc = np.zeros((h, w), dtype=acc_dtype)
+    for i in range(step):
+        for j in range(step):
+            acc += view[i::step, j::step]
+    if integer:
+        acc //= step * step
+    else:
+        acc /= step * step
+    return acc.astype(image.dtype)
+
+
+@dataclass
+class LogBuffer:
+    """The log entries of one run by index, so live ones and fetched ones merge in order.
+
+    A live entry that arrives after a gap waits in ``pending`` until the missing ones
+    are fetched from the server, so the view never shows lines out of order or twice.
+    """
+
+    key: RunKey | None = None
+    lines: list[str] = field(default_factory=list)
+    pending: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def next_index(self) -> int:
+        return len(self.lines)
+
+    @property
+    def has_gap(self) -> bool:
+        return bool(self.pending)
+
+    def add(self, index: int | None, text: str) -> list[str]:
+        """Add a live entry; returns the entries that can now be shown, in order."""
+        if index is None:
+            index = self.next_index
+        if index >= self.next_index:
+            self.pending[index] = text
+        return self._drain()
+
+    def extend(self, entries: list[dict[str, Any]]) -> list[str]:
+        """Entries fetched from the server (``{"index", "text"}``); returns the new ones."""
+        for entry in entries:
+            if entry["index"] >= self.next_index:
+                self.pending[entry["index"]] = entry["text"]
+        return self._drain()
+
+    def _drain(self) -> list[str]:
+        new = []
+        while self.next_index in self.pending:
+            text = self.pending.pop(self.next_index)
+            self.lines.append(text)
+            new.append(text)
+        return new

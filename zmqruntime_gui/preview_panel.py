@@ -1,0 +1,511 @@
+"""The live preview: the newest frame of the followed run, drawn by pyqtgraph.
+
+A timer (every 15 ms) takes the newest frame from the follower's one-slot box and
+draws it if it is new; frames that arrived in between were already replaced in the
+box, never queued. Levels are fixed between frames (autolevels once, or continuously
+from a subsample), the histogram redraws a few times a second, and the received and
+displayed rates are shown side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
+from .widgets import icon
+
+FRAME_MS = 15  # draw up to ~60 new frames per second
+STATS_MS = 250
+HISTOGRAM_MS = 250
+COLOUR_MAPS = ("grey", "viridis", "inferno", "magma", "plasma", "turbo", "CET-L4")
+
+
+class CountingImageItem(pg.ImageItem):
+    """An ImageItem that counts the distinct frames it actually painted."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.frame_serial = 0
+        self._painted_serial = 0
+        self.painted = 0
+
+    def set_frame(
+        self, image: np.ndarray, levels: tuple[float, float] | None, new: bool = True
+    ) -> None:
+        """Show ``image``; ``new=False`` for a redraw of the same frame (not counted)."""
+        if new:
+            self.frame_serial += 1
+        if levels is None:
+            self.setImage(image, autoLevels=False)
+        else:
+            self.setImage(image, autoLevels=False, levels=levels)
+
+    def paint(self, painter, *args) -> None:
+        super().paint(painter, *args)
+        if self.image is not None and self._painted_serial != self.frame_serial:
+            self._painted_serial = self.frame_serial
+            self.painted += 1
+
+
+class PreviewPanel(QtWidgets.QWidget):
+    """Image view with stream choice, levels, colour map, pause and snapshots."""
+
+    sigStatus = QtCore.Signal(str)
+    sigDemoRequested = QtCore.Signal()
+
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.box: FollowBox | None = None
+        self.title = ""
+        self.frame: Frame | None = None  # the frame on screen (live)
+        self.static: np.ndarray | None = None  # an array shown from the results panel
+        self.levels: tuple[float, float] | None = None
+        self.needs_autolevel = True
+        self.recv_meter = RateMeter(1.0)
+        self.disp_meter = RateMeter(1.0)
+        self.received_fps = 0.0
+        self.displayed_fps = 0.0
+        self._setting_levels = False
+        self._histogram_stale = False
+        self._shown_shape: tuple[int, ...] | None = None
+        self._shown_step = 1
+
+        # -- controls
+        bar = QtWidgets.QToolBar()
+        bar.setIconSize(QtCore.QSize(16, 16))
+        bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        bar.addWidget(QtWidgets.QLabel(" Stream "))
+        self.stream_combo = QtWidgets.QComboBox()
+        self.stream_combo.setMinimumContentsLength(10)
+        self.stream_combo.setSizeAdjustPolicy(
+            QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.stream_combo.setToolTip("Which preview stream of the run to show")
+        self.stream_combo.currentTextChanged.connect(self._stream_changed)
+        bar.addWidget(self.stream_combo)
+        bar.addSeparator()
+        self.act_pause = QtGui.QAction(icon("pause"), "Pause", self, checkable=True)
+        self.act_pause.setShortcut(QtGui.QKeySequence(QtCore.Qt.Key.Key_Space))
+        self.act_pause.setToolTip("Freeze the view; the run goes on (Space)")
+        self.act_pause.toggled.connect(self._pause_toggled)
+        bar.addAction(self.act_pause)
+        self.act_autolevel = QtGui.QAction(icon("levels"), "Auto levels", self)
+        self.act_autolevel.setShortcut(QtGui.QKeySequence("Ctrl+L"))
+        self.act_autolevel.setToolTip("Set the display range from the current frame once (Ctrl+L)")
+        self.act_autolevel.triggered.connect(self.autolevel_once)
+        bar.addAction(self.act_autolevel)
+        self.continuous = QtWidgets.QCheckBox("Continuous")
+        self.continuous.setToolTip("Recompute the display range on every frame (from a subsample)")
+        bar.addWidget(self.continuous)
+        bar.addSeparator()
+        bar.addWidget(QtWidgets.QLabel(" Colour map "))
+        self.cmap_combo = QtWidgets.QComboBox()
+        self.cmap_combo.addItems(COLOUR_MAPS)
+        self.cmap_combo.currentTextChanged.connect(self.set_colour_map)
+        bar.addWidget(self.cmap_combo)
+        bar.addSeparator()
+        self.act_tiff = QtGui.QAction(icon("camera"), "Snapshot", self)
+        self.act_tiff.setShortcut(QtGui.QKeySequence("Ctrl+S"))
+        self.act_tiff.setToolTip("Save the current frame, raw, as TIFF (Ctrl+S)")
+        self.act_tiff.triggered.connect(lambda: self.snapshot_tiff())
+        bar.addAction(self.act_tiff)
+        self.act_png = QtGui.QAction(icon("save"), "Save view", self)
+        self.act_png.setShortcut(QtGui.QKeySequence("Ctrl+Shift+S"))
+        self.act_png.setToolTip("Save the view as shown (colours, levels) as PNG (Ctrl+Shift+S)")
+        self.act_png.triggered.connect(lambda: self.save_view_png())
+        bar.addAction(self.act_png)
+        self.toolbar = bar
+
+        # -- image, histogram/LUT
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setBackground("#15171b")
+        self.view = self.graphics.addViewBox(row=0, col=0)
+        self.view.setAspectLocked(True)
+        self.view.invertY(True)  # row 0 at the top, as a camera image
+        self.view.setMenuEnabled(False)
+        self.image = CountingImageItem(axisOrder="row-major")
+        self.view.addItem(self.image)
+        # the view is fitted once per new image shape; after that only the user zooms
+        # (an automatic re-fit on every bounds change would fight the resolution steps)
+        self.view.disableAutoRange()
+        self.view.sigRangeChanged.connect(self._range_changed)
+        self.hist = pg.HistogramLUTItem()
+        self.hist.setImageItem(self.image)
+        # the histogram follows the image on our clock, not on every frame
+        self.image.sigImageChanged.disconnect(self.hist.imageChanged)
+        self.hist.sigLevelsChanged.connect(self._levels_dragged)
+        self.graphics.addItem(self.hist, row=0, col=1)
+        self.graphics.scene().sigMouseMoved.connect(self._mouse_moved)
+
+        self.placeholder = QtWidgets.QLabel(objectName="placeholder")
+        self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setWordWrap(True)
+        self.demo_button = QtWidgets.QPushButton(icon("demo"), "Run the demo acquisition")
+        self.demo_button.setObjectName("primary")
+        self.demo_button.setToolTip("A simulated camera on a local server, with live preview")
+        self.demo_button.clicked.connect(self.sigDemoRequested)
+        self.empty_page = QtWidgets.QWidget(objectName="placeholderPage")
+        empty_layout = QtWidgets.QVBoxLayout(self.empty_page)
+        empty_layout.addStretch(1)
+        empty_layout.addWidget(self.placeholder)
+        empty_layout.addWidget(self.demo_button, 0, QtCore.Qt.AlignmentFlag.AlignHCenter)
+        empty_layout.addStretch(1)
+        self.stack = QtWidgets.QStackedWidget()
+        self.stack.addWidget(self.empty_page)
+        self.stack.addWidget(self.graphics)
+
+        # -- status line
+        self.info = QtWidgets.QLabel(objectName="previewInfo")
+        self.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        self.cursor = QtWidgets.QLabel(objectName="previewCursor")
+        self.cursor.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
+        self.cursor.setMinimumWidth(230)
+        info_row = QtWidgets.QHBoxLayout()
+        info_row.setContentsMargins(8, 2, 8, 4)
+        info_row.addWidget(self.info, 1)
+        info_row.addWidget(self.cursor)
+
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(bar)
+        layout.addWidget(self.stack, 1)
+        layout.addLayout(info_row)
+
+        self.frame_timer = QtCore.QTimer(self)
+        self.frame_timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
+        self.frame_timer.setInterval(FRAME_MS)
+        self.frame_timer.timeout.connect(self.update_frame)
+        self.frame_timer.start()
+        self.stats_timer = QtCore.QTimer(self)
+        self.stats_timer.setInterval(STATS_MS)
+        self.stats_timer.timeout.connect(self.update_stats)
+        self.stats_timer.start()
+        self.hist_timer = QtCore.QTimer(self)
+        self.hist_timer.setInterval(HISTOGRAM_MS)
+        self.hist_timer.timeout.connect(self._update_histogram)
+        self.hist_timer.start()
+        self.set_source(None)
+
+    # ------------------------------------------------------------------ sources
+    def set_source(self, box: FollowBox | None, title: str = "", state: str | None = None) -> None:
+        """Follow ``box``'s frames (None: nothing). ``state`` words the empty view."""
+        self.box = box
+        self.title = title
+        self.frame = None
+        self.static = None
+        self.needs_autolevel = True
+        self.recv_meter.reset()
+        self.disp_meter.reset()
+        self.received_fps = self.displayed_fps = 0.0
+        self.stream_combo.blockSignals(True)
+        self.stream_combo.clear()
+        self.stream_combo.blockSignals(False)
+        self.image.clear()
+        self.image.frame_serial += 1
+        self._shown_shape = None
+        if box is None:
+            self._show_placeholder(
+                "<h3>No run selected</h3>Select a run in the Runs panel to watch its live "
+                "preview, or submit one with <b>Ctrl+N</b>.",
+                demo=True,
+            )
+        elif box.finished or state in ("completed", "failed", "cancelled"):
+            self._show_placeholder(
+                f"<h3>{title} — {state or 'finished'}</h3>This run has ended, so there are no "
+                "live frames. Pick an array in the Results panel to view it here."
+            )
+        else:
+            self._show_placeholder(f"<h3>{title}</h3>Waiting for the first preview frame…")
+        self.update_stats()
+
+    def run_ended(self, state: str) -> None:
+        """The followed run ended: keep its last frame, or say why there is none."""
+        if self.frame is None and self.static is None:
+            self._show_placeholder(
+                f"<h3>{self.title} — {state}</h3>The run ended without a preview frame. "
+                "Its stored results are in the Results panel."
+            )
+
+    def show_array(self, array: np.ndarray, title: str) -> None:
+        """Show a stored array (a result) instead of the live stream."""
+        array = np.asarray(array)
+        if array.ndim == 3 and array.shape[-1] not in (3, 4):
+            array = array[0]  # a stack: its first plane
+        self.box = None
+        self.frame = None
+        self.static = array
+        self.title = title
+        self.stream_combo.clear()
+        self.levels = auto_levels(array)
+        self._display(array, self.levels)
+        self._histogram_stale = True
+        self._update_histogram()
+        self.update_stats()
+
+    def _show_placeholder(self, html: str, demo: bool = False) -> None:
+        self.placeholder.setText(html)
+        self.demo_button.setVisible(demo)
+        self.stack.setCurrentWidget(self.empty_page)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        shown = self.stack.currentWidget() is self.graphics
+        for act in (self.act_autolevel, self.act_tiff, self.act_png):
+            act.setEnabled(shown)
+        self.act_pause.setEnabled(self.box is not None)
+
+    def current_stream(self) -> str:
+        return self.stream_combo.currentText()
+
+    def _stream_changed(self, name: str) -> None:
+        self.needs_autolevel = True
+        self.recv_meter.reset()
+
+    def _refresh_streams(self) -> None:
+        if self.box is None:
+            return
+        names = self.box.stream_names()
+        existing = [self.stream_combo.itemText(i) for i in range(self.stream_combo.count())]
+        if names != existing:
+            current = self.current_stream()
+            self.stream_combo.blockSignals(True)
+            self.stream_combo.clear()
+            self.stream_combo.addItems(names)
+            if current in names:
+                self.stream_combo.setCurrentText(current)
+            self.stream_combo.blockSignals(False)
+            if current not in names:
+                self._stream_changed(self.current_stream())
+
+    # ------------------------------------------------------------------ frame clock
+    def update_frame(self) -> None:
+        """Draw the newest frame of the chosen stream, if there is a new one."""
+        box = self.box
+        if box is None or self.act_pause.isChecked():
+            return
+        if not self.current_stream():
+            self._refresh_streams()
+            if not self.current_stream():
+                return
+        stream = self.current_stream()
+        box.want = self._want(stream)
+        prepared = box.take_prepared(stream)
+        if prepared is not None:
+            frame, step, shown = prepared
+        elif box.preparer_alive:
+            return  # the follower thread prepares the next one
+        else:  # no follower (the run ended, or a box fed directly): prepare here
+            frame = box.take_frame(stream)
+            if frame is None:
+                return
+            step, shown = None, None
+        self.frame = frame
+        image = frame.image
+        if self.needs_autolevel or self.continuous.isChecked():
+            self.levels = auto_levels(image)
+            self.needs_autolevel = False
+        self._display(image, self.levels, step, shown)
+        self._histogram_stale = True
+
+    def _want(self, stream: str) -> tuple:
+        size = self.view.size()
+        pixel_size = None
+        if self._shown_shape is not None:
+            px_w, px_h = self.view.viewPixelSize()
+            pixel_size = min(px_w, px_h)
+        return (stream, size.width(), size.height(), pixel_size, self._shown_shape)
+
+    def _display(
+        self,
+        image: np.ndarray,
+        levels: tuple[float, float] | None,
+        step: int | None = None,
+        shown: np.ndarray | None = None,
+        new: bool = True,
+    ) -> None:
+        """Draw ``image``, block-averaged to about the screen's resolution.
+
+        A 2048² frame in a 600-pixel view is drawn from a 512² mean of 4x4 blocks: the
+        eye sees the same picture and the event loop does a sixteenth of the work. The
+        follower thread usually prepared ``shown`` already. The item keeps the full
+        frame's coordinates, so the cursor reads raw pixels.
+        """
+        first = self._shown_shape != image.shape
+        if shown is None or step is None:
+            size = self.view.size()
+            pixel_size = None
+            if not first:
+                pixel_size = min(self.view.viewPixelSize())
+            step = display_step(
+                image.shape, size.width(), size.height(), pixel_size, self._shown_shape
+            )
+            shown = downsample(image, step)
+        self._shown_shape = image.shape
+        self._shown_step = step
+        self.image.set_frame(shown, levels, new)
+        self.image.setRect(QtCore.QRectF(0, 0, shown.shape[1] * step, shown.shape[0] * step))
+        if self.stack.currentWidget() is not self.graphics:
+            self.stack.setCurrentWidget(self.graphics)
+            self._update_actions()
+        if first:
+            self.view.autoRange(padding=0.0)
+
+    def _range_changed(self, *args) -> None:
+        """After a zoom, redraw the shown frame at the new resolution."""
+        array = self.displayed_array()
+        if array is None or array.shape != self._shown_shape:
+            return
+        size = self.view.size()
+        step = display_step(
+            array.shape, size.width(), size.height(), min(self.view.viewPixelSize()), array.shape
+        )
+        if step != self._shown_step:
+            self._display(array, self.levels, new=False)
+
+    def _update_histogram(self) -> None:
+        if not self._histogram_stale or self.image.image is None:
+            return
+        self._histogram_stale = False
+        self._setting_levels = True
+        try:
+            self.hist.imageChanged(autoLevel=False)
+            if self.levels is not None:
+                self.hist.setLevels(*self.levels)
+        finally:
+            self._setting_levels = False
+
+    def _levels_dragged(self, hist) -> None:
+        """The user moved the histogram's region: manual levels, continuous off."""
+        if self._setting_levels:
+            return
+        lo, hi = self.hist.getLevels()
+        self.levels = (float(lo), float(hi))
+        if self.continuous.isChecked():
+            self.continuous.setChecked(False)
+
+    def update_stats(self) -> None:
+        box = self.box
+        if box is not None:
+            self._refresh_streams()
+            stream = self.current_stream()
+            self.received_fps = self.recv_meter.sample(box.received_count(stream) if stream else 0)
+        else:
+            self.received_fps = 0.0
+        self.displayed_fps = self.disp_meter.sample(self.image.painted)
+        parts = []
+        if self.title:
+            parts.append(f"<b>{self.title}</b>")
+        if self.static is not None:
+            a = self.static
+            parts.append(f"{'×'.join(map(str, a.shape))} {a.dtype}")
+        elif self.frame is not None:
+            f = self.frame
+            shape = "×".join(map(str, f.image.shape))
+            parts.append(f"frame <b>{f.number}</b>")
+            parts.append(f"{shape} {f.image.dtype}")
+        if box is not None:
+            parts.append(f"received <b>{self.received_fps:.1f}</b> fps")
+            parts.append(f"displayed <b>{self.displayed_fps:.1f}</b> fps")
+            if self.act_pause.isChecked():
+                parts.append("<span style='color:#e5c07b'>paused</span>")
+        if self.levels is not None and (self.frame is not None or self.static is not None):
+            parts.append(f"levels {self.levels[0]:.0f}–{self.levels[1]:.0f}")
+        self.info.setText("  ·  ".join(parts))
+
+    # ------------------------------------------------------------------ controls
+    def displayed_array(self) -> np.ndarray | None:
+        if self.static is not None:
+            return self.static
+        return self.frame.image if self.frame is not None else None
+
+    def autolevel_once(self) -> None:
+        array = self.displayed_array()
+        if array is None:
+            return
+        self.levels = auto_levels(array)
+        self.image.setLevels(self.levels)
+        self._histogram_stale = True
+        self._update_histogram()
+
+    def set_levels(self, low: float, high: float) -> None:
+        """Manual display range (what dragging the histogram's region does)."""
+        self.continuous.setChecked(False)
+        self.hist.setLevels(low, high)  # -> _levels_dragged -> self.levels
+        self.image.setLevels((low, high))
+        self.levels = (float(low), float(high))
+
+    def set_colour_map(self, name: str) -> None:
+        if self.cmap_combo.currentText() != name:
+            self.cmap_combo.setCurrentText(name)
+            return
+        if name == "grey":
+            self.hist.gradient.loadPreset("grey")
+        else:
+            self.hist.gradient.setColorMap(pg.colormap.get(name))
+
+    def _pause_toggled(self, paused: bool) -> None:
+        self.act_pause.setText("Resume" if paused else "Pause")
+        self.act_pause.setIcon(icon("play" if paused else "pause"))
+        self.update_stats()
+
+    def pixel_at(self, x: float, y: float) -> tuple[int, int, object] | None:
+        """(column, row, raw value) of the shown array at view coordinates, if inside."""
+        array = self.displayed_array()
+        if array is None:
+            return None
+        col, row = int(np.floor(x)), int(np.floor(y))
+        if 0 <= row < array.shape[0] and 0 <= col < array.shape[1]:
+            return col, row, array[row, col]
+        return None
+
+    def _mouse_moved(self, scene_pos: QtCore.QPointF) -> None:
+        point = self.view.mapSceneToView(scene_pos)
+        hit = self.pixel_at(point.x(), point.y())
+        if hit is None:
+            self.cursor.setText("")
+            return
+        col, row, value = hit
+        value_text = (
+            ", ".join(f"{v:g}" for v in np.ravel(value)) if np.ndim(value) else f"{value:g}"
+        )
+        self.cursor.setText(f"x {col}  y {row}  value <b>{value_text}</b>")
+
+    def snapshot_tiff(self, path: str | Path | None = None) -> Path | None:
+        """Write the current frame, raw (dtype and shape intact), to a TIFF file."""
+        import tifffile
+
+        array = self.displayed_array()
+        if array is None:
+            self.sigStatus.emit("no frame to save yet")
+            return None
+        if path is None:
+            default = f"{self.title or 'frame'}-{self.frame.number if self.frame else 0}.tif"
+            path, _ = QtWidgets.QFileDialog.getSaveFileName(
+                self, "Save frame as TIFF", default, "TIFF images (*.tif *.tiff)"
+            )
+            if not path:
+                return None
+        path = Path(path)
+        tifffile.imwrite(path, np.ascontiguousarray(array))
+        self.sigStatus.emit(f"frame saved to {path}")
+        return path
+
+    def save_view_png(self, path: str | Path | None = None) -> Path | None:
+        """Save the image view as shown (levels, colour map, zoom) to PNG."""
+        if path is None:
+            path, _ = QtWidgets.QFileDialog.getSaveFileName(
+                self, "Save view as PNG", f"{self.title or 'view'}.png", "PNG images (*.png)"
+            )
+            if not path:
+                return None
+        path = Path(path)
+        if not self.graphics.grab().save(str(path), "PNG"):
+            self.sigStatus.emit(f"could not write {path}")
+            return None
+        self.sigStatus.emit(f"view saved to {path}")
+        return path

@@ -1,0 +1,367 @@
+"""The servers panel: local and remote servers, their health, spawn / stop / kill."""
+
+from __future__ import annotations
+
+import os
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from . import net
+from .controller import Controller
+from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
+from .widgets import KeyedTableModel, icon, setup_table, state_dot
+
+COLUMNS = ("Server", "Status", "Ping", "Workers", "Queued", "Uptime")
+
+
+class ServersModel(KeyedTableModel):
+    """A table over the controller's server rows (re-read on each change)."""
+
+    columns = COLUMNS
+
+    def __init__(self, controller: Controller, parent: QtCore.QObject | None = None) -> None:
+        super().__init__(parent)
+        self.controller = controller
+        self.refresh()
+        controller.sigServersChanged.connect(self.refresh)
+
+    @property
+    def rows(self) -> list[ServerRow]:
+        return [self.controller.servers[ep] for ep in self.keys if ep in self.controller.servers]
+
+    def refresh(self) -> None:
+        self.set_keys([row.endpoint for row in self.controller.server_rows()])
+
+    def cell(self, ep: Endpoint, col: int, role: int):
+        row = self.controller.servers.get(ep)
+        if row is None:
+            return None
+        Role = QtCore.Qt.ItemDataRole
+        if role == Role.DisplayRole:
+            if col == 0:
+                return row.key
+            if col == 1:
+                return row.state.value
+            if col == 2:
+                return row.ping_text
+            if col == 3:
+                return row.workers_text
+            if col == 4:
+                return row.queued_text
+            if col == 5:
+                return row.uptime_text
+        elif role == Role.DecorationRole and col == 1:
+            return state_dot(SERVER_STATE_COLOURS[row.state])
+        elif role == Role.DecorationRole and col == 0:
+            return icon("computer" if row.origin == "local" else "globe")
+        elif role == Role.ForegroundRole and col == 1:
+            return QtGui.QBrush(QtGui.QColor(SERVER_STATE_COLOURS[row.state]))
+        elif role == Role.BackgroundRole and row.state == ServerState.DOWN:
+            return QtGui.QBrush(QtGui.QColor("#3b2428"))  # a dead server's row turns red
+        elif role == Role.FontRole and col == 1:
+            font = QtGui.QFont()
+            font.setBold(True)
+            return font
+        elif role == Role.ToolTipRole:
+            return self._tooltip(row)
+        elif role == Role.TextAlignmentRole and col >= 2:
+            return int(QtCore.Qt.AlignmentFlag.AlignRight | QtCore.Qt.AlignmentFlag.AlignVCenter)
+        elif role == Role.UserRole:
+            return row.endpoint
+        return None
+
+    @staticmethod
+    def _tooltip(row: ServerRow) -> str:
+        lines = [f"<b>{row.key}</b> ({row.origin})"]
+        if row.pid:
+            lines.append(f"pid {row.pid}")
+        if row.log_file:
+            lines.append(f"log: {row.log_file}")
+        if row.error:
+            lines.append(f"<span style='color:#e06c75'>{row.error}</span>")
+        return "<br>".join(lines)
+
+
+class SpawnDialog(QtWidgets.QDialog):
+    """Port and worker count for a new local server."""
+
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Spawn a local server")
+        form = QtWidgets.QFormLayout(self)
+        self.port = QtWidgets.QSpinBox()
+        self.port.setRange(1024, 65534)
+        self.port.setValue(net.suggest_port())
+        self.workers = QtWidgets.QSpinBox()
+        self.workers.setRange(1, 256)
+        self.workers.setValue(os.cpu_count() or 2)
+        note = QtWidgets.QLabel(
+            "The server runs in the background and keeps running when this window closes.\n"
+            "It listens on 127.0.0.1 (control port, and port + 1 for data)."
+        )
+        note.setObjectName("hint")
+        note.setWordWrap(True)
+        form.addRow("Port", self.port)
+        form.addRow("Workers", self.workers)
+        form.addRow(note)
+        buttons = QtWidgets.QDialogButtonBox(
+            QtWidgets.QDialogButtonBox.StandardButton.Ok
+            | QtWidgets.QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Ok).setText("Spawn")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+
+class LogDialog(QtWidgets.QDialog):
+    """The tail of a local server's log file, re-read every second while open."""
+
+    def __init__(self, path: str, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.path = path
+        self.setWindowTitle(f"Server log — {path}")
+        self.resize(900, 560)
+        layout = QtWidgets.QVBoxLayout(self)
+        self.text = QtWidgets.QPlainTextEdit(readOnly=True)
+        self.text.setObjectName("mono")
+        self.text.setLineWrapMode(QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap)
+        layout.addWidget(self.text)
+        row = QtWidgets.QHBoxLayout()
+        self.follow = QtWidgets.QCheckBox("Follow")
+        self.follow.setChecked(True)
+        row.addWidget(QtWidgets.QLabel(path, objectName="hint"), 1)
+        row.addWidget(self.follow)
+        external = QtWidgets.QPushButton("Open externally")
+        external.clicked.connect(
+            lambda: QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(self.path))
+        )
+        row.addWidget(external)
+        close = QtWidgets.QPushButton("Close")
+        close.clicked.connect(self.close)
+        row.addWidget(close)
+        layout.addLayout(row)
+        self._last = None
+        self.timer = QtCore.QTimer(self, interval=1000)
+        self.timer.timeout.connect(self.reload)
+        self.timer.start()
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            text = net.read_tail(self.path)
+        except OSError as exc:
+            text = f"cannot read {self.path}: {exc}"
+        if text == self._last:
+            return
+        self._last = text
+        bar = self.text.verticalScrollBar()
+        at_end = bar.value() >= bar.maximum() - 2
+        self.text.setPlainText(text)
+        if self.follow.isChecked() or at_end:
+            bar.setValue(bar.maximum())
+
+
+class ServersPanel(QtWidgets.QWidget):
+    """Servers this window knows; the selection filters the runs panel."""
+
+    sigSelectionChanged = QtCore.Signal(object)  # set of server keys
+
+    def __init__(self, controller: Controller, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.controller = controller
+        self.model = ServersModel(controller, self)
+        self.log_dialogs: list[LogDialog] = []
+
+        self.table = QtWidgets.QTableView()
+        self.table.setModel(self.model)
+        setup_table(self.table)
+        self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.ActionsContextMenu)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QtWidgets.QHeaderView.ResizeMode.Stretch)
+        for col, width in zip(range(1, len(COLUMNS)), (100, 76, 74, 68, 74)):
+            header.setSectionResizeMode(col, QtWidgets.QHeaderView.ResizeMode.Interactive)
+            self.table.setColumnWidth(col, width)
+        self.table.selectionModel().selectionChanged.connect(self._selection_changed)
+
+        self.act_spawn = QtGui.QAction(icon("server-add"), "Spawn…", self)
+        self.act_spawn.setToolTip("Spawn a local server (Ctrl+Shift+N)")
+        self.act_spawn.setShortcut(QtGui.QKeySequence("Ctrl+Shift+N"))
+        self.act_spawn.triggered.connect(self.spawn)
+        self.act_add = QtGui.QAction(icon("link"), "Add remote…", self)
+        self.act_add.setToolTip("Watch a server on another machine (Ctrl+Shift+A)")
+        self.act_add.setShortcut(QtGui.QKeySequence("Ctrl+Shift+A"))
+        self.act_add.triggered.connect(self.add_remote)
+        self.act_stop = QtGui.QAction(icon("stop"), "Stop", self)
+        self.act_stop.setToolTip("Ask the selected server(s) to shut down gracefully")
+        self.act_stop.triggered.connect(self.stop_selected)
+        self.act_kill = QtGui.QAction(icon("kill"), "Force kill", self)
+        self.act_kill.setToolTip("Kill the selected local server and its workers at once")
+        self.act_kill.triggered.connect(self.kill_selected)
+        self.act_log = QtGui.QAction(icon("log"), "Log", self)
+        self.act_log.setToolTip("Open the selected local server's log")
+        self.act_log.triggered.connect(self.open_log)
+        self.act_remove = QtGui.QAction(icon("remove"), "Remove", self)
+        self.act_remove.setToolTip("Take the selected server off this list")
+        self.act_remove.triggered.connect(self.remove_selected)
+        for act in (self.act_stop, self.act_kill, self.act_log, self.act_remove):
+            self.table.addAction(act)
+
+        bar = QtWidgets.QToolBar()
+        bar.setIconSize(QtCore.QSize(16, 16))
+        bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        for act in (self.act_spawn, self.act_add):
+            bar.addAction(act)
+        bar.addSeparator()
+        for act in (self.act_stop, self.act_kill, self.act_log):
+            bar.addAction(act)
+        self.toolbar = bar
+
+        # shown instead of the table while no server is known: the offer to spawn one
+        self.empty = QtWidgets.QFrame(objectName="emptyState")
+        empty_layout = QtWidgets.QVBoxLayout(self.empty)
+        empty_layout.addStretch(1)
+        title = QtWidgets.QLabel("No server running", objectName="emptyTitle")
+        title.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        text = QtWidgets.QLabel(
+            "Runs execute on a zmqruntime server. Start one on this machine, "
+            "or add a server that runs elsewhere.",
+            objectName="hint",
+        )
+        text.setWordWrap(True)
+        text.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.empty_spawn = QtWidgets.QPushButton(icon("server-add"), "Spawn a local server")
+        self.empty_spawn.setObjectName("primary")
+        self.empty_spawn.clicked.connect(self.spawn)
+        empty_add = QtWidgets.QPushButton(icon("link"), "Add a remote server…")
+        empty_add.clicked.connect(self.add_remote)
+        buttons = QtWidgets.QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.empty_spawn)
+        buttons.addWidget(empty_add)
+        buttons.addStretch(1)
+        empty_layout.addWidget(title)
+        empty_layout.addWidget(text)
+        empty_layout.addSpacing(8)
+        empty_layout.addLayout(buttons)
+        empty_layout.addStretch(1)
+
+        self.stack = QtWidgets.QStackedWidget()
+        self.stack.addWidget(self.table)
+        self.stack.addWidget(self.empty)
+
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(4, 2, 4, 4)
+        layout.setSpacing(2)
+        layout.addWidget(bar)
+        layout.addWidget(self.stack)
+        controller.sigServersChanged.connect(self._update_empty)
+        self._update_empty()
+        self._update_actions()
+
+    # ------------------------------------------------------------------ selection
+    def selected(self) -> list[Endpoint]:
+        rows = sorted({i.row() for i in self.table.selectionModel().selectedRows()})
+        return [k for k in (self.model.key_at(r) for r in rows) if k is not None]
+
+    def select(self, ep: Endpoint) -> None:
+        row = self.model.row_of(ep)
+        if row >= 0:
+            self.table.selectRow(row)
+
+    def _selection_changed(self, *args) -> None:
+        self._update_actions()
+        self.sigSelectionChanged.emit({ep.key for ep in self.selected()})
+
+    def _update_actions(self) -> None:
+        sel = self.selected()
+        rows = [self.controller.servers.get(ep) for ep in sel]
+        alive = [r for r in rows if r is not None and r.state == ServerState.ALIVE]
+        self.act_stop.setEnabled(bool(alive))
+        self.act_kill.setEnabled(any(self.controller.local_entry(ep) for ep in sel))
+        self.act_log.setEnabled(
+            len(sel) == 1 and rows[0] is not None and bool(rows[0].log_file) and sel[0].is_local
+        )
+        self.act_remove.setEnabled(bool(sel))
+
+    def _update_empty(self) -> None:
+        empty = not self.controller.servers and self.controller._registry_polled
+        self.stack.setCurrentWidget(self.empty if empty else self.table)
+        self._update_actions()
+
+    # ------------------------------------------------------------------ actions
+    def spawn(self, port: int | None = None, workers: int | None = None) -> None:
+        """Spawn a local server; asks for port and workers unless they are given."""
+        if port is None:
+            dialog = SpawnDialog(self)
+            if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
+                return
+            port, workers = dialog.port.value(), dialog.workers.value()
+        self.controller.spawn_server(port, workers)
+
+    def add_remote(self, text: str | None = None) -> Endpoint | None:
+        if text is None or not isinstance(text, str):
+            text, ok = QtWidgets.QInputDialog.getText(
+                self,
+                "Add a server",
+                "Address of a zmqruntime server (host:port):",
+                text="myscope.lab:5555",
+            )
+            if not ok:
+                return None
+        try:
+            ep = Endpoint.parse(text)
+        except ValueError as exc:
+            QtWidgets.QMessageBox.warning(self, "Not an address", str(exc))
+            return None
+        self.controller.add_remote(ep)
+        return ep
+
+    def stop_selected(self) -> None:
+        for ep in self.selected():
+            self.controller.stop_server(ep)
+
+    def kill_selected(self, confirm: bool = True) -> None:
+        targets = [ep for ep in self.selected() if self.controller.local_entry(ep)]
+        if not targets:
+            return
+        if confirm:
+            names = ", ".join(ep.key for ep in targets)
+            box = QtWidgets.QMessageBox(
+                QtWidgets.QMessageBox.Icon.Warning,
+                "Force kill",
+                f"Kill {names} and its workers now?",
+                QtWidgets.QMessageBox.StandardButton.Yes | QtWidgets.QMessageBox.StandardButton.No,
+                self,
+            )
+            box.setInformativeText(
+                "Running runs are lost and end as failed. Stop (graceful) is usually better."
+            )
+            box.setDefaultButton(QtWidgets.QMessageBox.StandardButton.No)
+            self._confirm_box = box
+            answer = box.exec()
+            self._confirm_box = None
+            if answer != QtWidgets.QMessageBox.StandardButton.Yes:
+                return
+        for ep in targets:
+            self.controller.kill_server(ep)
+
+    def open_log(self) -> LogDialog | None:
+        sel = self.selected()
+        if len(sel) != 1:
+            return None
+        row = self.controller.servers.get(sel[0])
+        if row is None or not row.log_file:
+            return None
+        dialog = LogDialog(row.log_file, self)
+        dialog.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.destroyed.connect(
+            lambda *_: self.log_dialogs.remove(dialog) if dialog in self.log_dialogs else None
+        )
+        self.log_dialogs.append(dialog)
+        dialog.show()
+        return dialog
+
+    def remove_selected(self) -> None:
+        for ep in self.selected():
+            self.controller.remove_server(ep)

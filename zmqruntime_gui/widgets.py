@@ -1,0 +1,163 @@
+"""Small Qt pieces shared by the panels: icons, state dots, a keyed table model."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import sys
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+from PySide6 import QtCore, QtGui, QtWidgets
+from zmqruntime.resources import resources_dir
+
+log = logging.getLogger("zmqruntime_gui")
+
+
+def guard_none_refcount() -> bool:
+    """Survive a Qt binding that returns None without a reference (PySide6 6.12.0 on 3.11).
+
+    Such a binding takes one reference from None on every void call; a live preview
+    makes hundreds per second and the interpreter soon aborts ("none_dealloc"). When
+    the loss is measured here, None is given a huge reference count, which is what
+    CPython 3.12 does for every interpreter (immortal None). Returns whether it did.
+    """
+    if sys.version_info >= (3, 12):
+        return False
+    timer = QtCore.QTimer()
+    before = sys.getrefcount(None)
+    for _ in range(64):
+        timer.stop()
+    lost = before - sys.getrefcount(None)
+    if lost < 32:
+        return False
+    ctypes.c_ssize_t.from_address(id(None)).value += 1 << 40
+    log.warning(
+        "this Qt binding drops a reference to None on every call (PySide6 %s); "
+        "None was made immortal to keep the app alive: install another PySide6 version",
+        getattr(QtCore, "__version__", "?"),
+    )
+    return True
+
+
+def gui_dir() -> Path:
+    """Icons and the stylesheet, shipped in the wheel under zmqruntime/resources/gui."""
+    return resources_dir() / "gui"
+
+
+@functools.cache
+def icon(name: str) -> QtGui.QIcon:
+    """An icon from resources/gui/icons/<name>.svg (empty if missing: never fatal)."""
+    path = gui_dir() / "icons" / f"{name}.svg"
+    return QtGui.QIcon(str(path)) if path.exists() else QtGui.QIcon()
+
+
+@functools.cache
+def state_dot(colour: str, size: int = 12) -> QtGui.QIcon:
+    """A filled circle in ``colour``: the state lamp in the tables."""
+    pix = QtGui.QPixmap(size, size)
+    pix.fill(QtCore.Qt.GlobalColor.transparent)
+    painter = QtGui.QPainter(pix)
+    painter.setRenderHint(QtGui.QPainter.RenderHint.Antialiasing)
+    painter.setPen(QtCore.Qt.PenStyle.NoPen)
+    painter.setBrush(QtGui.QColor(colour))
+    painter.drawEllipse(1, 1, size - 2, size - 2)
+    painter.end()
+    return QtGui.QIcon(pix)
+
+
+def stylesheet() -> str:
+    path = gui_dir() / "style.qss"
+    return path.read_text() if path.exists() else ""
+
+
+class KeyedTableModel(QtCore.QAbstractTableModel):
+    """A table whose rows are identified by keys; reordering keeps the view's selection.
+
+    Subclasses set ``columns`` and implement ``cell(key, column, role)``. ``set_keys``
+    moves persistent indexes (selection, current row) with their keys instead of
+    resetting the model, so a live-updating table never loses what the user selected.
+    """
+
+    columns: Sequence[str] = ()
+
+    def __init__(self, parent: QtCore.QObject | None = None) -> None:
+        super().__init__(parent)
+        self.keys: list[Hashable] = []
+
+    def rowCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.keys)
+
+    def columnCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.columns)
+
+    def headerData(self, section, orientation, role=QtCore.Qt.ItemDataRole.DisplayRole):
+        if (
+            orientation == QtCore.Qt.Orientation.Horizontal
+            and role == QtCore.Qt.ItemDataRole.DisplayRole
+        ):
+            return self.columns[section]
+        return None
+
+    def data(self, index: QtCore.QModelIndex, role: int = QtCore.Qt.ItemDataRole.DisplayRole):
+        if not index.isValid() or index.row() >= len(self.keys):
+            return None
+        return self.cell(self.keys[index.row()], index.column(), role)
+
+    def cell(self, key: Hashable, column: int, role: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def key_at(self, row: int) -> Hashable | None:
+        return self.keys[row] if 0 <= row < len(self.keys) else None
+
+    def row_of(self, key: Hashable) -> int:
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            return -1
+
+    def set_keys(self, new_keys: list[Hashable]) -> None:
+        """Show ``new_keys`` in this order; unchanged order only repaints."""
+        if new_keys == self.keys:
+            self.repaint_all()
+            return
+        self.layoutAboutToBeChanged.emit()
+        old_keys = self.keys
+        old_indexes = self.persistentIndexList()
+        self.keys = list(new_keys)
+        position = {k: i for i, k in enumerate(self.keys)}
+        new_indexes = []
+        for idx in old_indexes:
+            key = old_keys[idx.row()] if idx.row() < len(old_keys) else None
+            row = position.get(key, -1)
+            new_indexes.append(self.index(row, idx.column()) if row >= 0 else QtCore.QModelIndex())
+        self.changePersistentIndexList(old_indexes, new_indexes)
+        self.layoutChanged.emit()
+
+    def repaint_all(self) -> None:
+        if self.keys:
+            self.dataChanged.emit(
+                self.index(0, 0), self.index(len(self.keys) - 1, len(self.columns) - 1)
+            )
+
+
+def setup_table(table: QtWidgets.QTableView, row_height: int = 26) -> None:
+    """The look every table of the window shares."""
+    table.setSelectionBehavior(QtWidgets.QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.ExtendedSelection)
+    table.verticalHeader().hide()
+    table.verticalHeader().setDefaultSectionSize(row_height)
+    table.setShowGrid(False)
+    table.setAlternatingRowColors(True)
+    table.setWordWrap(False)
+    table.horizontalHeader().setHighlightSections(False)
+    table.horizontalHeader().setDefaultAlignment(
+        QtCore.Qt.AlignmentFlag.AlignLeft | QtCore.Qt.AlignmentFlag.AlignVCenter
+    )
+
+
+def mono_font() -> QtGui.QFont:
+    font = QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.SystemFont.FixedFont)
+    font.setPointSizeF(max(8.0, font.pointSizeF() * 0.95))
+    return font
