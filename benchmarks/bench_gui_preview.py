@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ZMQRUNTIME_GUI_SETTINGS"] = str(tmp / "gui.ini")
 
     from PySide6 import QtCore
+
     from zmqruntime import ExecutionClient, local
     from zmqruntime.transport import free_port, port_accepts_tcp
-
     from zmqruntime_gui.app import make_app
     from zmqruntime_gui.main_window import MainWindow
     from zmqruntime_gui.model import Endpoint, ServerState

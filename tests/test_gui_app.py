@@ -15,9 +15,9 @@ import pytest
 import tifffile
 from gui_support import ARTIFACTS, measure_timer_lateness, percentile, screenshot
 from PySide6 import QtCore, QtGui, QtWidgets
+
 from zmqruntime import ExecutionClient, local
 from zmqruntime.transport import free_port
-
 from zmqruntime_gui.model import Endpoint, RunKey, ServerState
 from zmqruntime_gui.runs_panel import COL_STATE, ProgressRole
 from zmqruntime_gui.submit_dialog import SubmitDialog

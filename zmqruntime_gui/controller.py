@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from PySide6 import QtCore
+
 from zmqruntime import local
 from zmqruntime.protocol import FINAL_STATES
 

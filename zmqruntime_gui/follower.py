@@ -16,6 +16,7 @@ import threading
 
 import zmq
 from PySide6 import QtCore
+
 from zmqruntime import ExecutionClient, protocol
 from zmqruntime.errors import ProtocolError
 from zmqruntime.protocol import EventKind

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6 import QtCore, QtGui, QtWidgets
+
 from zmqruntime import __version__
 from zmqruntime.resources import example, list_examples
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from zmqruntime.protocol import FINAL_STATES, STATES
 from zmqruntime.transport import is_loopback
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6 import QtWidgets
+
 from zmqruntime.resources import example, list_examples
 
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState

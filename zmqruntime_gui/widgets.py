@@ -10,6 +10,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from PySide6 import QtCore, QtGui, QtWidgets
+
 from zmqruntime.resources import resources_dir
 
 log = logging.getLogger("zmqruntime_gui")
