@@ -10,12 +10,11 @@ the actions; they never talk to the network themselves.
 
 from __future__ import annotations
 
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from PySide6 import QtCore
 
 from zmqruntime import local
@@ -66,7 +65,7 @@ class Controller(QtCore.QObject):
         self.conns = connections or net.Connections()
         self.servers: dict[Endpoint, ServerRow] = {}
         self.registry: dict[Endpoint, local.ServerEntry] = {}
-        self.spawned: dict[Endpoint, tuple[subprocess.Popen, float]] = {}
+        self.spawned: dict[Endpoint, tuple[psutil.Process, float]] = {}
         self.stopping: set[Endpoint] = set()
         self.runs = RunTable()
         self.box: FollowBox | None = None
@@ -236,16 +235,16 @@ class Controller(QtCore.QObject):
         spawned = self.spawned.get(ep)
         starting = (
             spawned is not None
-            and spawned[0].poll() is None
+            and not net.has_exited(spawned[0])
             and row.last_ok is None
             and time.monotonic() - spawned[1] < SPAWN_GRACE
         )
         registered_recently = (
             ep in self.registry and time.time() - self.registry[ep].started < 10 and not row.last_ok
         )
-        if spawned is not None and spawned[0].poll() is not None and row.last_ok is None:
+        if spawned is not None and net.has_exited(spawned[0]) and row.last_ok is None:
             output = net.spawn_output(ep.port)
-            message = f"the server exited with code {spawned[0].returncode}"
+            message = "the server exited at once"
             row.apply_failure(message + (f": {output.splitlines()[-1]}" if output else ""))
             self.spawned.pop(ep, None)
             self.sigError.emit("Server did not start", f"{message}.\n\n{output[-2000:]}")
@@ -258,7 +257,7 @@ class Controller(QtCore.QObject):
     def _reap_spawned(self) -> None:
         for ep, (proc, _) in list(self.spawned.items()):
             row = self.servers.get(ep)
-            if proc.poll() is not None and (row is None or row.state == ServerState.DOWN):
+            if net.has_exited(proc) and (row is None or row.state == ServerState.DOWN):
                 del self.spawned[ep]
 
     def spawn_server(
@@ -273,9 +272,8 @@ class Controller(QtCore.QObject):
             )
             return
 
-        def spawned(proc: subprocess.Popen) -> None:
-            # the server outlives the window; a daemon thread reaps it whenever it exits
-            threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+        def spawned(proc: psutil.Process) -> None:
+            # the server is detached (not our child): it outlives the window, nothing to reap
             self.spawned[ep] = (proc, time.monotonic())
             row = self.servers.get(ep)
             if row is None or row.origin != "local":

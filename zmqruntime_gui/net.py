@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from zmqruntime import ExecutionClient, ServerUnavailable, local
 from zmqruntime.transport import free_port, port_accepts_tcp
@@ -122,9 +123,17 @@ def suggest_port() -> int:
     return DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
 
 
-def spawn_local(port: int, workers: int | None) -> subprocess.Popen:
+def spawn_local(port: int, workers: int | None) -> psutil.Process:
     """Start a detached ``zmqruntime serve`` on loopback; it outlives the window."""
     return local.spawn_server(port, "127.0.0.1", workers or None)
+
+
+def has_exited(proc: psutil.Process) -> bool:
+    """Whether a spawned (detached) server process is gone."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def spawn_output(port: int) -> str:

@@ -48,6 +48,8 @@ RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 MAX_BATCH = 10_000  # runs per execute_many / wait_many request
+CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
+BULK_IO_THREAD = 1 << 1
 
 
 class InsecureBindRefused(RuntimeError):
@@ -144,13 +146,16 @@ class ExecutionServer:
         self._log_handler = handler
 
     def _bind(self) -> None:
-        self.zctx = zmq.Context()
+        # two I/O threads: control traffic never waits behind megabytes of frames
+        self.zctx = zmq.Context(io_threads=2)
         if self.security:
             self.security.start(self.zctx)
         self.control = self.zctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.AFFINITY, CONTROL_IO_THREAD)
         self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_MESSAGE)
         self.control.setsockopt(zmq.LINGER, 0)
         self.data = self.zctx.socket(zmq.PUB)
+        self.data.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
         self.data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self.data.setsockopt(zmq.LINGER, 0)
         for sock in (self.control, self.data):
@@ -162,6 +167,7 @@ class ExecutionServer:
         self.worker_ctl = self.zctx.socket(zmq.ROUTER)
         self.worker_ctl.setsockopt(zmq.LINGER, 0)
         self.worker_events = self.zctx.socket(zmq.PULL)
+        self.worker_events.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
         self.worker_events.setsockopt(zmq.LINGER, 0)
         if zmq.has("ipc") and os.name != "nt":
             self.worker_ctl_url = f"ipc://{self.ipc_dir}/ctl"

@@ -65,6 +65,7 @@ class Worker:
         self.events.setsockopt(zmq.LINGER, 5000)
         self.events.connect(events)
         self.events_lock = threading.Lock()
+        self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
         self.tasks: queue.Queue[dict | None] = queue.Queue()
         self.cancel_event = threading.Event()
         self.current: str | None = None
@@ -76,10 +77,21 @@ class Worker:
 
     # -- sending (main thread, and io thread for log flushes)
     def send_event(self, exec_id: str, kind: str, body: dict[str, Any], reliable: bool) -> None:
+        if kind == "preview":
+            # newest wins at the source: while the last frame of this stream is still on
+            # its way, a new one is dropped, so a tight preview loop cannot flood the pipe
+            tracker = self.previews_in_flight.get(body["name"])
+            if tracker is not None and not tracker.done:
+                return
         frames = protocol.encode({"type": "event", "id": exec_id, "kind": kind, **body})
         with self.events_lock:
             if reliable:
                 self.events.send_multipart(frames, copy=False)
+            elif kind == "preview":
+                with contextlib.suppress(zmq.Again):
+                    self.previews_in_flight[body["name"]] = self.events.send_multipart(
+                        frames, copy=False, flags=zmq.NOBLOCK, track=True
+                    )
             else:
                 with contextlib.suppress(zmq.Again):
                     self.events.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
