@@ -38,6 +38,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -95,18 +96,33 @@ def raw_pyzmq(frames: int) -> float:
         pool.close()
 
 
-def zmqr_stream(client: Any, code: str, frames: int, kind: str) -> tuple[float, int]:
-    """Frames/s from ``execute`` to the final state, and how many ``kind`` events came."""
+def disk_ceiling(frames: int, directory: Path) -> float:
+    """Frames/s of np.save of the same frames on the filesystem of the server's store."""
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = common.new_frame()
+    try:
+        t0 = time.perf_counter()
+        for i in range(frames):
+            np.save(directory / f"{i}.npy", frame, allow_pickle=False)
+        return frames / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def zmqr_stream(client: Any, code: str, frames: int, kind: str) -> tuple[float, int, int]:
+    """Frames/s from ``execute`` to the final state; ``kind`` events seen, and how many
+    of them were fetched from the store because the live channel dropped them."""
     exec_id = client.execute(code, config={"n": frames})
     t0 = time.perf_counter()
-    count = 0
+    count = fetched = 0
     for event in client.stream(exec_id):
         if event["kind"] == kind:
             assert event["value"].nbytes == common.FRAME_BYTES
             count += 1
+            fetched += bool(event.get("fetched"))
         elif event["kind"] == "state" and event["status"]["state"] in FINAL:
             assert event["status"]["state"] == "completed", event["status"]
-    return frames / (time.perf_counter() - t0), count
+    return frames / (time.perf_counter() - t0), count, fetched
 
 
 def ping_probe(port: int, seconds: float, interval: float, out: Path) -> None:
@@ -268,18 +284,30 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
         if "throughput" in steps:
             log(f"zmqruntime emit -> stream(): {args.frames} frames ...")
             zmqr_stream(client, EMIT_N, 5, "result")  # warm-up
-            fps, count = zmqr_stream(client, EMIT_N, args.frames, "result")
+            fps, count, fetched = zmqr_stream(client, EMIT_N, args.frames, "result")
             assert count == args.frames, (count, args.frames)
             share = fps / raw_fps if raw_fps else float("nan")
             rows.append(
                 (
-                    f"zmqruntime ctx.emit -> client.stream(), {args.frames} frames",
+                    f"zmqruntime ctx.emit -> client.stream(), {args.frames} frames "
+                    f"({fetched} of them fetched from the store after a live drop)",
                     f"{common.fmt(fps)} frames/s = {share:.0%} of raw pyzmq",
                     f"≥ 70%: {'met' if share >= 0.7 else 'missed'}",
                 )
             )
+            log(f"np.save ceiling: {args.frames} frames ...")
+            disk_fps = disk_ceiling(args.frames, root / "disk-ceiling")
+            rows.append(
+                (
+                    f"np.save of the same {args.frames} frames on the store's filesystem "
+                    "(every emitted result is written once)",
+                    f"{common.fmt(disk_fps)} frames/s "
+                    f"({disk_fps * common.FRAME_BYTES / 1e9:.2f} GB/s)",
+                    "information",
+                )
+            )
             log(f"zmqruntime preview -> stream(): {args.frames} frames ...")
-            fps, count = zmqr_stream(client, PREVIEW_N, args.frames, "preview")
+            fps, count, _ = zmqr_stream(client, PREVIEW_N, args.frames, "preview")
             received = fps * count / args.frames
             rows.append(
                 (

@@ -308,11 +308,12 @@ class Zmqruntime(System):
 
     def streaming(self, n: int) -> int:
         exec_id = self.client.execute(ZMQR_STREAM, config={"n": n})
-        count = 0
+        count = self.fetched = 0
         for event in self.client.stream(exec_id):
             if event["kind"] == "result":
                 assert event["value"].nbytes == common.FRAME_BYTES
                 count += 1
+                self.fetched += bool(event.get("fetched"))  # dropped live, filled from store
             elif event["kind"] == "state" and event["status"]["state"] in (
                 "completed",
                 "failed",
@@ -595,10 +596,13 @@ def w_streaming(system: System, sizes: Sizes) -> dict[str, float]:
     system.streaming(5)  # warm-up
     t0 = time.perf_counter()
     seen = system.streaming(sizes.streaming)
-    return {
+    out = {
         "streaming_frames_s": sizes.streaming / (time.perf_counter() - t0),
         "streaming_frames_seen": seen,
     }
+    if hasattr(system, "fetched"):
+        out["streaming_frames_fetched"] = system.fetched
+    return out
 
 
 def w_cancel(system: System, sizes: Sizes) -> dict[str, Any]:
@@ -721,6 +725,11 @@ def render(reports: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: 
             bits.append(
                 f"the client observed {r['figures']['streaming_frames_seen']} of "
                 f"{sizes.streaming} frames (data_pub overwrites)"
+            )
+        if "streaming_frames_fetched" in r["figures"]:
+            bits.append(
+                f"{r['figures']['streaming_frames_fetched']} of {sizes.streaming} streamed "
+                "frames were dropped live and fetched from the store"
             )
         for what in ("busy", "cooperative"):
             state = r["figures"].get(f"cancel_{what}_state")
