@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,101 @@ class RssSampler(threading.Thread):
             }
             for name in self.procs
         }
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def process_label(proc: psutil.Process) -> str:
+    """A short, file-name-safe name for a process of one of the systems."""
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return f"pid{proc.pid}"
+    text = " ".join(args)
+    for needle, label in (
+        ("zmqruntime.worker", "worker"),
+        ("zmqruntime serve", "server"),
+        ("raw-worker", "raw-worker"),
+        ("ipcontroller", "ipcontroller"),
+        ("ipyparallel.controller", "ipcontroller"),
+        ("ipengine", "ipengine"),
+        ("ipyparallel.engine", "ipengine"),
+        ("multiprocessing.spawn", "dask-process"),
+        ("resource_tracker", "resource-tracker"),
+    ):
+        if needle in text:
+            return f"{label}-{proc.pid}"
+    return f"{Path(args[0]).name if args else 'proc'}-{proc.pid}"
+
+
+class Profiler:
+    """py-spy attached to this process and its descendants while workloads run.
+
+    Each process gets a collapsed-stack file (``py-spy record -f raw``): one line per
+    distinct stack with its sample count; :func:`hotspots` summarises one.
+    """
+
+    def __init__(self, out_dir: Path, tag: str, rate: int = 200) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tag = tag
+        self.rate = rate
+        self.spies: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        me = psutil.Process()
+        targets = [("client", me)]
+        for proc in me.children(recursive=True):
+            label = process_label(proc)
+            if not label.startswith(("resource-tracker", "py-spy")):
+                targets.append((label, proc))
+        for label, proc in targets:
+            out = self.out_dir / f"{self.tag}-{label}.txt"
+            cmd = [exe, "record", "--pid", str(proc.pid), "-f", "raw", "-r", str(self.rate)]
+            cmd += ["--nonblocking", "-o", str(out)]
+            spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.spies.append((spy, out))
+        time.sleep(0.5)  # let them attach before the workloads start
+
+    def stop(self) -> list[Path]:
+        """Stop sampling (py-spy writes its file on SIGINT); the files written."""
+        for spy, _ in self.spies:
+            with contextlib.suppress(OSError):
+                spy.send_signal(signal.SIGINT)
+        for spy, _ in self.spies:
+            try:
+                spy.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        return [out for _, out in self.spies if out.exists()]
+
+
+def hotspots(path: Path, top: int = 12) -> str:
+    """Markdown summary of a collapsed-stack file: most samples by own and inclusive time."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    if not total:
+        return f"### {Path(path).stem}\n\nno samples\n"
+    lines = [f"### {Path(path).stem} ({total} samples)", "", "| own | inclusive | frame |"]
+    lines.append("| --- | --- | --- |")
+    ranked = sorted(own, key=own.get, reverse=True)[:top]
+    for frame in ranked:
+        lines.append(f"| {own[frame] / total:.1%} | {inclusive[frame] / total:.1%} | `{frame}` |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- raw pyzmq

@@ -521,12 +521,20 @@ PEER_PACKAGES = {"dask": ["dask", "distributed"], "ipyparallel": ["ipyparallel",
 # --------------------------------------------------------------------------- the runner
 
 
-def run_system(name: str, workloads: list[str], sizes: Sizes, workers: int, out: Path) -> int:
+def run_system(
+    name: str,
+    workloads: list[str],
+    sizes: Sizes,
+    workers: int,
+    out: Path,
+    profile: Path | None = None,
+) -> int:
     """Child process: start one system, run the workloads, write JSON to ``out``."""
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated runner still cleans up
     report: dict[str, Any] = {"system": name, "figures": {}, "errors": {}, "notes": {}}
     figures, errors = report["figures"], report["errors"]
     system = SYSTEM_CLASSES[name](workers)
+    profiler = None
     report["notes"] = {
         "streaming": system.streaming_mechanism,
         "cancel": system.cancel_mechanism,
@@ -537,6 +545,9 @@ def run_system(name: str, workloads: list[str], sizes: Sizes, workers: int, out:
         system.start()
         figures["startup_s"] = time.perf_counter() - _T0
         system.wait_all_workers()
+        if profile is not None:
+            profiler = common.Profiler(profile, name)
+            profiler.start()
         for workload in workloads:
             if workload == "startup":
                 continue
@@ -550,6 +561,8 @@ def run_system(name: str, workloads: list[str], sizes: Sizes, workers: int, out:
         errors["startup"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     finally:
+        if profiler is not None:
+            report["profiles"] = [str(p) for p in profiler.stop()]
         try:
             system.stop()
         finally:
@@ -770,6 +783,8 @@ def run_children(args: argparse.Namespace, sizes: Sizes, root: Path) -> dict[str
         ]
         if args.quick:
             cmd.append("--quick")
+        if args.profile:
+            cmd += ["--profile", str(args.profile.resolve())]
         _log(f"{LABELS[name]} ...")
         t0 = time.monotonic()
         with open(log_file, "wb") as log:
@@ -823,6 +838,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="workers/engines per system")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (runner logs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy every process of each system during its workloads; collapsed stacks "
+        "and a hotspots.md summary go to this directory",
+    )
     parser.add_argument("--run-system", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -843,7 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.run_system:
-        return run_system(args.run_system, args.workloads, sizes, args.workers, args.out)
+        return run_system(
+            args.run_system, args.workloads, sizes, args.workers, args.out, args.profile
+        )
     t0 = time.monotonic()
     with common.isolation(keep=args.keep) as root:
         try:
@@ -858,6 +881,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             _log(f"runner logs kept in {root}")
     print(render(reports, args, sizes))
+    if args.profile:
+        summary = args.profile / "hotspots.md"
+        parts = [common.hotspots(Path(p)) for r in reports.values() for p in r.get("profiles", [])]
+        summary.write_text("\n".join(parts))
+        _log(f"profiles in {args.profile}; summary: {summary}")
     _log(f"total {time.monotonic() - t0:.1f} s; command: {shlex.join(sys.argv)}")
     if args.json:
         args.json.write_text(json.dumps({"sizes": asdict(sizes), "reports": reports}, indent=1))
