@@ -543,7 +543,8 @@ def run_system(
     report["versions"] = common.versions(PEER_PACKAGES.get(name, []))
     try:
         system.start()
-        figures["startup_s"] = time.perf_counter() - _T0
+        if "startup" in workloads:
+            figures["startup_s"] = time.perf_counter() - _T0
         system.wait_all_workers()
         if profile is not None:
             profiler = common.Profiler(profile, name)
