@@ -1,0 +1,897 @@
+"""zmqruntime side by side with raw pyzmq, Dask distributed and ipyparallel.
+
+    python benchmarks/compare.py            # the full comparison (a few minutes)
+    python benchmarks/compare.py --quick    # a reduced one (under a minute)
+
+Six workloads (issue 6), each system in its own child process (the runner), one system
+after the other, so that no system's background threads or processes compete with
+another's measurement. The runner measures start-up from its own first line (before
+any third-party import) to the first result, then runs the workloads on the system
+it started, stops it and reports JSON; this process prints one markdown table.
+
+1. round trip: submit one trivial run, wait for its result (median, p99);
+2. throughput: N trivial runs submitted at once, all results gathered (runs/s);
+3. arrays back: N runs each returning a 2048x2048 uint16 array (frames/s);
+4. streaming: one run emitting N such frames, consumed live (frames/s);
+5. cancel: time from cancel() to the final state of a run in a busy loop, and whether
+   the running code actually stopped (a heartbeat file it writes stops changing);
+6. start-up: from nothing to the first result.
+
+Every system's state lives in a temporary directory (see common.isolation), and every
+process started is stopped at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # start-up (workload 6) is measured from here
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+SYSTEMS = ("pyzmq", "zmqruntime", "dask", "ipyparallel")
+LABELS = {
+    "pyzmq": "raw pyzmq",
+    "zmqruntime": "zmqruntime",
+    "dask": "Dask distributed",
+    "ipyparallel": "ipyparallel",
+}
+WORKLOADS = ("roundtrip", "throughput", "arrays", "streaming", "cancel", "startup")
+
+
+@dataclass
+class Sizes:
+    roundtrip: int = 200
+    throughput: int = 2000
+    arrays: int = 50
+    streaming: int = 200
+    #: the busy loop of workload 5 ends by itself after this long; it must outlast
+    #: zmqruntime's cancel grace (2 s) so that the kill, not the end, is measured
+    busy_seconds: float = 6.0
+
+
+FULL = Sizes()
+QUICK = Sizes(roundtrip=50, throughput=300, arrays=10, streaming=40, busy_seconds=3.5)
+
+
+# --------------------------------------------------------------------------- the tasks
+# Plain functions, so that Dask and ipyparallel ship them by value; zmqruntime gets
+# the same source as pipeline code.
+
+
+def trivial(i: int = 0) -> int:
+    return 1
+
+
+def make_frame(i: int = 0) -> Any:
+    import numpy as np
+
+    return np.full((2048, 2048), i & 0xFFFF, np.uint16)
+
+
+def busy_loop(marker: str, seconds: float) -> int:
+    """A loop that never looks for a cancel request; its heartbeat file shows it runs."""
+    import time
+
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        if n % 50_000 == 0:
+            with open(marker, "w") as f:
+                f.write(str(n))
+    return n
+
+
+def dask_stream(queue_name: str, n: int) -> int:
+    import numpy as np
+    from distributed import Queue
+
+    queue = Queue(queue_name)
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for _ in range(n):
+        queue.put(frame)
+    return n
+
+
+def ipp_stream(n: int) -> int:
+    import numpy as np
+    from ipyparallel.datapub import publish_data
+
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for i in range(n):
+        publish_data({"frame": frame, "i": i})
+    return n
+
+
+ZMQR_TRIVIAL = "def run(ctx, config):\n    return 1\n"
+ZMQR_ARRAY = (
+    "import numpy as np\n\n"
+    "def run(ctx, config):\n"
+    "    return np.full((2048, 2048), config.i & 0xFFFF, np.uint16)\n"
+)
+ZMQR_STREAM = (
+    "import numpy as np\n\n"
+    "def run(ctx, config):\n"
+    "    frame = np.full((2048, 2048), 7, np.uint16)\n"
+    "    for _ in range(config.n):\n"
+    "        ctx.emit('frame', frame)\n"
+)
+ZMQR_BUSY = inspect.getsource(busy_loop) + (
+    "\n\ndef run(ctx, config):\n    return busy_loop(config.marker, config.seconds)\n"
+)
+ZMQR_COOPERATIVE = (
+    "import time\n\n"
+    "def run(ctx, config):\n"
+    "    end = time.monotonic() + config.seconds\n"
+    "    n = 0\n"
+    "    while time.monotonic() < end and not ctx.cancelled:\n"
+    "        n += 1\n"
+    "        if n % 50_000 == 0:\n"
+    "            with open(config.marker, 'w') as f:\n"
+    "                f.write(str(n))\n"
+    "    return n\n"
+)
+
+
+# --------------------------------------------------------------------------- systems
+
+
+class System:
+    """One system under test; the runner calls start() first and stop() always."""
+
+    name = ""
+    streaming_mechanism = ""
+    cancel_mechanism = ""
+    submit_api = ""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def start(self) -> None:
+        """Start from nothing and fetch one trivial result."""
+        raise NotImplementedError
+
+    def wait_all_workers(self) -> None:
+        """Block until the whole pool is up (start() returns at the first result)."""
+
+    def roundtrip(self) -> None:
+        raise NotImplementedError
+
+    def throughput(self, n: int) -> None:
+        raise NotImplementedError
+
+    def arrays(self, n: int) -> None:
+        raise NotImplementedError
+
+    def streaming(self, n: int) -> int:
+        """Run one task emitting n frames; return how many the client saw."""
+        raise NotImplementedError
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def wait_for_heartbeat(marker: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the busy loop never started")
+        time.sleep(0.002)
+
+
+def heartbeat(marker: Path) -> str:
+    with contextlib.suppress(OSError):
+        return marker.read_text()
+    return ""
+
+
+def still_running(marker: Path, window: float = 0.5) -> bool:
+    """Whether the busy loop still writes its heartbeat ``window`` s after the cancel."""
+    before = heartbeat(marker)
+    time.sleep(window)
+    return heartbeat(marker) != before
+
+
+def wait_quiet(marker: Path, timeout: float) -> None:
+    """Let a busy loop that could not be stopped run out, so it cannot skew what follows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and still_running(marker, 0.3):
+        pass
+
+
+class RawZmq(System):
+    name = "pyzmq"
+    streaming_mechanism = "PUSH/PULL, one frame per message, copy=False"
+    submit_api = "PUSH task / PULL result, N worker processes"
+
+    def start(self) -> None:
+        self.pool = common.RawPool(self.workers)
+        self.pool.submit(common.OP_TRIVIAL, 0)
+        self.pool.recv()
+
+    def wait_all_workers(self) -> None:
+        self.pool.wait_ready()
+
+    def roundtrip(self) -> None:
+        self.pool.submit(common.OP_TRIVIAL, 1)
+        self.pool.recv()
+
+    def throughput(self, n: int) -> None:
+        for i in range(n):
+            self.pool.submit(common.OP_TRIVIAL, i)
+        for _ in range(n):
+            self.pool.recv()
+
+    def arrays(self, n: int) -> None:
+        for i in range(n):
+            self.pool.submit(common.OP_ARRAY, i)
+        for _ in range(n):
+            frames = self.pool.recv()
+            assert len(frames[1]) == common.FRAME_BYTES
+
+    def streaming(self, n: int) -> int:
+        self.pool.submit(common.OP_STREAM, n)
+        count = 0
+        while True:
+            frames = self.pool.recv()
+            if frames[0].bytes == b"end":
+                return count
+            assert len(frames[1]) == common.FRAME_BYTES
+            count += 1
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        return []  # raw sockets have no notion of a run to cancel
+
+    def stop(self) -> None:
+        if hasattr(self, "pool"):
+            self.pool.close()
+
+
+class Zmqruntime(System):
+    name = "zmqruntime"
+    streaming_mechanism = "ctx.emit() -> ExecutionClient.stream() (stored results)"
+    cancel_mechanism = "client.cancel(): sets ctx.cancelled; the worker is killed after the grace"
+    submit_api = "client.execute() per run, then client.get_results() per run"
+
+    def start(self) -> None:
+        from zmqruntime import ExecutionClient
+        from zmqruntime.transport import free_port
+
+        self.client = ExecutionClient(
+            free_port(), auto_spawn=True, workers=self.workers, timeout=60.0
+        )
+        self.client.get_results(self.client.execute(ZMQR_TRIVIAL))
+
+    def wait_all_workers(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.client.ping()["workers_ready"] < self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the zmqruntime workers did not all start")
+            time.sleep(0.01)
+
+    def roundtrip(self) -> None:
+        self.client.get_results(self.client.execute(ZMQR_TRIVIAL))
+
+    def throughput(self, n: int) -> None:
+        ids = [self.client.execute(ZMQR_TRIVIAL) for _ in range(n)]
+        for exec_id in ids:
+            assert self.client.get_results(exec_id) == {"return": [1]}
+
+    def arrays(self, n: int) -> None:
+        ids = [self.client.execute(ZMQR_ARRAY, config={"i": i}) for i in range(n)]
+        for exec_id in ids:
+            (frame,) = self.client.get_results(exec_id)["return"]
+            assert frame.nbytes == common.FRAME_BYTES
+
+    def streaming(self, n: int) -> int:
+        exec_id = self.client.execute(ZMQR_STREAM, config={"n": n})
+        count = self.fetched = 0
+        for event in self.client.stream(exec_id):
+            if event["kind"] == "result":
+                assert event["value"].nbytes == common.FRAME_BYTES
+                count += 1
+                self.fetched += bool(event.get("fetched"))  # dropped live, filled from store
+            elif event["kind"] == "state" and event["status"]["state"] in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                assert event["status"]["state"] == "completed", event["status"]
+        return count
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        out = []
+        for variant, code in (("busy", ZMQR_BUSY), ("cooperative", ZMQR_COOPERATIVE)):
+            path = marker.with_name(f"{marker.name}-{variant}")
+            exec_id = self.client.execute(code, config={"marker": str(path), "seconds": seconds})
+            wait_for_heartbeat(path)
+            t0 = time.perf_counter()
+            self.client.cancel(exec_id)
+            status = self.client.wait(exec_id, timeout=60)
+            elapsed = time.perf_counter() - t0
+            out.append(
+                {
+                    "variant": variant,
+                    "cancel_to_final_s": elapsed,
+                    "final_state": status["state"],
+                    "still_running": still_running(path),
+                }
+            )
+            wait_quiet(path, seconds)
+            self.wait_all_workers()  # the busy variant costs a worker, respawned
+        return out
+
+    def stop(self) -> None:
+        client = getattr(self, "client", None)
+        if client is None:
+            return
+        try:
+            client.shutdown(timeout=10)
+        except Exception as exc:  # stop what we started even if it no longer answers
+            print(f"zmqruntime shutdown request failed: {exc}", file=sys.stderr)
+        if client.spawned is not None:
+            try:
+                client.spawned.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                client.spawned.kill()
+                client.spawned.wait()
+        client.close()
+
+
+class Dask(System):
+    name = "dask"
+    streaming_mechanism = (
+        "distributed.Queue (maxsize 16): worker put() -> scheduler -> client get()"
+    )
+    cancel_mechanism = "Future.cancel(): the future is cancelled, the worker thread runs on"
+    submit_api = "client.submit() / client.map(pure=False), client.gather()"
+
+    def start(self) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=self.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        self.client = Client(self.cluster)
+        self.client.submit(trivial, 0, pure=False).result()
+
+    def wait_all_workers(self) -> None:
+        self.client.wait_for_workers(self.workers, timeout=60)
+
+    def roundtrip(self) -> None:
+        self.client.submit(trivial, 1, pure=False).result()
+
+    def throughput(self, n: int) -> None:
+        futures = self.client.map(trivial, range(n), pure=False)
+        assert self.client.gather(futures) == [1] * n
+
+    def arrays(self, n: int) -> None:
+        futures = self.client.map(make_frame, range(n), pure=False)
+        for frame in self.client.gather(futures):
+            assert frame.nbytes == common.FRAME_BYTES
+        del futures
+
+    def streaming(self, n: int) -> int:
+        from distributed import Queue
+
+        name = f"frames-{time.monotonic_ns()}"
+        queue = Queue(name, maxsize=16)
+        future = self.client.submit(dask_stream, name, n, pure=False)
+        for _ in range(n):
+            assert queue.get(timeout=120).nbytes == common.FRAME_BYTES
+        assert future.result() == n
+        return n
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        future = self.client.submit(busy_loop, str(marker), seconds, pure=False)
+        wait_for_heartbeat(marker)
+        t0 = time.perf_counter()
+        future.cancel()
+        while not future.cancelled():
+            time.sleep(0.0005)
+        elapsed = time.perf_counter() - t0
+        result = {
+            "variant": "busy",
+            "cancel_to_final_s": elapsed,
+            "final_state": future.status,
+            "still_running": still_running(marker),
+        }
+        wait_quiet(marker, seconds)
+        return [result]
+
+    def stop(self) -> None:
+        for name in ("client", "cluster"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception as exc:
+                    print(f"dask {name}.close() failed: {exc}", file=sys.stderr)
+
+
+class IPyParallel(System):
+    name = "ipyparallel"
+    streaming_mechanism = "datapub.publish_data() -> iopub -> AsyncResult.data (newest wins)"
+    cancel_mechanism = (
+        "AsyncResult.abort() only drops queued tasks; Client.send_signal(SIGINT) stops running code"
+    )
+    submit_api = "load_balanced_view().apply_async() / map_async(chunksize=1)"
+
+    def start(self) -> None:
+        import ipyparallel as ipp
+
+        self.cluster = ipp.Cluster(n=self.workers, log_level=logging.ERROR)
+        self.rc = self.cluster.start_and_connect_sync()
+        self.view = self.rc.load_balanced_view()
+        self.view.apply_async(trivial, 0).get(timeout=60)
+
+    def wait_all_workers(self) -> None:
+        self.rc.wait_for_engines(self.workers, timeout=60)
+
+    def roundtrip(self) -> None:
+        self.view.apply_async(trivial, 1).get(timeout=60)
+
+    def throughput(self, n: int) -> None:
+        assert self.view.map_async(trivial, range(n), chunksize=1).get(timeout=600) == [1] * n
+
+    def arrays(self, n: int) -> None:
+        for frame in self.view.map_async(make_frame, range(n), chunksize=1).get(timeout=600):
+            assert frame.nbytes == common.FRAME_BYTES
+
+    def streaming(self, n: int) -> int:
+        ar = self.view.apply_async(ipp_stream, n)
+        seen = set()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            i = ar.data.get("i")
+            if i is not None:
+                seen.add(i)
+                if i == n - 1:
+                    break
+            time.sleep(0.0005)
+        assert ar.get(timeout=60) == n
+        return len(seen)  # data_pub keeps only the newest frame: the client sees fewer
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        engine = self.rc.ids[0]
+        ar = self.rc[engine].apply_async(busy_loop, str(marker), seconds)
+        wait_for_heartbeat(marker)
+        t0 = time.perf_counter()
+        self.rc.send_signal("SIGINT", targets=[engine], block=True)
+        ar.wait(timeout=60)
+        elapsed = time.perf_counter() - t0
+        state = "completed" if ar.successful() else "error"
+        with contextlib.suppress(Exception):
+            ar.get(0)
+        result = {
+            "variant": "busy",
+            "cancel_to_final_s": elapsed,
+            "final_state": state,
+            "still_running": still_running(marker),
+        }
+        wait_quiet(marker, seconds)
+        return [result]
+
+    def stop(self) -> None:
+        rc = getattr(self, "rc", None)
+        if rc is not None:
+            with contextlib.suppress(Exception):
+                rc.close()
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None:
+            try:
+                cluster.stop_cluster_sync()
+            except Exception as exc:
+                print(f"ipyparallel stop_cluster failed: {exc}", file=sys.stderr)
+
+
+SYSTEM_CLASSES: dict[str, type[System]] = {
+    cls.name: cls for cls in (RawZmq, Zmqruntime, Dask, IPyParallel)
+}
+PEER_PACKAGES = {"dask": ["dask", "distributed"], "ipyparallel": ["ipyparallel", "ipykernel"]}
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def run_system(
+    name: str,
+    workloads: list[str],
+    sizes: Sizes,
+    workers: int,
+    out: Path,
+    profile: Path | None = None,
+) -> int:
+    """Child process: start one system, run the workloads, write JSON to ``out``."""
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated runner still cleans up
+    report: dict[str, Any] = {"system": name, "figures": {}, "errors": {}, "notes": {}}
+    figures, errors = report["figures"], report["errors"]
+    system = SYSTEM_CLASSES[name](workers)
+    profiler = None
+    report["notes"] = {
+        "streaming": system.streaming_mechanism,
+        "cancel": system.cancel_mechanism,
+        "submit": system.submit_api,
+    }
+    report["versions"] = common.versions(PEER_PACKAGES.get(name, []))
+    try:
+        system.start()
+        if "startup" in workloads:
+            figures["startup_s"] = time.perf_counter() - _T0
+        system.wait_all_workers()
+        if profile is not None:
+            profiler = common.Profiler(profile, name)
+            profiler.start()
+        for workload in workloads:
+            if workload == "startup":
+                continue
+            _log(f"  {name}: {workload}")
+            try:
+                figures.update(WORKLOAD_FUNCS[workload](system, sizes))
+            except Exception as exc:
+                errors[workload] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+    except Exception as exc:
+        errors["startup"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        if profiler is not None:
+            report["profiles"] = [str(p) for p in profiler.stop()]
+        try:
+            system.stop()
+        finally:
+            strays = common.kill_descendants()
+            if strays:
+                report["notes"]["strays_killed"] = strays
+            out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def w_roundtrip(system: System, sizes: Sizes) -> dict[str, float]:
+    for _ in range(10):
+        system.roundtrip()
+    times = []
+    for _ in range(sizes.roundtrip):
+        t0 = time.perf_counter()
+        system.roundtrip()
+        times.append(time.perf_counter() - t0)
+    return {
+        "roundtrip_median_ms": common.percentile(times, 50) * 1e3,
+        "roundtrip_p99_ms": common.percentile(times, 99) * 1e3,
+    }
+
+
+def w_throughput(system: System, sizes: Sizes) -> dict[str, float]:
+    system.throughput(min(50, sizes.throughput))  # warm-up
+    t0 = time.perf_counter()
+    system.throughput(sizes.throughput)
+    return {"throughput_runs_s": sizes.throughput / (time.perf_counter() - t0)}
+
+
+def w_arrays(system: System, sizes: Sizes) -> dict[str, float]:
+    system.arrays(2)  # warm-up
+    t0 = time.perf_counter()
+    system.arrays(sizes.arrays)
+    return {"arrays_frames_s": sizes.arrays / (time.perf_counter() - t0)}
+
+
+def w_streaming(system: System, sizes: Sizes) -> dict[str, float]:
+    system.streaming(5)  # warm-up
+    t0 = time.perf_counter()
+    seen = system.streaming(sizes.streaming)
+    out = {
+        "streaming_frames_s": sizes.streaming / (time.perf_counter() - t0),
+        "streaming_frames_seen": seen,
+    }
+    if hasattr(system, "fetched"):
+        out["streaming_frames_fetched"] = system.fetched
+    return out
+
+
+def w_cancel(system: System, sizes: Sizes) -> dict[str, Any]:
+    marker = Path(os.environ["ZMQRUNTIME_DATA_DIR"]).parent / f"heartbeat-{system.name}"
+    out: dict[str, Any] = {}
+    for result in system.cancel(marker, sizes.busy_seconds):
+        out[f"cancel_{result['variant']}_ms"] = result["cancel_to_final_s"] * 1e3
+        out[f"cancel_{result['variant']}_state"] = result["final_state"]
+        out[f"cancel_{result['variant']}_still_running"] = result["still_running"]
+    return out
+
+
+WORKLOAD_FUNCS = {
+    "roundtrip": w_roundtrip,
+    "throughput": w_throughput,
+    "arrays": w_arrays,
+    "streaming": w_streaming,
+    "cancel": w_cancel,
+}
+
+
+# --------------------------------------------------------------------------- the table
+
+ROWS = [
+    # key, label, unit, lower is better
+    ("roundtrip_median_ms", "1. round trip, median", "ms", True),
+    ("roundtrip_p99_ms", "1. round trip, p99", "ms", True),
+    ("throughput_runs_s", "2. throughput, {throughput} trivial runs", "runs/s", False),
+    ("arrays_frames_s", "3. arrays back, {arrays} runs x 2048² uint16", "frames/s", False),
+    ("streaming_frames_s", "4. streaming, one run emitting {streaming} frames", "frames/s", False),
+    ("cancel_busy_ms", "5. cancel → final state, busy loop", "ms", True),
+    ("cancel_busy_still_running", "5. busy loop still running after the final state?", "", None),
+    ("cancel_cooperative_ms", "5. cancel → final state, loop checking ctx.cancelled", "ms", True),
+    ("startup_s", "6. start-up: nothing → first result", "s", True),
+]
+
+
+def target_verdict(key: str, fig: dict[str, dict[str, Any]]) -> str:
+    z = fig.get("zmqruntime", {})
+    value = z.get(key)
+    if value is None:
+        return ""
+    if key == "roundtrip_median_ms":
+        return f"≤ 1 ms: {'met' if value <= 1.0 else 'missed'}"
+    if key == "throughput_runs_s":
+        return f"≥ 3,000/s: {'met' if value >= 3000 else 'missed'}"
+    if key == "streaming_frames_s":
+        raw = fig.get("pyzmq", {}).get(key)
+        if not raw:
+            return "≥ 70% of raw pyzmq: n/a"
+        share = value / raw
+        return f"≥ 70% of raw pyzmq: {share:.0%}, {'met' if share >= 0.7 else 'missed'}"
+    return ""
+
+
+def ahead_of_peers(key: str, lower_better: bool | None, fig: dict[str, dict[str, Any]]) -> str:
+    z = fig.get("zmqruntime", {}).get(key)
+    peers = [fig.get(p, {}).get(key) for p in ("dask", "ipyparallel")]
+    peers = [p for p in peers if isinstance(p, (int, float)) and not isinstance(p, bool)]
+    if lower_better is None or not isinstance(z, (int, float)) or not peers:
+        return ""
+    ahead = all(z < p for p in peers) if lower_better else all(z > p for p in peers)
+    return "yes" if ahead else "no"
+
+
+def cell(system: str, key: str, unit: str, fig: dict[str, dict[str, Any]]) -> str:
+    value = fig.get(system, {}).get(key)
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes, runs on" if value else "no, stopped"
+    if isinstance(value, str):
+        return value
+    text = common.fmt(value)
+    base = fig.get("zmqruntime", {}).get(key)
+    if system != "zmqruntime" and isinstance(base, (int, float)) and base:
+        text += f" ({value / base:.2g}×)"
+    return text
+
+
+def render(reports: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: Sizes) -> str:
+    systems = [s for s in SYSTEMS if s in reports]
+    fig = {s: reports[s]["figures"] for s in systems}
+    # a text row: did the busy loop keep running after the reported final state?
+    for s in systems:
+        if "cancel_busy_still_running" in fig[s]:
+            fig[s]["cancel_busy_still_running"] = bool(fig[s]["cancel_busy_still_running"])
+    header = ["workload", "unit", *(LABELS[s] for s in systems), "zmqruntime target"]
+    header.append("zmqruntime ahead of both peers")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for key, label, unit, lower in ROWS:
+        if not any(key in fig[s] for s in systems):
+            continue
+        row = [label.format(**asdict(sizes)), unit]
+        row += [cell(s, key, unit, fig) for s in systems]
+        row += [target_verdict(key, fig), ahead_of_peers(key, lower, fig)]
+        lines.append("| " + " | ".join(row) + " |")
+    m = common.machine()
+    vers: dict[str, str] = {}
+    for s in systems:
+        vers.update(reports[s].get("versions", {}))
+    notes = [
+        "",
+        f"Machine: {m['cores']} logical cores ({m['physical_cores']} physical), {m['cpu']}, "
+        f"{m['memory_gb']} GiB RAM, {m['os']}; 1-min load at the end: {m['load_1min']}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
+        f"Command: `{' '.join(['python', 'benchmarks/compare.py', *args.argv])}` "
+        f"({args.workers} workers per system; "
+        f"{'quick' if args.quick else 'full'} sizes).",
+        "Ratios in brackets: the figure ÷ zmqruntime's (times: > 1 means slower than "
+        "zmqruntime; rates: < 1 means slower).",
+    ]
+    for s in systems:
+        r = reports[s]
+        n = r.get("notes", {})
+        bits = [f"submit: {n.get('submit')}", f"streaming: {n.get('streaming')}"]
+        if n.get("cancel"):
+            bits.append(f"cancel: {n['cancel']}")
+        if "streaming_frames_seen" in r["figures"] and s == "ipyparallel":
+            bits.append(
+                f"the client observed {r['figures']['streaming_frames_seen']} of "
+                f"{sizes.streaming} frames (data_pub overwrites)"
+            )
+        if "streaming_frames_fetched" in r["figures"]:
+            bits.append(
+                f"{r['figures']['streaming_frames_fetched']} of {sizes.streaming} streamed "
+                "frames were dropped live and fetched from the store"
+            )
+        for what in ("busy", "cooperative"):
+            state = r["figures"].get(f"cancel_{what}_state")
+            if state:
+                bits.append(f"final state after cancel ({what}): {state}")
+        for workload, err in r.get("errors", {}).items():
+            bits.append(f"**{workload} failed: {err}**")
+        if n.get("strays_killed"):
+            bits.append(f"stray processes killed: {len(n['strays_killed'])}")
+        notes.append(f"- {LABELS[s]}: " + "; ".join(bits) + ".")
+    return "\n".join(lines + notes)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_children(args: argparse.Namespace, sizes: Sizes, root: Path) -> dict[str, Any]:
+    reports: dict[str, Any] = {}
+    limit = 180 if args.quick else 1200
+    for name in args.only:
+        out = root / f"report-{name}.json"
+        log_file = root / f"runner-{name}.log"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--run-system",
+            name,
+            "--out",
+            str(out),
+            "--workers",
+            str(args.workers),
+            "--workloads",
+            ",".join(args.workloads),
+        ]
+        if args.quick:
+            cmd.append("--quick")
+        if args.profile:
+            cmd += ["--profile", str(args.profile.resolve())]
+        _log(f"{LABELS[name]} ...")
+        t0 = time.monotonic()
+        with open(log_file, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                _log(f"{name} ran past {limit} s: stopping it")
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            except KeyboardInterrupt:  # the runner got the Ctrl-C too: let it clean up
+                with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+                    proc.wait(timeout=20)
+                raise
+            finally:
+                common.kill_descendants()
+        _log(f"{LABELS[name]} done in {time.monotonic() - t0:.1f} s")
+        if out.exists():
+            reports[name] = json.loads(out.read_text())
+        else:
+            tail = log_file.read_text(errors="replace")[-3000:]
+            _log(f"{name} wrote no report; its log ends with:\n{tail}")
+            reports[name] = {
+                "system": name,
+                "figures": {},
+                "errors": {"runner": f"exit code {proc.returncode}, no report"},
+            }
+        if reports[name].get("errors"):
+            tail = log_file.read_text(errors="replace")[-3000:]
+            _log(f"{name} reported errors; its log ends with:\n{tail}")
+    return reports
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes: under a minute")
+    parser.add_argument(
+        "--only",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated systems to run (default: all of {','.join(SYSTEMS)})",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated workloads (default: all of {','.join(WORKLOADS)})",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="workers/engines per system")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (runner logs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy every process of each system during its workloads; collapsed stacks "
+        "and a hotspots.md summary go to this directory",
+    )
+    parser.add_argument("--run-system", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for s in args.only:
+        if s not in SYSTEMS:
+            parser.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.run_system:
+        return run_system(
+            args.run_system, args.workloads, sizes, args.workers, args.out, args.profile
+        )
+    t0 = time.monotonic()
+    with common.isolation(keep=args.keep) as root:
+        try:
+            reports = run_children(args, sizes, root)
+        except KeyboardInterrupt:
+            _log("interrupted: stopping everything started")
+            return 130
+        finally:
+            strays = common.kill_descendants()
+            if strays:
+                _log(f"killed stray processes: {strays}")
+        if args.keep:
+            _log(f"runner logs kept in {root}")
+    print(render(reports, args, sizes))
+    if args.profile:
+        summary = args.profile / "hotspots.md"
+        parts = [common.hotspots(Path(p)) for r in reports.values() for p in r.get("profiles", [])]
+        summary.write_text("\n".join(parts))
+        _log(f"profiles in {args.profile}; summary: {summary}")
+    _log(f"total {time.monotonic() - t0:.1f} s; command: {shlex.join(sys.argv)}")
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": asdict(sizes), "reports": reports}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The benchmark scripts still run against the current API (figures are not checked here:
+timings belong to the benchmarks themselves)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(*args: str, timeout: float = 240) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "core"), str(REPO), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    out = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before, f"the benchmark left processes running: {after - before}"
+    return out.stdout
+
+
+def row(table: str, label: str) -> list[str]:
+    for line in table.splitlines():
+        if line.startswith(f"| {label}"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {label!r} in:\n{table}")
+
+
+def test_compare_prints_one_table_with_zmqruntime_and_raw_pyzmq() -> None:
+    table = run_script(
+        str(BENCH / "compare.py"),
+        "--quick",
+        "--only",
+        "pyzmq,zmqruntime",
+        "--workloads",
+        "roundtrip,streaming,startup",
+    )
+    header = row(table, "workload")
+    assert header[2:4] == ["raw pyzmq", "zmqruntime"]
+    median = row(table, "1. round trip, median")
+    assert re.fullmatch(r"[\d.,]+", median[3]), median
+    assert re.match(r"[\d.,]+ \([\d.e+-]+×\)", median[2]), median
+    streaming = row(table, "4. streaming")
+    assert "of raw pyzmq" in streaming[4]
+    assert row(table, "6. start-up")[3] != "n/a"
+    assert "Versions:" in table and "logical cores" in table
+    assert table.count("| workload |") == 1
+
+
+def test_bench_stream_measures_throughput_ping_and_memory() -> None:
+    table = run_script(
+        str(BENCH / "bench_stream.py"),
+        "--frames",
+        "10",
+        "--gb",
+        "0.1",
+        "--ping-seconds",
+        "1",
+    )
+    assert "frames/s = " in row(table, "zmqruntime ctx.emit")[1]
+    assert re.search(r"p99 [\d.]+ ms", row(table, "ping() from a second client while")[1])
+    assert re.match(r"\+[\d.]+ MB", row(table, "client RSS growth")[1])
+    assert re.match(r"\+[\d.]+ MB", row(table, "server RSS growth")[1])
