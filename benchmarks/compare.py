@@ -274,7 +274,7 @@ class Zmqruntime(System):
     name = "zmqruntime"
     streaming_mechanism = "ctx.emit() -> ExecutionClient.stream() (stored results)"
     cancel_mechanism = "client.cancel(): sets ctx.cancelled; the worker is killed after the grace"
-    submit_api = "client.execute() per run, then client.get_results() per run"
+    submit_api = "client.execute_many() then client.gather() (as Dask's map + gather)"
 
     def start(self) -> None:
         from zmqruntime import ExecutionClient
@@ -296,14 +296,13 @@ class Zmqruntime(System):
         self.client.get_results(self.client.execute(ZMQR_TRIVIAL))
 
     def throughput(self, n: int) -> None:
-        ids = [self.client.execute(ZMQR_TRIVIAL) for _ in range(n)]
-        for exec_id in ids:
-            assert self.client.get_results(exec_id) == {"return": [1]}
+        ids = self.client.execute_many(ZMQR_TRIVIAL, [None] * n)
+        assert self.client.gather(ids) == [{"return": [1]}] * n
 
     def arrays(self, n: int) -> None:
-        ids = [self.client.execute(ZMQR_ARRAY, config={"i": i}) for i in range(n)]
-        for exec_id in ids:
-            (frame,) = self.client.get_results(exec_id)["return"]
+        ids = self.client.execute_many(ZMQR_ARRAY, [{"i": i} for i in range(n)])
+        for results in self.client.gather(ids):
+            (frame,) = results["return"]
             assert frame.nbytes == common.FRAME_BYTES
 
     def streaming(self, n: int) -> int:

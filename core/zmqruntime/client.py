@@ -204,7 +204,9 @@ class ExecutionClient:
         """The run's status dict; raises UnknownExecution for an id never issued."""
         return self._request(ControlMessageType.STATUS, {"id": exec_id})
 
-    def wait(self, exec_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait(
+        self, exec_id: str, timeout: float | None = None, *, _with_results: bool = False
+    ) -> dict[str, Any]:
         """Block until the run ends and return its final status.
 
         Raises TimeoutError after ``timeout`` seconds, ServerUnavailable if the server
@@ -217,7 +219,7 @@ class ExecutionClient:
                 chunk = min(chunk, max(0.0, deadline - time.monotonic()))
             status = self._request(
                 ControlMessageType.WAIT,
-                {"id": exec_id, "timeout": chunk},
+                {"id": exec_id, "timeout": chunk, "with_results": _with_results},
                 timeout=chunk + LIVENESS_MARGIN,
             )
             if status["state"] in FINAL_STATES:
@@ -240,13 +242,17 @@ class ExecutionClient:
         plus index.json) and the dict holds file paths instead of arrays. Arrays returned
         in memory are read-only views on the received buffers (``.copy()`` to modify).
         """
-        status = self.wait(exec_id, timeout)
+        # in memory, small results come with the final status: one request fewer
+        status = self.wait(exec_id, timeout, _with_results=directory is None)
         raise_for_status(status)
         sink: MemorySink | DirectorySink = (
             DirectorySink(Path(directory), exec_id) if directory is not None else MemorySink()
         )
-        for event in self._fetch_results(exec_id, 0, status["n_results"]):
-            sink.add(event["index"], event["name"], event["value"])
+        items = status.pop("results", None)
+        if items is None:
+            items = self._fetch_results(exec_id, 0, status["n_results"])
+        for item in items:
+            sink.add(item["index"], item["name"], item["value"])
         return sink.close()
 
     def cancel(self, exec_id: str) -> dict[str, Any]:

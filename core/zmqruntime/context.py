@@ -15,7 +15,7 @@ import numpy as np
 
 from . import protocol
 from .errors import ExecutionCancelled
-from .resultfile import aligned_copy, write_npy
+from .resultfile import NPY_DATA_OFFSET, aligned_copy, write_npy
 
 #: bytes results larger than this are written to a file instead of the index
 INLINE_BYTES_LIMIT = 1 << 20
@@ -246,7 +246,9 @@ class Context:
                 "file": path.name,
                 "dtype": protocol.dtype_to_wire(value.dtype),
                 "shape": list(value.shape),
+                "order": "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C",
                 "nbytes": int(value.nbytes),
+                "offset": NPY_DATA_OFFSET,  # the server maps the data without reading the file
             }
             return meta, data, path, int(value.nbytes)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > INLINE_BYTES_LIMIT:

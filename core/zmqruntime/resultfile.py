@@ -17,6 +17,8 @@ import numpy as np
 from . import protocol
 
 BLOCK = 4096
+#: where the array data starts in every .npy file written here (the header fills one block)
+NPY_DATA_OFFSET = BLOCK
 _MAGIC = b"\x93NUMPY\x01\x00"
 
 

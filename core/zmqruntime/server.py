@@ -67,8 +67,8 @@ class WorkerHandle:
 
 
 @dataclass
-class MultiWaiter:
-    """A parked wait_many request: answered when ``pending`` empties or at ``deadline``."""
+class Waiter:
+    """A parked wait / wait_many request: answered when ``pending`` empties or at ``deadline``."""
 
     route: list[bytes]
     req: Any
@@ -77,6 +77,7 @@ class MultiWaiter:
     ids: list[str]
     with_results: bool
     max_bytes: int
+    single: bool  # a wait (status + results of one run), not a wait_many
     answered: bool = False
 
 
@@ -87,10 +88,9 @@ class Run:
     worker: str | None = None
     cancel_requested: bool = False
     cancel_deadline: float | None = None
-    waiters: list[tuple[list[bytes], Any, float]] = field(default_factory=list)
     task: dict[str, Any] | None = None
     log_bytes: int = 0
-    multi_waiters: list[MultiWaiter] = field(default_factory=list)
+    waiters: list[Waiter] = field(default_factory=list)
 
 
 class ExecutionServer:
@@ -130,6 +130,7 @@ class ExecutionServer:
         self.runs: dict[str, Run] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.workers: dict[str, WorkerHandle] = {}
+        self._finished: list[Run] = []
         self._worker_counter = 0
         self._stopping = False
         self._started = time.time()
@@ -274,7 +275,7 @@ class ExecutionServer:
             if now - last_tick >= TICK:
                 self._tick()
                 last_tick = now
-            self.store.commit()
+            self._announce_finished()
 
     def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
         for _ in range(limit):
@@ -290,6 +291,7 @@ class ExecutionServer:
 
     # ------------------------------------------------------------------ control channel
     def _on_control(self, frames: list[zmq.Frame]) -> None:
+        self._announce_finished()  # no reply may report a final state that is not durable
         # ROUTER prefix: identity, then an empty delimiter if the peer is a REQ socket
         route = [frames[0].bytes]
         rest = frames[1:]
@@ -430,15 +432,12 @@ class ExecutionServer:
         return self._status(self._record(_require(body, "id", str)))
 
     def handle_wait(self, body: dict) -> Any:
-        """Long poll: answered when the run ends or after ``timeout`` seconds."""
-        exec_id = _require(body, "id", str)
-        timeout = min(float(_optional(body, "timeout", (int, float)) or MAX_WAIT), MAX_WAIT)
-        record = self._record(exec_id)
-        run = self.runs.get(exec_id)
-        if record["state"] in protocol.FINAL_STATES or run is None or timeout <= 0:
-            return self._status(record)
-        run.waiters.append((self._current_route, self._current_req, time.monotonic() + timeout))
-        return NO_REPLY
+        """Long poll: answered when the run ends or after ``timeout`` seconds.
+
+        With ``with_results``, a completed run's stored results come along when their
+        arrays fit in ``max_bytes`` (the reply's ``results``), saving a request.
+        """
+        return self._park(body, [_require(body, "id", str)], MAX_WAIT, single=True)
 
     def handle_wait_many(self, body: dict) -> Any:
         """Long poll on many runs: answered when all have ended or after ``timeout``.
@@ -449,11 +448,15 @@ class ExecutionServer:
         ids = _require(body, "ids", list)
         if len(ids) > MAX_BATCH or not all(isinstance(i, str) for i in ids):
             raise ProtocolError(f"'ids' must be a list of at most {MAX_BATCH} str")
-        timeout = min(float(_optional(body, "timeout", (int, float)) or 0.0), MAX_WAIT)
+        return self._park(body, ids, 0.0, single=False)
+
+    def _park(self, body: dict, ids: list[str], default_timeout: float, single: bool) -> Any:
+        timeout = _optional(body, "timeout", (int, float))
+        timeout = min(float(default_timeout if timeout is None else timeout), MAX_WAIT)
         with_results = bool(_optional(body, "with_results", bool))
         max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
         pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
-        waiter = MultiWaiter(
+        waiter = Waiter(
             self._current_route,
             self._current_req,
             pending,
@@ -461,16 +464,17 @@ class ExecutionServer:
             ids,
             with_results,
             max_bytes,
+            single,
         )
         if not pending or timeout <= 0:
-            return self._wait_many_reply(waiter)
+            return self._waiter_reply(waiter)
         for exec_id in pending:
-            self.runs[exec_id].multi_waiters.append(waiter)
+            self.runs[exec_id].waiters.append(waiter)
         return NO_REPLY
 
-    def _wait_many_reply(self, waiter: MultiWaiter) -> dict[str, Any]:
+    def _waiter_reply(self, waiter: Waiter) -> dict[str, Any]:
         statuses = [self._status(self._record(i)) for i in waiter.ids]
-        reply: dict[str, Any] = {"statuses": statuses}
+        reply: dict[str, Any] = dict(statuses[0]) if waiter.single else {"statuses": statuses}
         if waiter.with_results:
             results: dict[str, list] = {}
             truncated: list[str] = []
@@ -478,28 +482,28 @@ class ExecutionServer:
             for status in statuses:
                 if status["state"] != "completed" or status["n_results"] == 0:
                     continue
-                if budget <= 0:
+                entries = list(self.store.results(status["id"]))
+                size = sum(int(e.get("nbytes", 0)) for e in entries)
+                if size > budget:
                     truncated.append(status["id"])
                     continue
+                budget -= size
                 run_dir = self.store.run_dir(status["id"])
-                items = []
-                for entry in self.store.results(status["id"]):
-                    items.append(
-                        {
-                            "index": entry["index"],
-                            "name": entry["name"],
-                            "value": self._load_result(run_dir, entry),
-                        }
-                    )
-                    budget -= int(entry.get("nbytes", 0))
-                results[status["id"]] = items
-            reply.update(results=results, truncated=truncated)
+                results[status["id"]] = [
+                    {"index": e["index"], "name": e["name"], "value": self._load_result(run_dir, e)}
+                    for e in entries
+                ]
+            if waiter.single:
+                if results:
+                    reply["results"] = results[waiter.ids[0]]
+            else:
+                reply.update(results=results, truncated=truncated)
         return reply
 
-    def _answer_multi_waiter(self, waiter: MultiWaiter) -> None:
+    def _answer(self, waiter: Waiter) -> None:
         if not waiter.answered:
             waiter.answered = True
-            self._send(waiter.route, protocol.reply(waiter.req, self._wait_many_reply(waiter)))
+            self._send(waiter.route, protocol.reply(waiter.req, self._waiter_reply(waiter)))
 
     def handle_list(self, body: dict) -> dict:
         limit = int(_optional(body, "limit", int) or 200)
@@ -601,6 +605,16 @@ class ExecutionServer:
 
     def _load_result(self, run_dir: Path, entry: dict[str, Any]) -> Any:
         kind = entry.get("kind")
+        if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
+            # map the data where the writer put it: nothing is read in this loop
+            return np.memmap(
+                run_dir / entry["file"],
+                mode="r",
+                dtype=protocol.dtype_from_wire(entry["dtype"]),
+                offset=entry["offset"],
+                shape=tuple(entry["shape"]),
+                order=entry.get("order", "C"),
+            )
         if kind == "array":
             path = run_dir / entry["file"]
             if int(entry.get("nbytes", 1)) == 0:
@@ -774,12 +788,10 @@ class ExecutionServer:
                         state="cancelled",
                     )
             if run.waiters:
-                self._expire_waiters(run, now)
-            if run.multi_waiters:
-                for waiter in run.multi_waiters:
+                for waiter in run.waiters:
                     if now >= waiter.deadline:
-                        self._answer_multi_waiter(waiter)
-                run.multi_waiters = [w for w in run.multi_waiters if not w.answered]
+                        self._answer(waiter)
+                run.waiters = [w for w in run.waiters if not w.answered]
 
     def _kill_worker(self, worker: WorkerHandle, reason: str, state: str = "failed") -> None:
         with contextlib.suppress(OSError):
@@ -852,27 +864,23 @@ class ExecutionServer:
             n_logs=record["n_logs"],
             attempts=record["attempts"],
         )
-        self.store.commit()  # a final state is durable before anyone hears of it
-        self._publish_state(run)
-        status = self._status(record)
-        for route, req, _ in run.waiters:
-            self._send(route, protocol.reply(req, status))
-        run.waiters.clear()
         del self.runs[record["id"]]
-        for waiter in run.multi_waiters:
-            waiter.pending.discard(record["id"])
-            if not waiter.pending:
-                self._answer_multi_waiter(waiter)
-        run.multi_waiters.clear()
+        self._finished.append(run)  # announced once this loop turn's writes are committed
 
-    def _expire_waiters(self, run: Run, now: float) -> None:
-        keep = []
-        for route, req, deadline in run.waiters:
-            if now >= deadline:
-                self._send(route, protocol.reply(req, self._status(run.record)))
-            else:
-                keep.append((route, req, deadline))
-        run.waiters = keep
+    def _announce_finished(self) -> None:
+        """Commit, then tell watchers and waiters: a final state is durable before anyone
+        hears of it, and one commit serves every run that ended in this loop turn."""
+        self.store.commit()
+        if not self._finished:
+            return
+        finished, self._finished = self._finished, []
+        for run in finished:
+            self._publish_state(run)
+            for waiter in run.waiters:
+                waiter.pending.discard(run.record["id"])
+                if not waiter.pending:
+                    self._answer(waiter)
+            run.waiters.clear()
 
     def _publish_state(self, run: Run) -> None:
         self._publish(run, EventKind.STATE, {"status": self._status(run.record)})
@@ -909,10 +917,10 @@ class ExecutionServer:
                     error="interrupted: the server shut down while this run was running",
                     message="interrupted by server shutdown",
                 )
+        self._announce_finished()
         for run in self.runs.values():  # queued runs stay queued: they run after a restart
-            parked = [(route, req) for route, req, _ in run.waiters]
-            parked += [(w.route, w.req) for w in run.multi_waiters if not w.answered]
-            for w in run.multi_waiters:
+            parked = [(w.route, w.req) for w in run.waiters if not w.answered]
+            for w in run.waiters:
                 w.answered = True
             for route, req in parked:
                 self._send(
