@@ -185,16 +185,28 @@ class ExecutionServer:
         for exec_id in self.store.ids_in_state("running"):
             record = self.store.get(exec_id)
             assert record is not None
+            # the counters are written at the end of a run: count what it left behind
+            n_results, n_logs = self.store.counts(exec_id)
             if record["attempts"] <= record["retries"]:
+                self.store.clear_results(exec_id)
                 self.store.update(
-                    exec_id, state="queued", started=None, message="requeued after a server restart"
+                    exec_id,
+                    state="queued",
+                    started=None,
+                    progress=None,
+                    n_results=0,
+                    n_logs=n_logs,
+                    message="requeued after a server restart",
                 )
             else:
                 self.store.update(
                     exec_id,
                     state="failed",
                     finished=time.time(),
+                    n_results=n_results,
+                    n_logs=n_logs,
                     error="interrupted: the server stopped while this run was running",
+                    message="interrupted by a server restart",
                 )
         for exec_id in self.store.ids_in_state("queued"):
             record = self.store.get(exec_id)
@@ -809,8 +821,19 @@ class ExecutionServer:
                     record["attempts"] + 1,
                     record["retries"] + 1,
                 )
-                record.update(state="queued", message=f"retrying: {reason}")
-                self.store.update(record["id"], state="queued", message=record["message"])
+                # the next attempt starts from nothing: the dead one's results are dropped
+                record.update(
+                    state="queued", message=f"retrying: {reason}", n_results=0, progress=None
+                )
+                self.store.clear_results(record["id"])
+                self.store.update(
+                    record["id"],
+                    state="queued",
+                    message=record["message"],
+                    n_results=0,
+                    progress=None,
+                    n_logs=record["n_logs"],
+                )
                 pipeline, config_code, config = self.store.code_of(record["id"])
                 run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
                 self.queue.appendleft(record["id"])

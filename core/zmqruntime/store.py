@@ -181,6 +181,22 @@ class Store:
         for idx, name, meta in rows:
             yield {"index": idx, "name": name, **msgpack.unpackb(meta, raw=False)}
 
+    def clear_results(self, exec_id: str) -> None:
+        """Forget a run's results (index and files): a retried run starts from nothing."""
+        self._begin()
+        self.db.execute("DELETE FROM results WHERE exec_id=?", (exec_id,))
+        shutil.rmtree(self.run_dir(exec_id), ignore_errors=True)
+
+    def counts(self, exec_id: str) -> tuple[int, int]:
+        """``(n_results, n_logs)`` as stored: the record's counters are written only at the end."""
+        (n_results,) = self.db.execute(
+            "SELECT COALESCE(MAX(idx)+1, 0) FROM results WHERE exec_id=?", (exec_id,)
+        ).fetchone()
+        (n_logs,) = self.db.execute(
+            "SELECT COALESCE(MAX(idx)+1, 0) FROM logs WHERE exec_id=?", (exec_id,)
+        ).fetchone()
+        return n_results, n_logs
+
     # -- logs
     def add_log(self, exec_id: str, idx: int, t: float, text: str) -> None:
         self._begin()
