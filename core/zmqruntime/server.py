@@ -108,6 +108,7 @@ class ExecutionServer:
         heartbeat_timeout: float = 10.0,
         keep_days: float | None = None,
         max_store_gb: float | None = None,
+        retention_interval: float = 600.0,
     ) -> None:
         if not is_loopback(host) and keys is None and not insecure:
             raise InsecureBindRefused(
@@ -126,6 +127,8 @@ class ExecutionServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.keep_days = keep_days
         self.max_store_gb = max_store_gb
+        self.retention_interval = retention_interval
+        self._last_retention = time.monotonic()
         self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
         self.runs: dict[str, Run] = {}
         self.queue: collections.deque[str] = collections.deque()
@@ -753,6 +756,11 @@ class ExecutionServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if (
+            self.keep_days is not None or self.max_store_gb is not None
+        ) and now - self._last_retention >= self.retention_interval:
+            self._last_retention = now
+            self._apply_retention()  # a server that runs for months keeps its store bounded
         for worker in list(self.workers.values()):
             code = worker.proc.poll()
             if code is not None:
