@@ -1,0 +1,114 @@
+"""Worker crashes: os._exit, SIGKILL and a real segfault each cost one run, never the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+from reliability_util import BLOCKING, QUICK, read_pid, wait_for
+
+EXIT_7 = """
+import os
+def run(ctx, config):
+    ctx.log("exiting hard")
+    ctx.flush_logs()
+    os._exit(7)
+"""
+
+SEGFAULT = """
+import ctypes, resource
+def run(ctx, config):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the test's cwd
+    ctypes.string_at(0)  # reads address 0: SIGSEGV in C, no Python exception
+"""
+
+#: crashes (exit code 7) on its first ``config.crashes`` attempts, then completes
+CRASH_N_TIMES = """
+import os
+def run(ctx, config):
+    with open(config.counter, "a") as f:
+        f.write("x")
+    with open(config.counter) as f:
+        attempt = len(f.read())
+    if attempt <= config.crashes:
+        os._exit(7)
+    return attempt
+"""
+
+
+def _worker_pids(server) -> set[int]:
+    return {p.pid for p in psutil.Process(server.proc.pid).children()}
+
+
+def _crash(kind: str, client, tmp_path) -> str:
+    """Start a run that kills its worker in the way named by ``kind``; return its id."""
+    if kind == "exit":
+        return client.execute(EXIT_7)
+    if kind == "segfault":
+        return client.execute(SEGFAULT)
+    pid_file = tmp_path / f"{kind}.pid"
+    exec_id = client.execute(BLOCKING, config={"pid_file": str(pid_file)})
+    os.kill(read_pid(pid_file), signal.SIGKILL)
+    return exec_id
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("exit", "exit code 7"),
+        ("sigkill", "killed by signal SIGKILL"),
+        ("segfault", "killed by signal SIGSEGV"),
+    ],
+)
+def test_a_dying_worker_fails_its_run_and_is_replaced(make_server, tmp_path, kind, expected):
+    s = make_server(kind, workers=2)
+    c = s.client()
+    before = _worker_pids(s)
+    # a run on the other worker must not notice anything
+    bystander = c.execute(BLOCKING, config={"pid_file": str(tmp_path / "by.pid"), "seconds": 2})
+    read_pid(tmp_path / "by.pid")
+
+    victim = _crash(kind, c, tmp_path)
+    status = c.wait(victim, timeout=30)
+    assert status["state"] == "failed"
+    assert status["error"] == f"the worker process died ({expected})"
+    assert status["attempts"] == 1
+    if kind == "exit":
+        assert [line["text"] for line in c.get_logs(victim)] == ["exiting hard"]
+
+    assert c.wait(bystander, timeout=30)["state"] == "completed"
+    assert s.proc.poll() is None, "the server died with its worker"
+    wait_for(lambda: c.ping()["workers_ready"] == 2, what="a replacement worker")
+    after = _worker_pids(s)
+    assert len(after) == 2 and len(after - before) == 1, (before, after)
+    # the pool works as before: two runs at once, both complete
+    ids = [c.execute(QUICK, config={"value": i}) for i in range(2)]
+    assert [c.get_results(i, timeout=30) for i in ids] == [{"return": [0]}, {"return": [1]}]
+
+
+def test_retries_resubmit_a_run_whose_worker_died(make_server, tmp_path):
+    s = make_server("retries", workers=1)
+    c = s.client()
+    lucky = c.execute(
+        CRASH_N_TIMES, config={"counter": str(tmp_path / "a"), "crashes": 2}, retries=2
+    )
+    status = c.wait(lucky, timeout=60)
+    assert status["state"] == "completed", status
+    assert status["attempts"] == 3
+    assert c.get_results(lucky) == {"return": [3]}
+
+    unlucky = c.execute(
+        CRASH_N_TIMES, config={"counter": str(tmp_path / "b"), "crashes": 99}, retries=1
+    )
+    status = c.wait(unlucky, timeout=60)
+    assert status["state"] == "failed"
+    assert status["attempts"] == 2
+    assert status["error"] == "the worker process died (exit code 7)"
+    assert (tmp_path / "b").read_text() == "xx"  # exactly two attempts ran
+
+    # a pipeline that merely raises is not retried: retries are for dead workers
+    raising = c.execute("def run(ctx, config):\n    raise ValueError('no')\n", retries=3)
+    status = c.wait(raising, timeout=30)
+    assert status["state"] == "failed" and status["attempts"] == 1
