@@ -318,7 +318,7 @@ class ExecutionClient:
             yield from follow(
                 sub,
                 exec_id,
-                self.get_status,
+                self._probe_status,
                 self._fetch_results,
                 previews=previews,
                 poll_interval=poll_interval,
@@ -344,6 +344,12 @@ class ExecutionClient:
         return sub
 
     # ------------------------------------------------------------------ internals
+    def _probe_status(self, exec_id: str) -> dict[str, Any]:
+        """get_status with the budget of one wait chunk: a quiet stream notices a dead
+        server as fast as wait() does (within poll_interval + 3 s by default)."""
+        timeout = min(self.timeout, WAIT_CHUNK + LIVENESS_MARGIN)
+        return self._request(ControlMessageType.STATUS, {"id": exec_id}, timeout=timeout)
+
     def _fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
         """Stored results ``start <= index < stop`` as result events, in batches.
 
