@@ -424,7 +424,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .transport import generate_keys
 
-    paths = generate_keys(args.dir)
+    try:
+        paths = generate_keys(args.dir)
+    except FileExistsError as exc:
+        err.print(f"zmqruntime keys generate: {exc}", markup=False)
+        return EXIT_USAGE
     console.print(f"CURVE keys written to {args.dir}:")
     for label, path in paths.items():
         console.print(f"  {label:14s} {path}", markup=False)
