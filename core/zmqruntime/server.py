@@ -121,7 +121,7 @@ class ExecutionServer:
         self.data_port = data_port_of(port)
         self.n_workers = workers or os.cpu_count() or 1
         self.data_dir = Path(data_dir) if data_dir else local.default_data_dir(port)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we make it
         self.log_file = self.data_dir / "server.log"
         self.cancel_grace = cancel_grace
         self.heartbeat_timeout = heartbeat_timeout

@@ -13,6 +13,7 @@ server, which indexes them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import time
@@ -84,8 +85,11 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.results_dir = self.data_dir / "results"
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.data_dir / "executions.sqlite", isolation_level=None)
+        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db_path = self.data_dir / "executions.sqlite"
+        if not db_path.exists():  # pipelines' code and results: readable by this user only
+            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite's -wal follows
+        self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
