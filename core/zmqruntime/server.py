@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -44,6 +45,8 @@ NO_REPLY = object()  # a handler that parks the request (long-poll wait) returns
 TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
 MAX_WAIT = 30.0
+MAX_RETRIES = 100
+MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
@@ -370,12 +373,15 @@ class ExecutionServer:
         }
 
     def handle_execute(self, body: dict) -> dict:
+        config = _optional(body, "config", dict)
+        retries = _optional(body, "retries", int) or 0
+        _check_run_fields(config, retries)
         run = self._submit(
             _require(body, "pipeline_code", str),
             _optional(body, "config_code", str),
-            _optional(body, "config", dict),
+            config,
             _optional(body, "name", str),
-            _optional(body, "retries", int) or 0,
+            retries,
         )
         self._dispatch()
         return {"id": run.record["id"], "status": self._status(run.record)}
@@ -394,6 +400,7 @@ class ExecutionServer:
         for i, config in enumerate(configs):
             if config is not None and not isinstance(config, dict):
                 raise ProtocolError(f"configs[{i}] must be a map or nil")
+            _check_run_fields(config, retries)
         for i, name in enumerate(names or []):
             if name is not None and not isinstance(name, str):
                 raise ProtocolError(f"names[{i}] must be str or nil")
@@ -447,7 +454,7 @@ class ExecutionServer:
     def handle_wait(self, body: dict) -> Any:
         """Long poll: answered when the run ends or after ``timeout`` seconds."""
         exec_id = _require(body, "id", str)
-        timeout = min(float(_optional(body, "timeout", (int, float)) or MAX_WAIT), MAX_WAIT)
+        timeout = _timeout(body, default=MAX_WAIT)
         record = self._record(exec_id)
         run = self.runs.get(exec_id)
         if record["state"] in protocol.FINAL_STATES or run is None or timeout <= 0:
@@ -464,9 +471,9 @@ class ExecutionServer:
         ids = _require(body, "ids", list)
         if len(ids) > MAX_BATCH or not all(isinstance(i, str) for i in ids):
             raise ProtocolError(f"'ids' must be a list of at most {MAX_BATCH} str")
-        timeout = min(float(_optional(body, "timeout", (int, float)) or 0.0), MAX_WAIT)
+        timeout = _timeout(body, default=0.0)
         with_results = bool(_optional(body, "with_results", bool))
-        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
         pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
         waiter = MultiWaiter(
             self._current_route,
@@ -517,8 +524,10 @@ class ExecutionServer:
             self._send(waiter.route, protocol.reply(waiter.req, self._wait_many_reply(waiter)))
 
     def handle_list(self, body: dict) -> dict:
-        limit = int(_optional(body, "limit", int) or 200)
+        limit = _count(body, "limit", 200)
         states = _optional(body, "states", list)
+        if states is not None and not all(s in protocol.STATES for s in states):
+            raise ProtocolError(f"field 'states' must list states among {protocol.STATES}")
         records = self.store.list(limit=limit, states=states)
         live = {r["id"]: r for r in (run.record for run in self.runs.values())}
         out = [self._status(live.get(r["id"], r)) for r in records]
@@ -559,9 +568,9 @@ class ExecutionServer:
 
     def handle_results(self, body: dict) -> dict:
         exec_id = _require(body, "id", str)
-        start = int(_optional(body, "start", int) or 0)
-        limit = int(_optional(body, "limit", int) or 1000)
-        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        start = _count(body, "start", 0)
+        limit = _count(body, "limit", 1000)
+        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
         values = _optional(body, "values", bool)
         record = self._record(exec_id)
         if values is False:  # a listing: what each result is, without its bytes
@@ -580,8 +589,8 @@ class ExecutionServer:
     def handle_logs(self, body: dict) -> dict:
         exec_id = _require(body, "id", str)
         record = self._record(exec_id)
-        start = int(_optional(body, "start", int) or 0)
-        limit = int(_optional(body, "limit", int) or 10_000)
+        start = _count(body, "start", 0)
+        limit = _count(body, "limit", 10_000)
         return {"logs": self.store.logs(exec_id, start, limit), "n_logs": record["n_logs"]}
 
     def handle_source(self, body: dict) -> dict:
@@ -993,19 +1002,45 @@ def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _require(body: dict, key: str, types: Any) -> Any:
-    if key not in body:
+    if body.get(key) is None:
         raise ProtocolError(f"missing field {key!r}")
     return _optional(body, key, types)
 
 
 def _optional(body: dict, key: str, types: Any) -> Any:
     value = body.get(key)
+    allowed = types if isinstance(types, tuple) else (types,)
     if value is not None and (
-        not isinstance(value, types) or isinstance(value, bool) and types is int
+        not isinstance(value, types) or isinstance(value, bool) and bool not in allowed
     ):
         expected = getattr(types, "__name__", None) or "/".join(t.__name__ for t in types)
         raise ProtocolError(f"field {key!r} must be {expected}, got {type(value).__name__}")
     return value
+
+
+def _check_run_fields(config: dict | None, retries: int) -> None:
+    """What a run needs beyond field types; checked before anything is submitted."""
+    if config is not None and not all(isinstance(k, str) for k in config):
+        raise ProtocolError("field 'config' must map names (str) to values")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ProtocolError(f"field 'retries' must be 0 to {MAX_RETRIES}, got {retries}")
+
+
+def _timeout(body: dict, default: float) -> float:
+    """A long poll's ``timeout`` in seconds, at most MAX_WAIT; 0 or less: answer at once."""
+    timeout = _optional(body, "timeout", (int, float))
+    timeout = default if timeout is None else min(float(timeout), MAX_WAIT)
+    if math.isnan(timeout):  # would park the request forever
+        raise ProtocolError("field 'timeout' must be a number of seconds, got NaN")
+    return timeout
+
+
+def _count(body: dict, key: str, default: int) -> int:
+    """A non-negative int field (0 or absent: ``default``), capped to what SQLite takes."""
+    value = _optional(body, key, int)
+    if value is not None and value < 0:
+        raise ProtocolError(f"field {key!r} must not be negative, got {value}")
+    return min(value or default, MAX_COUNT)
 
 
 def _bad_request_message(exc: Exception) -> str:
