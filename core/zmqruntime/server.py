@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -46,6 +47,8 @@ TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
 MAX_WAIT = 30.0
 MAX_RETRIES = 100
+#: what varies between two bad requests of one kind: quoted text, bytes, numbers
+_VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\d+")
 MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
@@ -333,7 +336,7 @@ class ExecutionServer:
             self._note_bad_input(f"{type(exc).__name__}: {exc}")
             reply = protocol.error_reply(req, ErrorCode.BAD_REQUEST, _bad_request_message(exc))
         except Exception as exc:  # a bug must cost one reply, never the server
-            log.exception("internal error handling a request")
+            self._note_bad_input(f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
             reply = protocol.error_reply(req, ErrorCode.INTERNAL, f"internal error: {exc}")
         self._send(route, reply)
 
@@ -341,11 +344,18 @@ class ExecutionServer:
         with contextlib.suppress(zmq.ZMQError):
             self.control.send_multipart([*route, *frames], copy=False)
 
-    def _note_bad_input(self, what: str) -> None:
+    def _note_bad_input(self, what: str, exc_info: bool = False) -> None:
+        """Count a bad request; log the first of each kind (quoted values and numbers
+        stripped), so a flood of garbage cannot flood the log."""
         self.bad_messages += 1
-        key = what.split(":")[0][:80]
-        if key not in self._bad_input_logged and len(self._bad_input_logged) < 1000:
+        key = " ".join(
+            _VARYING.sub("_", what).split()[:3]
+        )  # "field _ must", "unknown request type"
+        if key not in self._bad_input_logged and len(self._bad_input_logged) < 200:
             self._bad_input_logged.add(key)
+            if exc_info:
+                log.exception("%s (logged once per kind)", what[:500])
+                return
             log.warning("bad request (logged once per kind): %s", what[:500])
 
     # -- handlers: one per ControlMessageType member
@@ -369,6 +379,7 @@ class ExecutionServer:
             "log_file": str(self.log_file),
             "secure": self.security is not None,
             "cancel_grace": self.cancel_grace,
+            "bad_messages": self.bad_messages,
             "time": time.time(),
         }
 
