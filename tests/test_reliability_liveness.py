@@ -139,3 +139,17 @@ def test_a_hung_worker_is_detected_by_its_missing_heartbeats(make_server, tmp_pa
     wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="the hung worker to be killed")
     wait_for(lambda: c.ping()["workers_ready"] == 1, what="a replacement worker")
     assert c.get_results(c.execute(QUICK, config={"value": 5}), timeout=30) == {"return": [5]}
+
+
+def test_wait_with_a_zero_timeout_answers_at_once(make_server, tmp_path):
+    s = make_server("zero", workers=1)
+    c = s.client()
+    exec_id = c.execute(BLOCKING, config={"pid_file": str(tmp_path / "pid"), "seconds": 30})
+    read_pid(tmp_path / "pid")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="still running"):
+        c.wait(exec_id, timeout=0)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(TimeoutError):
+        c.get_results(exec_id, timeout=0)
+    c.cancel(exec_id)
