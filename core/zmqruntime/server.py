@@ -147,6 +147,8 @@ class ExecutionServer:
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
+        # workers' stderr lands here too (C libraries, crashes): private like the store
+        os.close(os.open(self.log_file, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
         handler = logging.FileHandler(self.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("zmqruntime")
