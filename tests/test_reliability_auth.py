@@ -92,6 +92,7 @@ def test_runtime_and_data_dirs_are_private(make_server, tmp_path):
     assert mode(s.data_dir / "results") == 0o700
     assert mode(s.data_dir / "executions.sqlite") == 0o600
     assert mode(s.data_dir / "executions.sqlite-wal") == 0o600
+    assert mode(s.data_dir / "server.log") == 0o600
     fresh = tmp_path / "fresh" / "data"  # a --data-dir the server creates itself
     s2 = make_server("private2", workers=1, extra=["--data-dir", str(fresh)])
     assert s2.client().ping()["data_dir"] == str(fresh)
