@@ -308,6 +308,8 @@ class RecordingProxy:
                 dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
         for sock in self.sockets:
             with contextlib.suppress(OSError):
@@ -315,6 +317,7 @@ class RecordingProxy:
             sock.close()
         for t in self.threads:
             t.join(timeout=5)
+            assert not t.is_alive(), "a proxy thread did not stop"
 
 
 def _traffic_through_proxies(server, keys: Path | None, marker: str) -> tuple[bytes, bytes]:
