@@ -756,9 +756,13 @@ class ExecutionServer:
             return
         idle = [w for w in self.workers.values() if w.ready and w.current is None]
         while self.queue and idle:
+            worker = idle.pop(0)
+            code = worker.proc.poll()
+            if code is not None:  # died since the last tick: a run sent to it would be lost
+                self._on_worker_exit(worker, code)
+                continue
             exec_id = self.queue.popleft()
             run = self.runs[exec_id]
-            worker = idle.pop(0)
             task = run.task
             if task is None:  # recovered after a restart: the code is in the store
                 pipeline, config_code, config = self.store.code_of(exec_id)
