@@ -52,6 +52,7 @@ _VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\
 MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
+MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back off up to this
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
@@ -140,6 +141,8 @@ class ExecutionServer:
         self.queue: collections.deque[str] = collections.deque()
         self.workers: dict[str, WorkerHandle] = {}
         self._worker_counter = 0
+        self._start_failures = 0  # workers in a row that died before they were ready
+        self._respawn_due: list[float] = []  # monotonic times at which to start a worker
         self._stopping = False
         self._started = time.time()
         self._bad_input_logged: set[str] = set()
@@ -685,6 +688,7 @@ class ExecutionServer:
         worker.last_seen = time.monotonic()
         if msg.get("type") == "ready" and not worker.ready:
             worker.ready = True
+            self._start_failures = 0
             log.info("worker %s ready (pid %s)", wid, msg.get("pid"))
             self._dispatch()
 
@@ -782,6 +786,9 @@ class ExecutionServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._respawn_due and min(self._respawn_due) <= now:
+            self._respawn_due.remove(min(self._respawn_due))
+            self._spawn_worker()
         if (
             self.keep_days is not None or self.max_store_gb is not None
         ) and now - self._last_retention >= self.retention_interval:
@@ -876,10 +883,24 @@ class ExecutionServer:
                 self._finish(
                     run, state, error=reason if state == "failed" else None, message=reason
                 )
-        elif reason is None and not self._stopping:
+        elif reason is None and not self._stopping and worker.ready:
             log.warning("worker %s exited (%s)", worker.wid, describe_exit(code))
-        if not self._stopping:
+        if self._stopping:
+            return
+        if worker.ready:
             self._spawn_worker()
+            return
+        # it never started (a broken environment?): retry, but not in a tight loop
+        self._start_failures += 1
+        delay = min(MAX_RESPAWN_DELAY, 0.5 * 2 ** (self._start_failures - 1))
+        log.warning(
+            "worker %s died before it was ready (%s); starting another in %.1f s "
+            "(its output is above)",
+            worker.wid,
+            describe_exit(code),
+            delay,
+        )
+        self._respawn_due.append(time.monotonic() + delay)
 
     # ------------------------------------------------------------------ state changes
     def _finish(
