@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -36,6 +37,14 @@ def run(ctx, config):
         os._exit(7)
     return attempt
 """
+
+
+def _dead(pid: int) -> bool:
+    """Gone or a zombie: dead, though its parent may not have noticed yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _worker_pids(server) -> set[int]:
@@ -112,3 +121,52 @@ def test_retries_resubmit_a_run_whose_worker_died(make_server, tmp_path):
     raising = c.execute("def run(ctx, config):\n    raise ValueError('no')\n", retries=3)
     status = c.wait(raising, timeout=30)
     assert status["state"] == "failed" and status["attempts"] == 1
+
+
+#: makes every new worker exit at once while a flag file exists (a broken environment)
+BREAK_WORKERS = """
+import os, sys
+if "zmqruntime.worker" in sys.orig_argv and os.path.exists(os.environ["ZMQR_TEST_BREAK"]):
+    raise SystemExit(1)
+"""
+
+
+def test_workers_that_cannot_start_are_retried_with_backoff(make_server, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BREAK_WORKERS)
+    flag = tmp_path / "workers-broken.flag"
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("ZMQR_TEST_BREAK", str(flag))
+    s = make_server("broken", workers=2)
+    c = s.client()
+    flag.touch()  # from now on no worker can start, as after a botched upgrade
+    for pid in _worker_pids(s):
+        os.kill(pid, signal.SIGKILL)
+    queued = c.execute(QUICK, config={"value": "after the repair"})
+    time.sleep(5)
+    log = (s.data_dir / "server.log").read_text()
+    attempts = log.count("died before it was ready")
+    print(f"\n  {attempts} failed worker starts in 5 s (backoff 0.5, 1, 2, 4 s ...)")
+    assert 2 <= attempts <= 10  # without backoff: hundreds, one per loop tick
+    assert c.ping()["workers_ready"] == 0
+    assert c.get_status(queued)["state"] == "queued"  # waits, is not lost
+
+    flag.unlink()  # repaired: the next attempt succeeds, the queue moves again
+    wait_for(lambda: c.ping()["workers_ready"] == 2, timeout=40, what="workers to start again")
+    assert c.get_results(queued, timeout=30) == {"return": ["after the repair"]}
+
+
+def test_a_run_submitted_just_after_idle_workers_died_is_not_lost(make_server):
+    s = make_server("idle-deaths", workers=2)
+    c = s.client()
+    for _ in range(3):
+        pids = _worker_pids(s)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pids=pids: all(_dead(p) for p in pids), what="the workers to die")
+        # the server has not polled its workers yet: it must not hand this run to a corpse
+        exec_id = c.execute(QUICK, config={"value": 1})
+        status = c.wait(exec_id, timeout=30)
+        assert status["state"] == "completed", status
+        assert status["attempts"] == 1
