@@ -194,6 +194,26 @@ def structured_cases(rng: random.Random) -> list[tuple[str, list[bytes]]]:
         {"pipeline_code": code, "config": {"a": float("nan"), 1: "int key"}, "retries": "x"},
     ]:
         cases.append(("execute", [SIG, header("execute", body)]))
+    # the batch requests: a bad entry anywhere refuses the whole batch
+    for body in [
+        {"pipeline_code": code, "configs": [{}, {"a": 1}], "retries": 101},
+        {"pipeline_code": code, "configs": [{}, {1: "int key"}]},
+        {"pipeline_code": code, "configs": [{}, "a=1"]},
+        {"pipeline_code": code, "configs": [{}], "names": [1]},
+        {"pipeline_code": code, "configs": [{}], "names": ["a", "b"]},
+        {"pipeline_code": code, "configs": {"a": 1}},
+        {"pipeline_code": None, "configs": [{}]},
+    ]:
+        cases.append(("execute_many", [SIG, header("execute_many", body)]))
+    for body in [
+        {"ids": "0123456789abcdef"},
+        {"ids": [1]},
+        {"ids": ["0123456789abcdef"]},  # unknown id
+        {"ids": [], "timeout": float("nan")},
+        {"ids": [], "max_bytes": -1},
+        {"ids": [], "with_results": 1},
+    ]:
+        cases.append(("wait_many", [SIG, header("wait_many", body)]))
     # array references that lie
     for ref, buffers in [
         (array_ref(0, "<u2", [4]), []),  # no buffer
@@ -346,6 +366,9 @@ def test_a_wait_with_a_nan_timeout_does_not_park_forever(make_server, tmp_path):
     try:
         fuzzer = Fuzzer(ctx, s.port, zmq.DEALER)
         reply = fuzzer.send([SIG, header("wait", {"id": exec_id, "timeout": float("nan")})])
+        assert "timeout" in reply["body"]["message"]
+        nan = {"ids": [exec_id], "timeout": float("nan")}
+        reply = fuzzer.send([SIG, header("wait_many", nan)])
         assert "timeout" in reply["body"]["message"]
         for timeout in (-1.0, 0.0):  # no wait at all: the status at once
             reply = fuzzer.send(
