@@ -54,9 +54,12 @@ class ServerProcess:
     proc: subprocess.Popen
     data_dir: Path
     clients: list[ExecutionClient] = field(default_factory=list)
+    keys: Path | None = None  # CURVE key dir of a secured server; its clients use it
 
     def client(self, **kwargs) -> ExecutionClient:
         kwargs.setdefault("auto_spawn", False)
+        if self.keys is not None:
+            kwargs.setdefault("keys", self.keys)
         c = ExecutionClient(port=self.port, **kwargs)
         self.clients.append(c)
         return c
@@ -95,8 +98,12 @@ def start_server(
     port: int | None = None,
     extra: list[str] | None = None,
     timeout: float = 30.0,
+    keys: Path | None = None,
 ) -> ServerProcess:
+    """Start ``zmqruntime serve`` and wait for its workers; ``keys`` serves with CURVE."""
     port = port or free_port()
+    if keys is not None:
+        extra = [*(extra or []), "--keys", str(keys)]
     cmd = [
         sys.executable,
         "-m",
@@ -124,7 +131,7 @@ def start_server(
             kill_tree(proc)
             raise RuntimeError("server did not open its port")
         time.sleep(0.02)
-    server = ServerProcess(port, proc, data_dir)
+    server = ServerProcess(port, proc, data_dir, keys=keys)
     # wait until every worker is ready, so timing-sensitive tests start from a full pool
     c = server.client()
     while c.ping()["workers_ready"] < workers:

@@ -227,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             heartbeat_timeout=args.heartbeat_timeout,
             keep_days=args.keep_days,
             max_store_gb=args.max_store_gb,
+            retention_interval=args.retention_interval,
         )
     except (InsecureBindRefused, FileNotFoundError) as exc:
         err.print(f"zmqruntime serve: {exc}", markup=False)
@@ -423,7 +424,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .transport import generate_keys
 
-    paths = generate_keys(args.dir)
+    try:
+        paths = generate_keys(args.dir)
+    except FileExistsError as exc:
+        err.print(f"zmqruntime keys generate: {exc}", markup=False)
+        return EXIT_USAGE
     console.print(f"CURVE keys written to {args.dir}:")
     for label, path in paths.items():
         console.print(f"  {label:14s} {path}", markup=False)
@@ -564,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-days", type=float, help="remove finished runs older than this")
     p.add_argument("--max-store-gb", type=float, help="cap on stored results, oldest go first")
+    p.add_argument(
+        "--retention-interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how often --keep-days/--max-store-gb are applied while serving (default 600)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

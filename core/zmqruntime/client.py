@@ -324,7 +324,7 @@ class ExecutionClient:
             yield from follow(
                 sub,
                 exec_id,
-                self.get_status,
+                self._probe_status,
                 self._fetch_results,
                 previews=previews,
                 poll_interval=poll_interval,
@@ -350,6 +350,12 @@ class ExecutionClient:
         return sub
 
     # ------------------------------------------------------------------ internals
+    def _probe_status(self, exec_id: str) -> dict[str, Any]:
+        """get_status with the budget of one wait chunk: a quiet stream notices a dead
+        server as fast as wait() does (within poll_interval + 3 s by default)."""
+        timeout = min(self.timeout, WAIT_CHUNK + LIVENESS_MARGIN)
+        return self._request(ControlMessageType.STATUS, {"id": exec_id}, timeout=timeout)
+
     def _fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
         """Stored results ``start <= index < stop`` as result events, in batches.
 
@@ -445,9 +451,14 @@ class ExecutionClient:
             req = next(self._req_ids)
             sock.send_multipart(protocol.request(msg_type, req, body), copy=False)
             deadline = time.monotonic() + timeout
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            if self._monitor is not None:  # a refused handshake ends the wait at once
+                poller.register(self._monitor, zmq.POLLIN)
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                ready = dict(poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+                if sock not in ready:
                     self._on_timeout(msg_type, timeout)
                 header = protocol.decode(sock.recv_multipart(copy=False))
                 if header.get("req") == req:
@@ -479,16 +490,20 @@ class ExecutionClient:
             self._monitor = None
 
     def _on_timeout(self, msg_type: ControlMessageType, timeout: float) -> None:
-        auth_failed = self._monitor is not None and self._monitor.poll(0)
+        refused = self._monitor is not None and self._monitor.poll(0)
         self._discard_socket()
-        if auth_failed:
+        if refused:
+            if self.security is None:
+                advice = "the server requires keys: pass keys=DIR (see 'zmqruntime keys')"
+            else:  # libzmq rarely says which side of the handshake went wrong
+                advice = (
+                    "check that this client's client.key is in the server's authorized_clients, "
+                    "that server.key is that server's public key, and that the server runs "
+                    "with --keys"
+                )
             raise AuthenticationFailed(
                 f"{self.endpoint} refused this client's credentials (CURVE handshake failed): "
-                + (
-                    "check that the client key is in the server's authorized_clients"
-                    if self.security
-                    else "the server requires keys: pass keys=DIR"
-                )
+                + advice
             )
         raise ServerUnavailable(
             f"no reply from the zmqruntime server at {self.endpoint} within {timeout:g} s "

@@ -264,10 +264,32 @@ def parse_request(frames: Sequence[Any]) -> tuple[ControlMessageType, Any, dict[
         raise ProtocolError(
             f"unknown request type {header.get('type')!r}", code=ErrorCode.UNKNOWN_TYPE, req=req
         ) from None
-    body = header.get("body", {})
+    for key in ("req", "body"):
+        if key not in header:
+            raise ProtocolError(f"request header has no {key!r} field", req=req)
+    body = header["body"]
     if not isinstance(body, dict):
         raise ProtocolError("request body must be a map", req=req)
+    n_buffers = len(frames) - 2
+    if n_buffers and _array_refs(frames[1]) != set(range(n_buffers)):
+        raise ProtocolError(
+            f"wrong number of frames: {n_buffers} buffer frame(s) after the header, "
+            "but the header's arrays do not refer to exactly these",
+            req=req,
+        )
     return msg_type, req, body
+
+
+def _array_refs(data: Any) -> set[int]:
+    """Buffer indices that a (successfully decoded) header's arrays refer to."""
+    refs: set[int] = set()
+
+    def ext_hook(code: int, payload: bytes) -> None:
+        if code == EXT_NDARRAY:
+            refs.add(msgpack.unpackb(payload)[0])
+
+    msgpack.unpackb(_as_buffer(data), ext_hook=ext_hook, raw=False, strict_map_key=False)
+    return refs
 
 
 def event(exec_id: str, kind: EventKind, seq: int, body: dict[str, Any]) -> list[Any]:

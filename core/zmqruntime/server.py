@@ -16,7 +16,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -44,8 +46,13 @@ NO_REPLY = object()  # a handler that parks the request (long-poll wait) returns
 TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
 MAX_WAIT = 30.0
+MAX_RETRIES = 100
+#: what varies between two bad requests of one kind: quoted text, bytes, numbers
+_VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\d+")
+MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
 RESULTS_REPLY_BYTES = 32 * 1024 * 1024
 WORKER_START_TIMEOUT = 60.0
+MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back off up to this
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
@@ -108,6 +115,7 @@ class ExecutionServer:
         heartbeat_timeout: float = 10.0,
         keep_days: float | None = None,
         max_store_gb: float | None = None,
+        retention_interval: float = 600.0,
     ) -> None:
         if not is_loopback(host) and keys is None and not insecure:
             raise InsecureBindRefused(
@@ -120,18 +128,22 @@ class ExecutionServer:
         self.data_port = data_port_of(port)
         self.n_workers = workers or os.cpu_count() or 1
         self.data_dir = Path(data_dir) if data_dir else local.default_data_dir(port)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we make it
         self.log_file = self.data_dir / "server.log"
         self.cancel_grace = cancel_grace
         self.heartbeat_timeout = heartbeat_timeout
         self.keep_days = keep_days
         self.max_store_gb = max_store_gb
+        self.retention_interval = retention_interval
+        self._last_retention = time.monotonic()
         self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
         self.runs: dict[str, Run] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.workers: dict[str, WorkerHandle] = {}
         self._finished: list[Run] = []
         self._worker_counter = 0
+        self._start_failures = 0  # workers in a row that died before they were ready
+        self._respawn_due: list[float] = []  # monotonic times at which to start a worker
         self._stopping = False
         self._started = time.time()
         self._bad_input_logged: set[str] = set()
@@ -139,6 +151,8 @@ class ExecutionServer:
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
+        # workers' stderr lands here too (C libraries, crashes): private like the store
+        os.close(os.open(self.log_file, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
         handler = logging.FileHandler(self.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("zmqruntime")
@@ -186,16 +200,28 @@ class ExecutionServer:
         for exec_id in self.store.ids_in_state("running"):
             record = self.store.get(exec_id)
             assert record is not None
+            # the counters are written at the end of a run: count what it left behind
+            n_results, n_logs = self.store.counts(exec_id)
             if record["attempts"] <= record["retries"]:
+                self.store.clear_results(exec_id)
                 self.store.update(
-                    exec_id, state="queued", started=None, message="requeued after a server restart"
+                    exec_id,
+                    state="queued",
+                    started=None,
+                    progress=None,
+                    n_results=0,
+                    n_logs=n_logs,
+                    message="requeued after a server restart",
                 )
             else:
                 self.store.update(
                     exec_id,
                     state="failed",
                     finished=time.time(),
+                    n_results=n_results,
+                    n_logs=n_logs,
                     error="interrupted: the server stopped while this run was running",
+                    message="interrupted by a server restart",
                 )
         for exec_id in self.store.ids_in_state("queued"):
             record = self.store.get(exec_id)
@@ -317,7 +343,7 @@ class ExecutionServer:
             self._note_bad_input(f"{type(exc).__name__}: {exc}")
             reply = protocol.error_reply(req, ErrorCode.BAD_REQUEST, _bad_request_message(exc))
         except Exception as exc:  # a bug must cost one reply, never the server
-            log.exception("internal error handling a request")
+            self._note_bad_input(f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
             reply = protocol.error_reply(req, ErrorCode.INTERNAL, f"internal error: {exc}")
         self._send(route, reply)
 
@@ -325,11 +351,18 @@ class ExecutionServer:
         with contextlib.suppress(zmq.ZMQError):
             self.control.send_multipart([*route, *frames], copy=False)
 
-    def _note_bad_input(self, what: str) -> None:
+    def _note_bad_input(self, what: str, exc_info: bool = False) -> None:
+        """Count a bad request; log the first of each kind (quoted values and numbers
+        stripped), so a flood of garbage cannot flood the log."""
         self.bad_messages += 1
-        key = what.split(":")[0][:80]
-        if key not in self._bad_input_logged and len(self._bad_input_logged) < 1000:
+        key = " ".join(
+            _VARYING.sub("_", what).split()[:3]
+        )  # "field _ must", "unknown request type"
+        if key not in self._bad_input_logged and len(self._bad_input_logged) < 200:
             self._bad_input_logged.add(key)
+            if exc_info:
+                log.exception("%s (logged once per kind)", what[:500])
+                return
             log.warning("bad request (logged once per kind): %s", what[:500])
 
     # -- handlers: one per ControlMessageType member
@@ -353,16 +386,20 @@ class ExecutionServer:
             "log_file": str(self.log_file),
             "secure": self.security is not None,
             "cancel_grace": self.cancel_grace,
+            "bad_messages": self.bad_messages,
             "time": time.time(),
         }
 
     def handle_execute(self, body: dict) -> dict:
+        config = _optional(body, "config", dict)
+        retries = _optional(body, "retries", int) or 0
+        _check_run_fields(config, retries)
         run = self._submit(
             _require(body, "pipeline_code", str),
             _optional(body, "config_code", str),
-            _optional(body, "config", dict),
+            config,
             _optional(body, "name", str),
-            _optional(body, "retries", int) or 0,
+            retries,
         )
         self._dispatch()
         return {"id": run.record["id"], "status": self._status(run.record)}
@@ -381,6 +418,7 @@ class ExecutionServer:
         for i, config in enumerate(configs):
             if config is not None and not isinstance(config, dict):
                 raise ProtocolError(f"configs[{i}] must be a map or nil")
+            _check_run_fields(config, retries)
         for i, name in enumerate(names or []):
             if name is not None and not isinstance(name, str):
                 raise ProtocolError(f"names[{i}] must be str or nil")
@@ -451,10 +489,9 @@ class ExecutionServer:
         return self._park(body, ids, 0.0, single=False)
 
     def _park(self, body: dict, ids: list[str], default_timeout: float, single: bool) -> Any:
-        timeout = _optional(body, "timeout", (int, float))
-        timeout = min(float(default_timeout if timeout is None else timeout), MAX_WAIT)
+        timeout = _timeout(body, default=default_timeout)
         with_results = bool(_optional(body, "with_results", bool))
-        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
         pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
         waiter = Waiter(
             self._current_route,
@@ -506,8 +543,10 @@ class ExecutionServer:
             self._send(waiter.route, protocol.reply(waiter.req, self._waiter_reply(waiter)))
 
     def handle_list(self, body: dict) -> dict:
-        limit = int(_optional(body, "limit", int) or 200)
+        limit = _count(body, "limit", 200)
         states = _optional(body, "states", list)
+        if states is not None and not all(s in protocol.STATES for s in states):
+            raise ProtocolError(f"field 'states' must list states among {protocol.STATES}")
         records = self.store.list(limit=limit, states=states)
         live = {r["id"]: r for r in (run.record for run in self.runs.values())}
         out = [self._status(live.get(r["id"], r)) for r in records]
@@ -548,9 +587,9 @@ class ExecutionServer:
 
     def handle_results(self, body: dict) -> dict:
         exec_id = _require(body, "id", str)
-        start = int(_optional(body, "start", int) or 0)
-        limit = int(_optional(body, "limit", int) or 1000)
-        max_bytes = int(_optional(body, "max_bytes", int) or RESULTS_REPLY_BYTES)
+        start = _count(body, "start", 0)
+        limit = _count(body, "limit", 1000)
+        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
         values = _optional(body, "values", bool)
         record = self._record(exec_id)
         if values is False:  # a listing: what each result is, without its bytes
@@ -569,8 +608,8 @@ class ExecutionServer:
     def handle_logs(self, body: dict) -> dict:
         exec_id = _require(body, "id", str)
         record = self._record(exec_id)
-        start = int(_optional(body, "start", int) or 0)
-        limit = int(_optional(body, "limit", int) or 10_000)
+        start = _count(body, "start", 0)
+        limit = _count(body, "limit", 10_000)
         return {"logs": self.store.logs(exec_id, start, limit), "n_logs": record["n_logs"]}
 
     def handle_source(self, body: dict) -> dict:
@@ -662,6 +701,7 @@ class ExecutionServer:
         worker.last_seen = time.monotonic()
         if msg.get("type") == "ready" and not worker.ready:
             worker.ready = True
+            self._start_failures = 0
             log.info("worker %s ready (pid %s)", wid, msg.get("pid"))
             self._dispatch()
 
@@ -733,9 +773,13 @@ class ExecutionServer:
             return
         idle = [w for w in self.workers.values() if w.ready and w.current is None]
         while self.queue and idle:
+            worker = idle.pop(0)
+            code = worker.proc.poll()
+            if code is not None:  # died since the last tick: a run sent to it would be lost
+                self._on_worker_exit(worker, code)
+                continue
             exec_id = self.queue.popleft()
             run = self.runs[exec_id]
-            worker = idle.pop(0)
             task = run.task
             if task is None:  # recovered after a restart: the code is in the store
                 pipeline, config_code, config = self.store.code_of(exec_id)
@@ -755,6 +799,14 @@ class ExecutionServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._respawn_due and min(self._respawn_due) <= now:
+            self._respawn_due.remove(min(self._respawn_due))
+            self._spawn_worker()
+        if (
+            self.keep_days is not None or self.max_store_gb is not None
+        ) and now - self._last_retention >= self.retention_interval:
+            self._last_retention = now
+            self._apply_retention()  # a server that runs for months keeps its store bounded
         for worker in list(self.workers.values()):
             code = worker.proc.poll()
             if code is not None:
@@ -821,8 +873,19 @@ class ExecutionServer:
                     record["attempts"] + 1,
                     record["retries"] + 1,
                 )
-                record.update(state="queued", message=f"retrying: {reason}")
-                self.store.update(record["id"], state="queued", message=record["message"])
+                # the next attempt starts from nothing: the dead one's results are dropped
+                record.update(
+                    state="queued", message=f"retrying: {reason}", n_results=0, progress=None
+                )
+                self.store.clear_results(record["id"])
+                self.store.update(
+                    record["id"],
+                    state="queued",
+                    message=record["message"],
+                    n_results=0,
+                    progress=None,
+                    n_logs=record["n_logs"],
+                )
                 pipeline, config_code, config = self.store.code_of(record["id"])
                 run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
                 self.queue.appendleft(record["id"])
@@ -831,10 +894,24 @@ class ExecutionServer:
                 self._finish(
                     run, state, error=reason if state == "failed" else None, message=reason
                 )
-        elif reason is None and not self._stopping:
+        elif reason is None and not self._stopping and worker.ready:
             log.warning("worker %s exited (%s)", worker.wid, describe_exit(code))
-        if not self._stopping:
+        if self._stopping:
+            return
+        if worker.ready:
             self._spawn_worker()
+            return
+        # it never started (a broken environment?): retry, but not in a tight loop
+        self._start_failures += 1
+        delay = min(MAX_RESPAWN_DELAY, 0.5 * 2 ** (self._start_failures - 1))
+        log.warning(
+            "worker %s died before it was ready (%s); starting another in %.1f s "
+            "(its output is above)",
+            worker.wid,
+            describe_exit(code),
+            delay,
+        )
+        self._respawn_due.append(time.monotonic() + delay)
 
     # ------------------------------------------------------------------ state changes
     def _finish(
@@ -970,19 +1047,45 @@ def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _require(body: dict, key: str, types: Any) -> Any:
-    if key not in body:
+    if body.get(key) is None:
         raise ProtocolError(f"missing field {key!r}")
     return _optional(body, key, types)
 
 
 def _optional(body: dict, key: str, types: Any) -> Any:
     value = body.get(key)
+    allowed = types if isinstance(types, tuple) else (types,)
     if value is not None and (
-        not isinstance(value, types) or isinstance(value, bool) and types is int
+        not isinstance(value, types) or isinstance(value, bool) and bool not in allowed
     ):
         expected = getattr(types, "__name__", None) or "/".join(t.__name__ for t in types)
         raise ProtocolError(f"field {key!r} must be {expected}, got {type(value).__name__}")
     return value
+
+
+def _check_run_fields(config: dict | None, retries: int) -> None:
+    """What a run needs beyond field types; checked before anything is submitted."""
+    if config is not None and not all(isinstance(k, str) for k in config):
+        raise ProtocolError("field 'config' must map names (str) to values")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ProtocolError(f"field 'retries' must be 0 to {MAX_RETRIES}, got {retries}")
+
+
+def _timeout(body: dict, default: float) -> float:
+    """A long poll's ``timeout`` in seconds, at most MAX_WAIT; 0 or less: answer at once."""
+    timeout = _optional(body, "timeout", (int, float))
+    timeout = default if timeout is None else min(float(timeout), MAX_WAIT)
+    if math.isnan(timeout):  # would park the request forever
+        raise ProtocolError("field 'timeout' must be a number of seconds, got NaN")
+    return timeout
+
+
+def _count(body: dict, key: str, default: int) -> int:
+    """A non-negative int field (0 or absent: ``default``), capped to what SQLite takes."""
+    value = _optional(body, key, int)
+    if value is not None and value < 0:
+        raise ProtocolError(f"field {key!r} must not be negative, got {value}")
+    return min(value or default, MAX_COUNT)
 
 
 def _bad_request_message(exc: Exception) -> str:

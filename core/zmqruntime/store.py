@@ -13,6 +13,7 @@ server, which indexes them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import time
@@ -84,8 +85,11 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.results_dir = self.data_dir / "results"
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.data_dir / "executions.sqlite", isolation_level=None)
+        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db_path = self.data_dir / "executions.sqlite"
+        if not db_path.exists():  # pipelines' code and results: readable by this user only
+            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite's -wal follows
+        self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -180,6 +184,22 @@ class Store:
         )
         for idx, name, meta in rows:
             yield {"index": idx, "name": name, **msgpack.unpackb(meta, raw=False)}
+
+    def clear_results(self, exec_id: str) -> None:
+        """Forget a run's results (index and files): a retried run starts from nothing."""
+        self._begin()
+        self.db.execute("DELETE FROM results WHERE exec_id=?", (exec_id,))
+        shutil.rmtree(self.run_dir(exec_id), ignore_errors=True)
+
+    def counts(self, exec_id: str) -> tuple[int, int]:
+        """``(n_results, n_logs)`` as stored: the record's counters are written only at the end."""
+        (n_results,) = self.db.execute(
+            "SELECT COALESCE(MAX(idx)+1, 0) FROM results WHERE exec_id=?", (exec_id,)
+        ).fetchone()
+        (n_logs,) = self.db.execute(
+            "SELECT COALESCE(MAX(idx)+1, 0) FROM logs WHERE exec_id=?", (exec_id,)
+        ).fetchone()
+        return n_results, n_logs
 
     # -- logs
     def add_log(self, exec_id: str, idx: int, t: float, text: str) -> None:

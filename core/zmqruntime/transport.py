@@ -73,18 +73,33 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def generate_keys(directory: Path) -> dict[str, Path]:
-    """Create a server and a client key pair, and allow the client's public key."""
+    """Create a server and a client key pair, and allow the client's public key.
+
+    Every file is 0600 and the dirs 0700. Existing keys are never overwritten: a new
+    server key would lock out every client that trusts the old one.
+    """
     directory = Path(directory)
+    existing = [
+        directory / name
+        for name in ("server.key_secret", "client.key_secret", "server.key", "client.key")
+        if (directory / name).exists()
+    ]
+    if existing:
+        raise FileExistsError(
+            f"{directory} already holds keys ({', '.join(p.name for p in existing)}); "
+            "remove them first if you really mean to replace them"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    server_pub, server_sec = zmq.auth.create_certificates(directory, "server")
-    client_pub, client_sec = zmq.auth.create_certificates(directory, "client")
     authorized = directory / "authorized_clients"
     authorized.mkdir(exist_ok=True)
     os.chmod(authorized, 0o700)
+    # the dir is 0700 before any key is written, so no file is ever readable by others
+    server_pub, server_sec = zmq.auth.create_certificates(directory, "server")
+    client_pub, client_sec = zmq.auth.create_certificates(directory, "client")
     (authorized / "client.key").write_bytes(Path(client_pub).read_bytes())
-    for secret in (server_sec, client_sec):
-        os.chmod(secret, 0o600)
+    for path in (server_pub, server_sec, client_pub, client_sec, authorized / "client.key"):
+        os.chmod(path, 0o600)
     return {
         "server_public": Path(server_pub),
         "server_secret": Path(server_sec),

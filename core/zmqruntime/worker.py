@@ -37,20 +37,22 @@ class CodeCache:
     """Compiled code objects keyed by source hash, so a repeated pipeline compiles once."""
 
     def __init__(self, max_entries: int = 256) -> None:
-        self._codes: dict[str, Any] = {}
+        self._codes: dict[str, tuple[Any, str]] = {}
         self._max = max_entries
 
     def __call__(self, source: str, label: str) -> Any:
         key = hashlib.sha256(source.encode()).hexdigest()
-        code = self._codes.get(key)
-        if code is None:
-            filename = f"<{label.strip('<>')} {key[:8]}>"
-            code = compile(source, filename, "exec")
-            # let tracebacks show the pipeline's source lines
-            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            if len(self._codes) >= self._max:
-                self._codes.pop(next(iter(self._codes)))
-            self._codes[key] = code
+        cached = self._codes.get(key)
+        if cached is not None:
+            return cached[0]
+        filename = f"<{label.strip('<>')} {key[:8]}>"
+        code = compile(source, filename, "exec")
+        # let tracebacks show the pipeline's source lines
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        if len(self._codes) >= self._max:
+            _, evicted = self._codes.pop(next(iter(self._codes)))
+            linecache.cache.pop(evicted, None)  # else linecache keeps every source ever run
+        self._codes[key] = (code, filename)
         return code
 
 
