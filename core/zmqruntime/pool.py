@@ -164,7 +164,8 @@ class _Server:
 
     def free(self) -> int:
         """Free workers: the other clients' load at the last look, plus ours as of now."""
-        return self.workers - self.others - len(self.inflight)
+        # a ping can count our newest run as another client's until the sweep: never < 0
+        return max(0, self.workers - self.others - len(self.inflight))
 
 
 @dataclass(eq=False)
