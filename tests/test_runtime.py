@@ -223,22 +223,50 @@ def test_cancel_a_cooperative_run(client):
     assert "killed" not in (status["message"] or "")
 
 
-def test_cancel_a_busy_loop_kills_and_replaces_the_worker(client):
+def _pool_is_whole(client, n=2):
+    deadline = time.monotonic() + 20
+    while client.ping()["workers_ready"] < n:
+        assert time.monotonic() < deadline, "the worker was not replaced"
+        time.sleep(0.05)
+
+
+def test_cancel_interrupts_a_busy_loop_and_replaces_the_worker(client):
     exec_id = client.execute(BUSY)
     wait_for_state(client, exec_id, "running")
     time.sleep(0.2)
+    t0 = time.monotonic()
     client.cancel(exec_id)
     status = client.wait(exec_id, timeout=30)
     assert status["state"] == "cancelled"
-    assert "worker was killed" in status["message"]
-    # the pool is whole again and the next run succeeds
+    assert "interrupted" in status["message"]
+    assert time.monotonic() - t0 < 1.5, "a pure-Python loop stops well before the grace period"
+    _pool_is_whole(client)
     assert client.get_results(client.execute(SLEEP, config={"seconds": 0}), timeout=30)[
         "return"
     ] == [0]
-    deadline = time.monotonic() + 20
-    while client.ping()["workers_ready"] < 2:
-        assert time.monotonic() < deadline, "the killed worker was not replaced"
-        time.sleep(0.05)
+
+
+def test_cancel_kills_a_worker_stuck_in_c_after_the_grace_period(client):
+    stuck = code("""
+        import time
+        def run(ctx, config):
+            ctx.emit("started", True)
+            time.sleep(600)        # one C call: neither cooperative nor interruptible
+    """)
+    exec_id = client.execute(stuck)
+    wait_for_state(client, exec_id, "running")
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    client.cancel(exec_id)
+    status = client.wait(exec_id, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert status["state"] == "cancelled"
+    assert "worker was killed" in status["message"]
+    assert 1.5 < elapsed < 10, elapsed  # the grace period (2 s by default), then the kill
+    _pool_is_whole(client)
+    assert client.get_results(client.execute(SLEEP, config={"seconds": 0}), timeout=30)[
+        "return"
+    ] == [0]
 
 
 def test_cancel_of_one_run_leaves_another_running(client):

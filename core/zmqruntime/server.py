@@ -69,6 +69,7 @@ class WorkerHandle:
     proc: subprocess.Popen
     started: float
     ready: bool = False
+    retiring: bool = False
     current: str | None = None
     last_seen: float = 0.0
 
@@ -758,13 +759,15 @@ class ExecutionServer:
         worker = self.workers.get(run.worker or "")
         if worker is not None:
             worker.current = None
+            if msg.get("retiring"):  # interrupted: it exits and a fresh worker replaces it
+                worker.ready, worker.retiring = False, True
         message = {"completed": "completed", "cancelled": "cancelled by request"}.get(state)
         self._finish(
             run,
             state,
             error=msg.get("error"),
             traceback=msg.get("traceback"),
-            message=message or msg.get("error"),
+            message=msg.get("message") or message or msg.get("error"),
         )
         self._dispatch()
 
@@ -860,8 +863,11 @@ class ExecutionServer:
         state: str = "failed",
     ) -> None:
         self.workers.pop(worker.wid, None)
+        if worker.current and reason is None:
+            # its last words (a "done") may still wait in the socket: hear them first
+            self._drain(self.worker_events, self._on_worker_event, 10_000)
         run = self.runs.get(worker.current or "")
-        if run is not None and run.record["state"] == "running":
+        if run is not None and run.record["state"] == "running" and run.worker == worker.wid:
             if reason is None:
                 reason = f"the worker process died ({describe_exit(code)})"
             record = run.record
@@ -894,11 +900,13 @@ class ExecutionServer:
                 self._finish(
                     run, state, error=reason if state == "failed" else None, message=reason
                 )
+        elif worker.retiring:
+            log.info("worker %s retired after an interrupted run; starting a fresh one", worker.wid)
         elif reason is None and not self._stopping and worker.ready:
             log.warning("worker %s exited (%s)", worker.wid, describe_exit(code))
         if self._stopping:
             return
-        if worker.ready:
+        if worker.ready or worker.retiring:
             self._spawn_worker()
             return
         # it never started (a broken environment?): retry, but not in a tight loop

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import linecache
 import os
@@ -29,6 +30,12 @@ from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 
 HEARTBEAT_INTERVAL = 0.5
+#: a cancelled pipeline that has not stopped after this long is interrupted: an
+#: ExecutionCancelled is raised in its thread (pure-Python loops stop at once; code in a
+#: C call is killed by the server after its grace period)
+INTERRUPT_DELAY = 0.1
+#: exit status of a worker that retires after an interrupt (its state may be unclean)
+EXIT_RECYCLE = 75
 LOG_FLUSH_INTERVAL = 0.1
 EVENT_HWM = 16
 
@@ -68,6 +75,11 @@ class Worker:
         self.events.connect(events)
         self.events_lock = threading.Lock()
         self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
+        self.main_thread = threading.get_ident()
+        self.interrupt_lock = threading.Lock()
+        self.interruptible = False  # the main thread runs pipeline code (guarded by the lock)
+        self.interrupt_at: float | None = None
+        self.interrupted = False
         self.tasks: queue.Queue[dict | None] = queue.Queue()
         self.cancel_event = threading.Event()
         self.current: str | None = None
@@ -108,9 +120,15 @@ class Worker:
         last_beat = last_flush = time.monotonic()
         try:
             while not self.stop.is_set():
-                if sock.poll(int(LOG_FLUSH_INTERVAL * 1000)):
+                wait = LOG_FLUSH_INTERVAL
+                if self.interrupt_at is not None:
+                    wait = max(0.0, min(wait, self.interrupt_at - time.monotonic()))
+                if sock.poll(int(wait * 1000)):
                     self.on_control(protocol.decode(sock.recv_multipart()))
                 now = time.monotonic()
+                if self.interrupt_at is not None and now >= self.interrupt_at:
+                    self.interrupt_at = None
+                    self.interrupt()
                 if now - last_flush >= LOG_FLUSH_INTERVAL:
                     ctx = self.current_ctx
                     # best effort: never queue behind a result blocked on a full socket,
@@ -135,9 +153,33 @@ class Worker:
         elif kind == "cancel":
             if msg.get("id") == self.current:
                 self.cancel_event.set()
+                self.interrupt_at = time.monotonic() + INTERRUPT_DELAY
+
         elif kind == "shutdown":
             self.stop.set()
             self.tasks.put(None)
+
+    def interrupt(self) -> None:
+        """Raise ExecutionCancelled in the pipeline's thread, if it still runs pipeline code."""
+        with self.interrupt_lock:
+            if self.interruptible and self.cancel_event.is_set():
+                self.interrupted = True
+                _async_raise(self.main_thread, ExecutionCancelled)
+
+    @contextlib.contextmanager
+    def pipeline_code(self):
+        """The region where an interrupt may land: the user's code, nothing of ours."""
+        with self.interrupt_lock:
+            self.interruptible = True
+        try:
+            yield
+        finally:
+            self.leave_pipeline_code()
+
+    def leave_pipeline_code(self) -> None:
+        with self.interrupt_lock:
+            self.interruptible = False
+            _async_raise(self.main_thread, None)  # drop an interrupt not yet delivered
 
     # -- main thread
     def run(self) -> None:
@@ -151,8 +193,10 @@ class Worker:
         io.join(timeout=2)
         self.writer.close()
         with self.events_lock:
-            self.events.close()
+            self.events.close()  # lingers until the last message (a "done") is sent
         self.zctx.term()
+        if self.interrupted:
+            sys.exit(EXIT_RECYCLE)
 
     def execute(self, task: dict[str, Any]) -> None:
         exec_id = task["id"]
@@ -175,16 +219,17 @@ class Worker:
         state, error, tb = "completed", None, None
         writer = LogWriter(ctx)
         try:
-            config = build_config(task.get("config_code"), task.get("config"), self.codes)
-            ns: dict[str, Any] = {"__name__": "__zmqruntime_pipeline__"}
-            exec(self.codes(task["pipeline_code"], "<pipeline>"), ns)
-            run = ns.get("run")
-            if not callable(run):
-                raise TypeError("pipeline_code must define a function run(ctx, config)")
-            with contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
-                value = run(ctx, config)
-            if value is not None:
-                ctx.emit("return", value)
+            with self.pipeline_code():
+                config = build_config(task.get("config_code"), task.get("config"), self.codes)
+                ns: dict[str, Any] = {"__name__": "__zmqruntime_pipeline__"}
+                exec(self.codes(task["pipeline_code"], "<pipeline>"), ns)
+                run = ns.get("run")
+                if not callable(run):
+                    raise TypeError("pipeline_code must define a function run(ctx, config)")
+                with contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
+                    value = run(ctx, config)
+                if value is not None:
+                    ctx.emit("return", value)
             if ctx.cancelled:
                 state = "cancelled"
         except ExecutionCancelled:
@@ -194,6 +239,7 @@ class Worker:
             error = f"{type(exc).__name__}: {exc}"
             tb = _pipeline_traceback(exc)
         finally:
+            self.leave_pipeline_code()  # also when the interrupt landed in the region's exit
             writer.flush()
             self.current_ctx = None
             ctx.flush_logs()
@@ -211,8 +257,23 @@ class Worker:
             "traceback": tb,
             "n_results": ctx.n_results,
         }
+        if self.interrupted:
+            done["message"] = "cancelled: the pipeline was interrupted"
+            done["retiring"] = True
         with self.events_lock:
             self.events.send_multipart(protocol.encode(done))
+        if self.interrupted:
+            # an exception thrown into arbitrary code may leave its state unclean: this
+            # worker retires (its "done" is sent first) and the server starts a fresh one
+            self.stop.set()
+            self.tasks.put(None)
+
+
+def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in another thread at its next bytecode (None: cancel a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else None
+    )
 
 
 def _pipeline_traceback(exc: BaseException) -> str:
