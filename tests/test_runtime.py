@@ -410,3 +410,25 @@ def test_close_with_an_abandoned_stream_does_not_hang(server):
     t0 = time.monotonic()
     c.close()
     assert time.monotonic() - t0 < 2.0
+
+
+def test_a_pipeline_that_saw_the_cancel_may_wind_down_uninterrupted(client):
+    winding = code("""
+        import time
+        def run(ctx, config):
+            ctx.emit("started", True)
+            while not ctx.wait(10):            # a cancel-aware sleep
+                pass
+            t = time.time()
+            while time.time() - t < 0.8:       # saving partial results: pure Python, busy
+                pass
+            ctx.emit("partial", "saved")
+    """)
+    exec_id = client.execute(winding)
+    wait_for_state(client, exec_id, "running")
+    time.sleep(0.2)
+    client.cancel(exec_id)
+    status = client.wait(exec_id, timeout=30)
+    assert status["state"] == "cancelled"
+    assert status["message"] == "cancelled by request"
+    assert status["n_results"] == 2  # "partial" was stored: the wind-down was not cut short

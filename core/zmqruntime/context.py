@@ -187,6 +187,7 @@ class Context:
         self._writer = writer
         self._cancel = cancel_event
         self._n_results = 0
+        self.cancel_observed = False
         self._last_progress = 0.0
         self._log_lock = threading.Lock()
         self._log_buffer: list[str] = []
@@ -196,13 +197,25 @@ class Context:
     # -- cancellation
     @property
     def cancelled(self) -> bool:
-        """True once a cancel was requested: stop at the next convenient point."""
-        return self._cancel.is_set()
+        """True once a cancel was requested: stop at the next convenient point.
+
+        A pipeline that has seen True is trusted to wind down (save partial results...):
+        it is not interrupted, only killed if still running after the grace period.
+        """
+        if self._cancel.is_set():
+            self.cancel_observed = True
+            return True
+        return False
 
     def check_cancelled(self) -> None:
         """Raise ExecutionCancelled if a cancel was requested."""
-        if self._cancel.is_set():
+        if self.cancelled:
             raise ExecutionCancelled(f"execution {self.execution_id} was cancelled")
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, returning True at once if a cancel arrives (then stop)."""
+        self._cancel.wait(max(0.0, float(seconds)))
+        return self.cancelled
 
     # -- results
     @property

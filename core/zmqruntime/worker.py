@@ -30,10 +30,10 @@ from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 
 HEARTBEAT_INTERVAL = 0.5
-#: a cancelled pipeline that has not stopped after this long is interrupted: an
-#: ExecutionCancelled is raised in its thread (pure-Python loops stop at once; code in a
-#: C call is killed by the server after its grace period)
-INTERRUPT_DELAY = 0.1
+#: a cancelled pipeline that has neither stopped nor looked at ctx.cancelled after this
+#: long is interrupted: an ExecutionCancelled is raised in its thread (pure-Python loops
+#: stop at once; code stuck in a C call is killed by the server after its grace period)
+INTERRUPT_DELAY = 0.25
 #: exit status of a worker that retires after an interrupt (its state may be unclean)
 EXIT_RECYCLE = 75
 LOG_FLUSH_INTERVAL = 0.1
@@ -161,6 +161,9 @@ class Worker:
 
     def interrupt(self) -> None:
         """Raise ExecutionCancelled in the pipeline's thread, if it still runs pipeline code."""
+        ctx = self.current_ctx
+        if ctx is not None and ctx.cancel_observed:
+            return  # it saw the cancel and is winding down: leave it the grace period
         with self.interrupt_lock:
             if self.interruptible and self.cancel_event.is_set():
                 self.interrupted = True

@@ -115,7 +115,7 @@ def run(ctx, config):
         t_next += interval
         delay = t_next - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            ctx.wait(delay)  # a cancel-aware sleep: returns at once on cancel
 
     ctx.emit("max_projection", np.clip(projection, 0, 65535).astype(np.uint16))
     ctx.emit("counts", table)

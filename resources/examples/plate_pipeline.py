@@ -166,7 +166,7 @@ def run(ctx, config):
         t_next += interval
         delay = t_next - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            ctx.wait(delay)  # a cancel-aware sleep: returns at once on cancel
     for well, rows in well_rows.items():  # wells cut short by a cancel
         done_wells.append(well_row(well, rows))
         ctx.emit("wells", done_wells[-1])

@@ -126,7 +126,7 @@ def run(ctx, config):
             break
         delay = t_next - time.monotonic()
         if delay > 0:
-            time.sleep(delay)  # the camera delivers the next frame
+            ctx.wait(delay)  # the camera's next frame; returns at once on cancel
         t_next += interval
         ctx.preview("camera", frame)
         labels = segment_nuclei(frame.astype(np.float32), config)
