@@ -25,7 +25,7 @@ PROGRESS_RATE_HZ = 50.0
 LOG_FLUSH_MAX_CHARS = 64 * 1024
 
 #: array results waiting for the disk may hold at most this much memory before emit blocks
-WRITE_BEHIND_BYTES = 128 * 1024 * 1024
+WRITE_BEHIND_BYTES = 64 * 1024 * 1024
 
 SendEvent = Callable[[str, dict[str, Any], bool], None]
 Stored = Callable[[int, str, dict[str, Any]], None]
