@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = local.spawn_server(port, "127.0.0.1", args.workers)
     deadline = time.monotonic() + 60
     while not port_accepts_tcp("127.0.0.1", port):
-        if time.monotonic() > deadline or proc.poll() is not None:
+        if time.monotonic() > deadline or not proc.is_running():
             print("the server did not start", file=sys.stderr)
             return 1
         time.sleep(0.05)
