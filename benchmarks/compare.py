@@ -273,7 +273,9 @@ class RawZmq(System):
 class Zmqruntime(System):
     name = "zmqruntime"
     streaming_mechanism = "ctx.emit() -> ExecutionClient.stream() (stored results)"
-    cancel_mechanism = "client.cancel(): sets ctx.cancelled; the worker is killed after the grace"
+    cancel_mechanism = (
+        "client.cancel(): ctx.cancelled, then an interrupt after 0.25 s, a kill after the grace"
+    )
     submit_api = "client.execute_many() then client.gather() (as Dask's map + gather)"
 
     def start(self) -> None:
