@@ -100,119 +100,127 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     proc = local.spawn_server(port, "127.0.0.1", args.workers)
-    deadline = time.monotonic() + 60
-    while not port_accepts_tcp("127.0.0.1", port):
-        if time.monotonic() > deadline or not proc.is_running():
-            print("the server did not start", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
-    with ExecutionClient(port=port, auto_spawn=False) as c:
-        while c.ping()["workers_ready"] < args.workers:
+    try:
+        deadline = time.monotonic() + 60
+        while not port_accepts_tcp("127.0.0.1", port):
+            if time.monotonic() > deadline or not proc.is_running():
+                print("the server did not start", file=sys.stderr)
+                return 1
             time.sleep(0.05)
+        with ExecutionClient(port=port, auto_spawn=False) as c:
+            while c.ping()["workers_ready"] < args.workers:
+                time.sleep(0.05)
 
-    app = make_app([])
-    window = MainWindow()
-    window.resize(1500, 940)
-    window.show()
-    ep = Endpoint("127.0.0.1", port)
-    window.controller.watch(ep)
+        app = make_app([])
+        window = MainWindow()
+        window.resize(1500, 940)
+        window.show()
+        ep = Endpoint("127.0.0.1", port)
+        window.controller.watch(ep)
 
-    def pump_until(predicate, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            app.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 20)
-            if predicate():
-                return True
-            time.sleep(0.005)
-        return predicate()
+        def pump_until(predicate, timeout: float) -> bool:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                app.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 20)
+                if predicate():
+                    return True
+                time.sleep(0.005)
+            return predicate()
 
-    ok = pump_until(lambda: window.controller.servers[ep].state == ServerState.ALIVE, 30)
-    assert ok, "server not alive in the window"
-    rss_idle = rss_mb()
-    duration = args.warmup + args.seconds + 1.0
-    window.controller.submit_run(
-        ep,
-        PIPELINE,
-        None,
-        config={"size": args.size, "seconds": duration, "fps": args.fps},
-        name="bench-preview",
-    )
-    assert pump_until(lambda: window.preview.frame is not None, 60), "no frame displayed"
-
-    # -- measure: a 10 ms timer's lateness, counts sampled at start and end
-    lateness: list[float] = []
-    last = [time.perf_counter()]
-
-    def tick() -> None:
-        now = time.perf_counter()
-        lateness.append(max(0.0, (now - last[0]) * 1000 - 10))
-        last[0] = now
-
-    rss_samples: list[float] = []
-    sampler = QtCore.QTimer()
-    sampler.timeout.connect(lambda: rss_samples.append(rss_mb()))
-    timer = QtCore.QTimer()
-    timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
-    timer.timeout.connect(tick)
-
-    loop = QtCore.QEventLoop()
-    QtCore.QTimer.singleShot(int(args.warmup * 1000), loop.quit)
-    loop.exec()  # warm-up: steady state first
-    box = window.preview.box
-    image = window.preview.image
-    rss_before = rss_mb()
-    recv0, disp0, t0 = box.received_count("camera"), image.painted, time.perf_counter()
-    last[0] = t0
-    timer.start(10)
-    sampler.start(1000)
-    QtCore.QTimer.singleShot(int(args.seconds * 1000), loop.quit)
-    loop.exec()
-    timer.stop()
-    sampler.stop()
-    elapsed = time.perf_counter() - t0
-    recv1, disp1 = box.received_count("camera"), image.painted
-    if window.preview.box is not box:
-        print("warning: the preview switched runs during the measurement", file=sys.stderr)
-    rss_after = rss_mb()
-    shape = window.preview.frame.image.shape
-    if args.screenshot:
-        window.grab().save(str(args.screenshot), "PNG")
-
-    key = box.key
-    window.controller.cancel_runs([key])
-    with ExecutionClient(port=port, auto_spawn=False) as c:
-        final = c.wait(key.exec_id, timeout=30)
-        sent = (
-            (c.get_results(key.exec_id).get("return") or [{}])[0].get("sent")
-            if (final["state"] == "completed")
-            else None
+        ok = pump_until(lambda: window.controller.servers[ep].state == ServerState.ALIVE, 30)
+        assert ok, "server not alive in the window"
+        rss_idle = rss_mb()
+        duration = args.warmup + args.seconds + 1.0
+        window.controller.submit_run(
+            ep,
+            PIPELINE,
+            None,
+            config={"size": args.size, "seconds": duration, "fps": args.fps},
+            name="bench-preview",
         )
-        c.shutdown()
-    window.close()
-    proc.wait(timeout=30)
+        assert pump_until(lambda: window.preview.frame is not None, 60), "no frame displayed"
 
-    received, displayed = (recv1 - recv0) / elapsed, (disp1 - disp0) / elapsed
-    offered = f"offered at {args.fps:g} fps" if args.fps else "offered as fast as possible"
-    print(
-        f"GUI preview benchmark: {shape[0]}x{shape[1]} uint16 frames {offered}, offscreen, "
-        f"{args.seconds:g} s measured after {args.warmup:g} s warm-up, {os.cpu_count()} CPUs"
-    )
-    print(f"  frames received   {received:7.1f} /s   ({recv1 - recv0} frames)")
-    print(f"  frames displayed  {displayed:7.1f} /s   ({disp1 - disp0} frames painted)")
-    if sent is not None:
-        print(f"  frames sent by the pipeline (whole run): {sent}")
-    print(
-        f"  event-loop stall (10 ms timer lateness): p50 {pct(lateness, 50):.1f} ms, "
-        f"p99 {pct(lateness, 99):.1f} ms, max {max(lateness):.1f} ms ({len(lateness)} ticks)"
-    )
-    print(
-        f"  GUI memory (RSS): idle {rss_idle:.0f} MB, before {rss_before:.0f} MB, "
-        f"after {rss_after:.0f} MB, min/max during {min(rss_samples):.0f}/"
-        f"{max(rss_samples):.0f} MB"
-    )
-    targets = displayed >= 30 and pct(lateness, 99) <= 50
-    print(f"  targets (>= 30 fps displayed, p99 stall <= 50 ms): {'met' if targets else 'NOT met'}")
-    return 0
+        # -- measure: a 10 ms timer's lateness, counts sampled at start and end
+        lateness: list[float] = []
+        last = [time.perf_counter()]
+
+        def tick() -> None:
+            now = time.perf_counter()
+            lateness.append(max(0.0, (now - last[0]) * 1000 - 10))
+            last[0] = now
+
+        rss_samples: list[float] = []
+        sampler = QtCore.QTimer()
+        sampler.timeout.connect(lambda: rss_samples.append(rss_mb()))
+        timer = QtCore.QTimer()
+        timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
+        timer.timeout.connect(tick)
+
+        loop = QtCore.QEventLoop()
+        QtCore.QTimer.singleShot(int(args.warmup * 1000), loop.quit)
+        loop.exec()  # warm-up: steady state first
+        box = window.preview.box
+        image = window.preview.image
+        rss_before = rss_mb()
+        recv0, disp0, t0 = box.received_count("camera"), image.painted, time.perf_counter()
+        last[0] = t0
+        timer.start(10)
+        sampler.start(1000)
+        QtCore.QTimer.singleShot(int(args.seconds * 1000), loop.quit)
+        loop.exec()
+        timer.stop()
+        sampler.stop()
+        elapsed = time.perf_counter() - t0
+        recv1, disp1 = box.received_count("camera"), image.painted
+        if window.preview.box is not box:
+            print("warning: the preview switched runs during the measurement", file=sys.stderr)
+        rss_after = rss_mb()
+        shape = window.preview.frame.image.shape
+        if args.screenshot:
+            window.grab().save(str(args.screenshot), "PNG")
+
+        key = box.key
+        window.controller.cancel_runs([key])
+        with ExecutionClient(port=port, auto_spawn=False) as c:
+            final = c.wait(key.exec_id, timeout=30)
+            sent = (
+                (c.get_results(key.exec_id).get("return") or [{}])[0].get("sent")
+                if (final["state"] == "completed")
+                else None
+            )
+            c.shutdown()
+        window.close()
+        proc.wait(timeout=30)
+
+        received, displayed = (recv1 - recv0) / elapsed, (disp1 - disp0) / elapsed
+        offered = f"offered at {args.fps:g} fps" if args.fps else "offered as fast as possible"
+        print(
+            f"GUI preview benchmark: {shape[0]}x{shape[1]} uint16 frames {offered}, offscreen, "
+            f"{args.seconds:g} s measured after {args.warmup:g} s warm-up, {os.cpu_count()} CPUs"
+        )
+        print(f"  frames received   {received:7.1f} /s   ({recv1 - recv0} frames)")
+        print(f"  frames displayed  {displayed:7.1f} /s   ({disp1 - disp0} frames painted)")
+        if sent is not None:
+            print(f"  frames sent by the pipeline (whole run): {sent}")
+        print(
+            f"  event-loop stall (10 ms timer lateness): p50 {pct(lateness, 50):.1f} ms, "
+            f"p99 {pct(lateness, 99):.1f} ms, max {max(lateness):.1f} ms ({len(lateness)} ticks)"
+        )
+        print(
+            f"  GUI memory (RSS): idle {rss_idle:.0f} MB, before {rss_before:.0f} MB, "
+            f"after {rss_after:.0f} MB, min/max during {min(rss_samples):.0f}/"
+            f"{max(rss_samples):.0f} MB"
+        )
+        targets = displayed >= 30 and pct(lateness, 99) <= 50
+        print(
+            "  targets (>= 30 fps displayed, p99 stall <= 50 ms): "
+            + ("met" if targets else "NOT met")
+        )
+        return 0
+    finally:  # never leave the server behind, whatever went wrong
+        entry = local.find_server(port)
+        if entry is not None:
+            local.kill_server(entry)
 
 
 if __name__ == "__main__":

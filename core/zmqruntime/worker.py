@@ -36,6 +36,8 @@ HEARTBEAT_INTERVAL = 0.5
 INTERRUPT_DELAY = 0.25
 #: exit status of a worker that retires after an interrupt (its state may be unclean)
 EXIT_RECYCLE = 75
+#: scheduling priority of workers relative to the server (a higher nice is lower priority)
+WORKER_NICE = 5
 LOG_FLUSH_INTERVAL = 0.1
 EVENT_HWM = 16
 
@@ -295,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", required=True)
     parser.add_argument("--data-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    if hasattr(os, "nice"):
+        # pipelines yield the CPU to the server's control loop: it answers at once even
+        # when every core is busy with user code
+        with contextlib.suppress(OSError):
+            os.nice(WORKER_NICE)
     Worker(args.id, args.control, args.events, args.data_dir).run()
     sys.exit(0)
 
