@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 
 
 def resources_dir() -> Path:
@@ -34,3 +37,19 @@ def example(name: str) -> tuple[str, str | None]:
 
 def list_examples() -> list[str]:
     return sorted(p.name[: -len("_pipeline.py")] for p in examples_dir().glob("*_pipeline.py"))
+
+
+def load_example_module(name: str) -> ModuleType:
+    """A helper module bundled beside the examples (pipelines run as source cannot
+    import their neighbours): ``load_example_module("example_support")``."""
+    qualified = f"zmqruntime_examples.{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    path = examples_dir() / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(qualified, path)
+    if spec is None or spec.loader is None or not path.exists():
+        raise FileNotFoundError(f"no bundled example module {name!r} at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return module

@@ -11,23 +11,15 @@ the ``wells`` rows are the per-well table. The flat field is stored as
 """
 
 import collections
-import os
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 
+from zmqruntime.resources import load_example_module
 
-def resolve_input_dir(value):
-    """The input folder; a relative path is taken from the server's working directory."""
-    path = Path(os.path.expanduser(str(value)))
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    if not path.is_dir():
-        where = "" if Path(str(value)).is_absolute() else f" (relative to {Path.cwd()})"
-        raise FileNotFoundError(f"input_dir {str(value)!r} not found: no folder {path}{where}")
-    return path.resolve()
+_support = load_example_module("example_support")
+resolve_input_dir = _support.resolve_input_dir
 
 
 def list_fields(folder, pattern, name_regex):
