@@ -145,8 +145,10 @@ def test_workers_that_cannot_start_are_retried_with_backoff(make_server, tmp_pat
     s = make_server("broken", workers=2)
     c = s.client()
     flag.touch()  # from now on no worker can start, as after a botched upgrade
-    for pid in _worker_pids(s):
+    pids = _worker_pids(s)
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(_dead(p) for p in pids), what="the workers to die")
     queued = c.execute(QUICK, config={"value": "after the repair"})
 
     def attempts() -> int:

@@ -55,6 +55,7 @@ WORKER_START_TIMEOUT = 60.0
 MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back off up to this
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 MAX_BATCH = 10_000  # runs per execute_many / wait_many request
+EXIT_SETTLE = 0.2  # seconds a dead worker's last messages get to arrive
 CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
 BULK_IO_THREAD = 1 << 1
 
@@ -70,6 +71,7 @@ class WorkerHandle:
     started: float
     ready: bool = False
     retiring: bool = False
+    exited_at: float | None = None
     current: str | None = None
     last_seen: float = 0.0
 
@@ -774,7 +776,11 @@ class ExecutionServer:
     def _dispatch(self) -> None:
         if self._stopping:
             return
-        idle = [w for w in self.workers.values() if w.ready and w.current is None]
+        idle = [
+            w
+            for w in self.workers.values()
+            if w.ready and w.current is None and w.exited_at is None
+        ]
         while self.queue and idle:
             worker = idle.pop(0)
             code = worker.proc.poll()
@@ -813,7 +819,12 @@ class ExecutionServer:
         for worker in list(self.workers.values()):
             code = worker.proc.poll()
             if code is not None:
-                self._on_worker_exit(worker, code)
+                # its last messages (a "done") may still be on their way through
+                # the socket: let them arrive before judging what became of its run
+                if worker.exited_at is None:
+                    worker.exited_at = now
+                elif now - worker.exited_at >= EXIT_SETTLE:
+                    self._on_worker_exit(worker, code)
             elif worker.ready and now - worker.last_seen > self.heartbeat_timeout:
                 log.warning(
                     "worker %s sent no heartbeat for %.1f s: killing it",
@@ -891,6 +902,7 @@ class ExecutionServer:
                     n_results=0,
                     progress=None,
                     n_logs=record["n_logs"],
+                    attempts=record["attempts"],
                 )
                 pipeline, config_code, config = self.store.code_of(record["id"])
                 run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
