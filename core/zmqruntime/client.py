@@ -165,9 +165,7 @@ class ExecutionClient:
         for start in range(0, len(exec_ids), BATCH):
             chunk = list(exec_ids[start : start + BATCH])
             while True:
-                wait = WAIT_CHUNK
-                if deadline is not None:
-                    wait = min(wait, max(0.0, deadline - time.monotonic()))
+                wait = _poll_chunk(deadline)
                 reply = self._request(
                     ControlMessageType.WAIT_MANY,
                     {"ids": chunk, "timeout": wait, "with_results": True},
@@ -214,9 +212,7 @@ class ExecutionClient:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            chunk = WAIT_CHUNK
-            if deadline is not None:
-                chunk = min(chunk, max(0.0, deadline - time.monotonic()))
+            chunk = _poll_chunk(deadline)
             status = self._request(
                 ControlMessageType.WAIT,
                 {"id": exec_id, "timeout": chunk, "with_results": _with_results},
@@ -509,6 +505,13 @@ class ExecutionClient:
             f"no reply from the zmqruntime server at {self.endpoint} within {timeout:g} s "
             f"({msg_type.value} request)"
         )
+
+
+def _poll_chunk(deadline: float | None) -> float:
+    """How long the next long poll may park: one chunk, cut short by the caller's deadline."""
+    if deadline is None:
+        return WAIT_CHUNK
+    return min(WAIT_CHUNK, max(0.0, deadline - time.monotonic()))
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -1016,14 +1016,7 @@ class ExecutionPool:
                     if run.final is not None:
                         return
                     if old_key is not None:
-                        run.history.append(
-                            {
-                                "id": old_key,
-                                "server": old_server.key if old_server else None,
-                                "reason": reason,
-                                "time": time.time(),
-                            }
-                        )
+                        _note_move(run, old_key, old_server, reason)
                     run.server, run.sid, run.state = None, None, "queued"
                     run.status = None
                     run.pending_since = time.monotonic()
@@ -1044,14 +1037,7 @@ class ExecutionPool:
                 else:
                     cancel_new = False
                     if old_key is not None:
-                        run.history.append(
-                            {
-                                "id": old_key,
-                                "server": old_server.key if old_server else None,
-                                "reason": reason,
-                                "time": time.time(),
-                            }
-                        )
+                        _note_move(run, old_key, old_server, reason)
                     self._stats["resubmitted"] += 1
                     placed = self._place(run, target, sid, status)
             if cancel_new:
@@ -1190,3 +1176,15 @@ def _state_event(status: dict[str, Any]) -> dict[str, Any]:
         "server": status.get("server"),
         "status": status,
     }
+
+
+def _note_move(run: _Run, old_key: str, old_server: _Server | None, reason: str) -> None:
+    """Record in a run's history the attempt it is leaving, and why."""
+    run.history.append(
+        {
+            "id": old_key,
+            "server": old_server.key if old_server else None,
+            "reason": reason,
+            "time": time.time(),
+        }
+    )
