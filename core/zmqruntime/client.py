@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import zmq
 
-from . import local, protocol
+from . import local, protocol, shm
 from .errors import (
     AuthenticationFailed,
     ExecutionCancelled,
@@ -309,13 +309,19 @@ class ExecutionClient:
         call or dropped on the way; the last event is the final ``state``.
         """
         info = self._ensure_server()
+        local = info.get("data_local") or {}
+        # on the server's host, its local socket: large arrays come through shared memory
+        rings = shm.RingReader() if shm.probe_matches(local.get("shm_probe")) else None
         sub = self._zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 16)
         if self.security:
             self.security.apply(sub)
         sub.setsockopt(zmq.SUBSCRIBE, exec_id.encode())
-        sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
+        if rings is not None:
+            sub.connect(local["url"])
+        else:
+            sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
         try:
             yield from follow(
                 sub,
@@ -324,9 +330,12 @@ class ExecutionClient:
                 self._fetch_results,
                 previews=previews,
                 poll_interval=poll_interval,
+                rings=rings,
             )
         finally:
             sub.close(linger=0)
+            if rings is not None:
+                rings.close()
 
     def events(self, topic: str = "", *, hwm: int = 16) -> zmq.Socket:
         """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it.

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
+from . import protocol, shm
 from .errors import ExecutionCancelled
 from .resultfile import NPY_DATA_OFFSET, aligned_copy, write_npy
 
@@ -40,8 +40,14 @@ class ResultWriter:
     ahead of it is stored inline (no thread hop on the latency path).
     """
 
-    def __init__(self, stored: Stored, limit: int = WRITE_BEHIND_BYTES) -> None:
+    def __init__(
+        self,
+        stored: Stored,
+        limit: int = WRITE_BEHIND_BYTES,
+        release: Callable[[Any], None] | None = None,
+    ) -> None:
         self._stored = stored
+        self._release = release  # gives a shared-memory copy back once it is on disk
         self._limit = limit
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
@@ -97,6 +103,8 @@ class ResultWriter:
             except BaseException as exc:  # a full disk fails the run, not the worker
                 self.error = exc
             finally:
+                if self._release is not None and isinstance(value, np.ndarray):
+                    self._release(value)
                 with self._cond:
                     self._queue.popleft()
                     self._pending_bytes -= nbytes
@@ -180,11 +188,13 @@ class Context:
         results_dir: Path,
         cancel_event: threading.Event,
         writer: ResultWriter,
+        ring: shm.Ring | None = None,
     ) -> None:
         self.execution_id = execution_id
         self._send = send
         self._results_dir = results_dir
         self._writer = writer
+        self._ring = ring
         self._cancel = cancel_event
         self._n_results = 0
         self.cancel_observed = False
@@ -252,7 +262,10 @@ class Context:
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("arrays of Python objects cannot be results")
-            data = aligned_copy(value) if copy else value
+            room = None
+            if copy and self._ring is not None and value.nbytes >= shm.MIN_BYTES:
+                room = self._ring.alloc(value.nbytes, wait=True)  # None if it cannot fit
+            data = aligned_copy(value, room) if copy else value
             path = self._file(f"{index}.npy")
             meta = {
                 "kind": "array",

@@ -308,7 +308,32 @@ def relay_event(header: dict[str, Any], buffers: Sequence[Any]) -> list[Any]:
     return [header["id"].encode(), SIGNATURE, data, *buffers]
 
 
-def parse_event(frames: Sequence[Any]) -> dict[str, Any]:
+def parse_event(frames: Sequence[Any], rings: Any = None) -> dict[str, Any]:
+    """An event's header with its arrays resolved.
+
+    An event from the server's local socket may carry no buffer frames but an ``shm``
+    descriptor instead (see :mod:`zmqruntime.shm`): ``rings`` (a ``RingReader``) copies
+    the arrays out of shared memory. If the ring was overwritten first, the event comes
+    back with ``overwritten: True`` and no ``value`` (a result is then in the store).
+    """
     if len(frames) < 3:
         raise ProtocolError("an event needs a topic, a signature and a header")
+    if len(frames) == 3:
+        check_signature(frames[1])
+        peek = unpack(_as_buffer(frames[2]), None)
+        descriptor = peek.get("shm") if isinstance(peek, dict) else None
+        if descriptor is not None:
+            if rings is None:
+                raise ProtocolError("an event in shared memory, but no reader of it here")
+            try:
+                buffers = rings.read(descriptor)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
+            if buffers is None:
+                del peek["shm"]
+                peek.pop("value", None)
+                return {**peek, "overwritten": True}
+            header = unpack(_as_buffer(frames[2]), buffers)
+            del header["shm"]
+            return header
     return decode(frames[1:])

@@ -26,16 +26,21 @@ def _round_up(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
-def aligned_copy(arr: np.ndarray) -> np.ndarray:
+def aligned_copy(arr: np.ndarray, room: np.ndarray | None = None) -> np.ndarray:
     """A private copy of ``arr`` (same order) whose data starts on a 4 KiB boundary.
 
     The copy lets a pipeline reuse its buffer as soon as ``emit`` returns, and the
-    alignment (plus padding to whole blocks) is what O_DIRECT needs.
+    alignment (plus padding to whole blocks) is what O_DIRECT needs. ``room``, if
+    given, is where the copy goes: page-aligned uint8 memory of whole blocks (a
+    shared-memory region).
     """
     order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
     nbytes = arr.nbytes
-    raw = np.empty(_round_up(nbytes) + BLOCK, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % BLOCK
+    if room is None:
+        raw = np.empty(_round_up(nbytes) + BLOCK, dtype=np.uint8)
+        offset = (-raw.ctypes.data) % BLOCK
+    else:
+        raw, offset = room, 0
     view = raw[offset : offset + nbytes]
     out = np.ndarray(arr.shape, dtype=arr.dtype, buffer=view, order=order)
     np.copyto(out, arr, casting="no")

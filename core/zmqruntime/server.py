@@ -3,12 +3,16 @@
 One thread, one poll loop, four sockets:
 
 * control ROUTER on ``port`` (clients' requests, answered in the same loop turn),
-* data PUB on ``port + 1`` (events of every run; topic = execution id),
-* worker ROUTER and worker PULL on ipc endpoints in a private temp dir.
+* data XPUB on ``port + 1`` (events of every run; topic = execution id),
+* worker ROUTER and worker PULL on ipc endpoints in a private temp dir,
+
+plus a local data PUB on an ipc endpoint there, for watchers on this host.
 
 Nothing in the loop waits on a worker or a watcher: results are written to disk by the
 workers and forwarded here frame by frame (zero-copy), so a control request is never
-queued behind bulk data.
+queued behind bulk data. Large arrays that a worker put in shared memory (see
+:mod:`zmqruntime.shm`) travel here as descriptors: the local PUB forwards those, and
+the bytes are read from the ring for the tcp watchers only when one subscribed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import psutil
 import zmq
 
-from . import __version__, local, protocol
+from . import __version__, local, protocol, shm
 from .errors import ProtocolError, UnknownExecution
 from .protocol import ErrorCode, EventKind
 from .store import Store
@@ -101,6 +105,8 @@ class Run:
     task: dict[str, Any] | None = None
     log_bytes: int = 0
     waiters: list[Waiter] = field(default_factory=list)
+    #: per preview stream, the frame last sent to tcp watchers (newest wins)
+    remote_previews: dict[tuple, zmq.MessageTracker] = field(default_factory=dict)
 
 
 class ExecutionServer:
@@ -151,6 +157,8 @@ class ExecutionServer:
         self._started = time.time()
         self._bad_input_logged: set[str] = set()
         self.bad_messages = 0
+        self.rings = shm.RingReader()  # workers' shared memory, for tcp watchers
+        self.remote_topics: set[bytes] = set()  # what tcp watchers subscribed to
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
@@ -172,16 +180,27 @@ class ExecutionServer:
         self.control.setsockopt(zmq.AFFINITY, CONTROL_IO_THREAD)
         self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_MESSAGE)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.data = self.zctx.socket(zmq.PUB)
+        # XPUB: the server hears which runs tcp watchers follow, so it reads a frame out
+        # of shared memory only for a run that someone elsewhere watches
+        self.data = self.zctx.socket(zmq.XPUB)
         self.data.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
         self.data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self.data.setsockopt(zmq.LINGER, 0)
-        for sock in (self.control, self.data):
+        self.data_local = self.zctx.socket(zmq.PUB)
+        self.data_local.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
+        self.data_local.setsockopt(zmq.SNDHWM, DATA_HWM)
+        self.data_local.setsockopt(zmq.LINGER, 0)
+        for sock in (self.control, self.data, self.data_local):
             if self.security:
                 self.security.apply(sock)
         self.control.bind(tcp_url(self.host, self.port))
         self.data.bind(tcp_url(self.host, self.data_port))
         self.ipc_dir = Path(tempfile.mkdtemp(prefix="zmqr-"))
+        self.data_local_url: str | None = None
+        if zmq.has("ipc") and os.name != "nt":
+            self.data_local_url = f"ipc://{self.ipc_dir}/data"
+            self.data_local.bind(self.data_local_url)
+        self.probe = shm.Probe() if shm.enabled() else None
         self.worker_ctl = self.zctx.socket(zmq.ROUTER)
         self.worker_ctl.setsockopt(zmq.LINGER, 0)
         self.worker_events = self.zctx.socket(zmq.PULL)
@@ -289,7 +308,7 @@ class ExecutionServer:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        for sock in (self.control, self.worker_ctl, self.worker_events):
+        for sock in (self.control, self.worker_ctl, self.worker_events, self.data):
             poller.register(sock, zmq.POLLIN)
         last_tick = 0.0
         while not self._stopping:
@@ -300,6 +319,8 @@ class ExecutionServer:
                 self._drain(self.worker_ctl, self._on_worker_ctl, 200)
             if self.worker_events in ready:
                 self._drain(self.worker_events, self._on_worker_event, 100)
+            if self.data in ready:
+                self._drain(self.data, self._on_subscription, 1000)
             now = time.monotonic()
             if now - last_tick >= TICK:
                 self._tick()
@@ -388,6 +409,7 @@ class ExecutionServer:
             "data_dir": str(self.data_dir),
             "log_file": str(self.log_file),
             "secure": self.security is not None,
+            "data_local": self._data_local_info(),
             "cancel_grace": self.cancel_grace,
             "bad_messages": self.bad_messages,
             "time": time.time(),
@@ -751,8 +773,54 @@ class ExecutionServer:
         msg["seq"] = run.seq
         msg["t"] = time.time()
         run.seq += 1
+        frames = protocol.relay_event(msg, frames[2:])
+        descriptor = msg.get("shm")
         with contextlib.suppress(zmq.ZMQError):
-            self.data.send_multipart(protocol.relay_event(msg, frames[2:]), copy=False)
+            self.data_local.send_multipart(frames, copy=False)
+            if descriptor is None:
+                self.data.send_multipart(frames, copy=False)
+            else:
+                self._publish_from_ring(run, msg, descriptor)
+
+    def _publish_from_ring(self, run: Run, msg: dict[str, Any], descriptor: list) -> None:
+        """Give tcp watchers the bytes of an event whose arrays lie in a worker's ring."""
+        topic = msg["id"].encode()
+        if not any(topic.startswith(t) for t in self.remote_topics):
+            return  # nobody elsewhere follows this run: no copy
+        preview_key = (msg["id"], msg.get("name")) if msg.get("kind") == "preview" else None
+        if preview_key is not None:
+            tracker = run.remote_previews.get(preview_key)
+            if tracker is not None and not tracker.done:
+                return  # newest wins: the last frame of this stream is still on its way
+        try:
+            buffers = self.rings.read(descriptor)
+        except ValueError as exc:
+            log.warning("a worker sent a bad shared-memory descriptor: %s", exc)
+            return
+        if buffers is None:
+            return  # overwritten already: a result is fetched from the store, a preview lost
+        del msg["shm"]
+        frames = protocol.relay_event(msg, buffers)
+        if preview_key is None:
+            self.data.send_multipart(frames, copy=False)
+        else:
+            run.remote_previews[preview_key] = self.data.send_multipart(
+                frames, copy=False, track=True
+            )
+
+    def _on_subscription(self, frames: list[zmq.Frame]) -> None:
+        """XPUB news: a topic gained its first tcp subscriber (1) or lost its last (0)."""
+        data = frames[0].bytes
+        if data[:1] == b"\x01":
+            self.remote_topics.add(data[1:])
+        elif data[:1] == b"\x00":
+            self.remote_topics.discard(data[1:])
+
+    def _data_local_info(self) -> dict[str, Any] | None:
+        if self.data_local_url is None:
+            return None
+        probe = self.probe.describe() if self.probe is not None else None
+        return {"url": self.data_local_url, "shm_probe": probe}
 
     def _on_done(self, run: Run, msg: dict[str, Any]) -> None:
         state = msg.get("state", "failed")
@@ -874,6 +942,7 @@ class ExecutionServer:
         state: str = "failed",
     ) -> None:
         self.workers.pop(worker.wid, None)
+        self.rings.forget(worker.proc.pid)  # its ring's memory goes with it
         if worker.current and reason is None:
             # its last words (a "done") may still wait in the socket: hear them first
             self._drain(self.worker_events, self._on_worker_event, 10_000)
@@ -986,6 +1055,7 @@ class ExecutionServer:
         frames = protocol.event(run.record["id"], kind, run.seq, {**body, "t": time.time()})
         run.seq += 1
         with contextlib.suppress(zmq.ZMQError):
+            self.data_local.send_multipart(frames, copy=False)
             self.data.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------------ retention, shutdown
@@ -1027,8 +1097,11 @@ class ExecutionServer:
                     ),
                 )
         self.store.close()
-        for sock in (self.control, self.data, self.worker_ctl, self.worker_events):
+        for sock in (self.control, self.data, self.data_local, self.worker_ctl, self.worker_events):
             sock.close(linger=0)
+        self.rings.close()
+        if self.probe is not None:
+            self.probe.close()
         if self.security:
             self.security.stop()
         self.zctx.term()

@@ -32,8 +32,13 @@ def follow(
     *,
     previews: bool = True,
     poll_interval: float = 0.5,
+    rings: Any = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the events of one run; ``sub`` is already subscribed to its topic."""
+    """Yield the events of one run; ``sub`` is already subscribed to its topic.
+
+    ``rings`` reads arrays that come as shared-memory descriptors (the server's local
+    socket); one overwritten before it was read counts as dropped.
+    """
     status = get_status(exec_id)
     next_index = 0
     if status["state"] in FINAL_STATES:
@@ -42,7 +47,9 @@ def follow(
         return
     while True:
         if sub.poll(int(poll_interval * 1000)):
-            event = protocol.parse_event(sub.recv_multipart(copy=False))
+            event = protocol.parse_event(sub.recv_multipart(copy=False), rings)
+            if event.get("overwritten"):
+                continue  # a result: fetched from the store with the next one; a preview: lost
             kind = event.get("kind")
             if kind == EventKind.RESULT.value:
                 index = event["index"]

@@ -23,11 +23,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
-from . import protocol
+from . import protocol, shm
 from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
+from .resultfile import aligned_copy
 
 HEARTBEAT_INTERVAL = 0.5
 #: a cancelled pipeline that has neither stopped nor looked at ctx.cancelled after this
@@ -87,7 +89,10 @@ class Worker:
         self.current: str | None = None
         self.current_ctx: Context | None = None
         self.codes = CodeCache()
-        self.writer = ResultWriter(lambda index, name, meta: None)
+        # large arrays go through shared memory; a result's room is freed once on disk
+        self.ring = shm.Ring() if shm.enabled() else None
+        release = self.ring.free if self.ring is not None else None
+        self.writer = ResultWriter(lambda index, name, meta: None, release=release)
         self.parent = os.getppid()
         self.stop = threading.Event()
 
@@ -99,7 +104,34 @@ class Worker:
             tracker = self.previews_in_flight.get(body["name"])
             if tracker is not None and not tracker.done:
                 return
-        frames = protocol.encode({"type": "event", "id": exec_id, "kind": kind, **body})
+        room = self._preview_room(body) if kind == "preview" else None
+        header = {"type": "event", "id": exec_id, "kind": kind, **body}
+        frames = protocol.encode(header)
+        if self.ring is not None and len(frames) > 2:
+            descriptor = self.ring.describe(frames[2:])
+            if descriptor is not None:  # the bytes are in the ring: send where they lie
+                frames = protocol.encode({**header, "shm": descriptor})[:2]
+        try:
+            self._send_frames(kind, body, frames, reliable)
+        finally:
+            if room is not None:
+                self.ring.free(room)  # readable until the ring comes round (newest wins)
+
+    def _preview_room(self, body: dict[str, Any]) -> np.ndarray | None:
+        """Copy a large preview frame into the ring (None: it stays in the socket path)."""
+        value = body.get("value")
+        if self.ring is None or not isinstance(value, np.ndarray):
+            return None
+        if value.nbytes < shm.MIN_BYTES or value.dtype.hasobject:
+            return None
+        room = self.ring.alloc(value.nbytes, wait=False)
+        if room is not None:
+            body["value"] = aligned_copy(value, room)
+        return room
+
+    def _send_frames(
+        self, kind: str, body: dict[str, Any], frames: list[Any], reliable: bool
+    ) -> None:
         with self.events_lock:
             if reliable:
                 self.events.send_multipart(frames, copy=False)
@@ -197,6 +229,8 @@ class Worker:
             self.execute(task)
         io.join(timeout=2)
         self.writer.close()
+        if self.ring is not None:
+            self.ring.close()
         with self.events_lock:
             self.events.close()  # lingers until the last message (a "done") is sent
         self.zctx.term()
@@ -218,7 +252,12 @@ class Worker:
 
         self.writer.start_run(stored)
         ctx = Context(
-            exec_id, send, self.data_dir / "results" / exec_id, self.cancel_event, self.writer
+            exec_id,
+            send,
+            self.data_dir / "results" / exec_id,
+            self.cancel_event,
+            self.writer,
+            self.ring,
         )
         self.current_ctx = ctx
         state, error, tb = "completed", None, None

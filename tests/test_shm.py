@@ -1,0 +1,231 @@
+"""The shared-memory path for large arrays (issue 3, point 7): rings, readers, fallbacks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from zmqruntime import protocol, shm
+
+pytestmark = pytest.mark.skipif(not shm.enabled(), reason="rings are used on x86-64 Linux only")
+
+FRAME = 1 << 20  # 1 MiB: above shm.MIN_BYTES
+
+
+def code(src: str) -> str:
+    return textwrap.dedent(src).strip() + "\n"
+
+
+def ring_maps() -> list[str]:
+    """Lines of this process's memory map that are a worker's ring."""
+    return [
+        line
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "zmqruntime-ring" in line
+    ]
+
+
+# --------------------------------------------------------------------------- the ring alone
+
+
+def test_a_region_reads_back_until_the_ring_comes_round_over_it():
+    ring = shm.Ring(capacity=4 * FRAME)
+    reader = shm.RingReader()
+    try:
+        first = ring.alloc(FRAME, wait=False)
+        first[:] = 7
+        descriptor = ring.describe([first])
+        ring.free(first)  # a preview: given back at once, still readable
+        (copy,) = reader.read(descriptor)
+        assert copy.nbytes == FRAME and (copy == 7).all()
+        for value in range(1, 4):  # three more frames fill the ring but do not overwrite
+            region = ring.alloc(FRAME, wait=False)
+            region[:] = value
+            ring.free(region)
+        assert reader.read(descriptor) is not None
+        ring.free(ring.alloc(FRAME, wait=False))  # the fifth lands where the first was
+        assert reader.read(descriptor) is None
+    finally:
+        reader.close()
+        ring.close()
+
+
+def test_regions_in_use_are_never_overwritten_and_hold_back_allocation():
+    ring = shm.Ring(capacity=4 * FRAME)
+    try:
+        held = [ring.alloc(FRAME, wait=False) for _ in range(4)]  # results not yet on disk
+        assert all(r is not None for r in held)
+        assert ring.alloc(FRAME, wait=False) is None  # a preview finds no room: socket path
+        ring.free(held[0])
+        again = ring.alloc(FRAME, wait=False)
+        assert again is not None and again.ctypes.data == held[0].ctypes.data
+        assert ring.alloc(3 * FRAME, wait=False) is None  # more than half the ring: never
+    finally:
+        ring.close()
+
+
+def test_a_descriptor_names_only_live_regions_of_its_ring():
+    ring = shm.Ring(capacity=4 * FRAME)
+    try:
+        region = ring.alloc(FRAME, wait=False)
+        assert ring.describe([region]) is not None
+        assert ring.describe([np.zeros(FRAME, np.uint8)]) is None  # ordinary memory
+        ring.free(region)
+        assert ring.describe([region]) is None  # given back
+    finally:
+        ring.close()
+
+
+def test_a_reader_refuses_a_ring_whose_id_does_not_match():
+    ring = shm.Ring(capacity=4 * FRAME)
+    reader = shm.RingReader()
+    try:
+        region = ring.alloc(FRAME, wait=False)
+        _, pid, fd, spans = ring.describe([region])
+        assert reader.read([b"x" * 16, pid, fd, spans]) is None  # pid and fd reused elsewhere
+        assert reader.read([ring.id, 2**22 + 7, fd, spans]) is None  # no such process
+        with pytest.raises(ValueError):
+            reader.read([ring.id, pid])
+    finally:
+        reader.close()
+        ring.close()
+
+
+# --------------------------------------------------------------------------- through a server
+
+BIG_ARRAYS = code("""
+    import numpy as np
+    def arrays():
+        for dt in ["bool", "uint8", "int16", "uint16", "int32", "float32", "float64", "complex128"]:
+            base = (np.arange(512 * 640) % 251).astype(dt).reshape(512, 640)
+            yield base                                  # C order
+            yield np.asfortranarray(base)               # Fortran order
+            yield base[::2, 1:]                         # non-contiguous slice
+    def run(ctx, config):
+        for a in arrays():
+            ctx.emit("a", a)
+            ctx.preview("p", a)
+""")
+
+
+def expected_big_arrays() -> list[np.ndarray]:
+    ns: dict = {}
+    exec(BIG_ARRAYS, ns)
+    return list(ns["arrays"]())
+
+
+def test_large_arrays_reach_a_local_and_a_tcp_watcher_intact(client):
+    """The local socket carries descriptors, the tcp one the bytes: both get the same."""
+    info = client.ping()
+    assert info["data_local"]["shm_probe"] is not None
+    assert shm.probe_matches(info["data_local"]["shm_probe"])
+    ctx = zmq.Context.instance()
+    raw_local = ctx.socket(zmq.SUB)
+    raw_local.setsockopt(zmq.RCVHWM, 0)
+    raw_local.setsockopt(zmq.SUBSCRIBE, b"")
+    raw_local.connect(info["data_local"]["url"])
+    tcp = client.events("", hwm=0)
+    time.sleep(0.3)  # both subscriptions reach the server before the run starts
+    try:
+        exec_id = client.execute(BIG_ARRAYS)
+        live = [e for e in client.stream(exec_id) if e["kind"] == "result"]
+        want = expected_big_arrays()
+        assert [e["index"] for e in live] == list(range(len(want)))
+        for event, w in zip(live, want):
+            assert event["value"].dtype == w.dtype and event["value"].shape == w.shape
+            np.testing.assert_array_equal(event["value"], w)
+        described = 0
+        while raw_local.poll(500):
+            frames = raw_local.recv_multipart()
+            header = protocol.unpack(frames[2], None)
+            if header.get("kind") == "result":
+                described += "shm" in header and len(frames) == 3
+        # the large ones came as descriptors, the small ones as bytes
+        assert described == sum(w.nbytes >= shm.MIN_BYTES for w in want) > 0
+        over_tcp = []
+        while tcp.poll(500):
+            event = protocol.parse_event(tcp.recv_multipart(copy=False))
+            assert "shm" not in event
+            if event["kind"] == "result":
+                over_tcp.append(event["value"])
+        assert len(over_tcp) == len(want)
+        for got, w in zip(over_tcp, want):
+            np.testing.assert_array_equal(got, w)
+    finally:
+        raw_local.close(0)
+        tcp.close(0)
+
+
+def test_a_local_watcher_that_lags_a_whole_ring_still_gets_every_result(client):
+    """Descriptors whose bytes were overwritten count as dropped: the store fills in."""
+    exec_id = client.execute(
+        code("""
+            import numpy as np
+            def run(ctx, config):
+                for i in range(40):
+                    ctx.emit("frame", np.full((1024, 1024), i, np.uint64))  # 8 MiB each
+        """)
+    )
+    stream = client.stream(exec_id)
+    first = next(stream)  # subscribed; now fall behind while 320 MiB pass a 64 MiB ring
+    time.sleep(3.0)
+    events = [first, *stream]
+    results = [e for e in events if e["kind"] == "result"]
+    assert [e["index"] for e in results] == list(range(40))
+    for e in results:
+        assert e["value"].shape == (1024, 1024) and (e["value"] == e["index"]).all()
+    assert any(e.get("fetched") for e in results)
+    assert events[-1]["kind"] == "state" and events[-1]["status"]["state"] == "completed"
+
+
+def test_a_killed_worker_leaves_no_shared_memory_behind(server):
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    client = server.client()
+    exec_id = client.execute(
+        code("""
+            import os, time
+            import numpy as np
+            def run(ctx, config):
+                ctx.emit("pid", os.getpid())
+                frame = np.ones((1024, 1024), np.float64)
+                while True:
+                    ctx.emit("frame", frame)
+                    ctx.preview("live", frame)
+                    time.sleep(0.01)
+        """)
+    )
+    worker_pid = None
+    frames = 0
+    for event in client.stream(exec_id):
+        if event["kind"] == "result" and event["name"] == "pid":
+            worker_pid = event["value"]
+        elif event["kind"] == "result":
+            frames += 1
+            if frames == 5:
+                assert ring_maps(), "the watcher maps the worker's ring while it streams"
+                os.kill(worker_pid, signal.SIGKILL)
+    assert event["kind"] == "state" and event["status"]["state"] == "failed"
+    assert ring_maps() == []  # the stream is over: nothing of the dead worker stays mapped
+    shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert shm_after <= shm_before  # rings are memfds: nothing named is ever created
+    client.close()
+
+
+def test_with_rings_off_everything_travels_in_the_sockets(make_server, monkeypatch):
+    monkeypatch.setenv("ZMQRUNTIME_SHM", "0")
+    assert not shm.enabled()
+    srv = make_server("noshm")
+    client = srv.client()
+    assert client.ping()["data_local"]["shm_probe"] is None
+    exec_id = client.execute(BIG_ARRAYS)
+    live = [e["value"] for e in client.stream(exec_id) if e["kind"] == "result"]
+    for got, w in zip(live, expected_big_arrays(), strict=True):
+        np.testing.assert_array_equal(got, w)
+    assert ring_maps() == []
