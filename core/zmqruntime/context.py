@@ -236,8 +236,10 @@ class Context:
         """Store a result (array, bytes, or msgpack-able value) and stream it to watchers.
 
         Arrays are copied once, so the pipeline may reuse its buffer right away; the copy
-        is streamed at once and written to disk behind the stream. ``copy=False`` sends
-        and writes the array itself (zero-copy): then it must not change afterwards.
+        (in shared memory for large arrays, where watchers on this host read it) is
+        streamed at once and written to disk behind the stream. ``copy=False`` sends and
+        writes the array itself through the sockets: then it must not change afterwards,
+        and on one host it is slower than the copy.
         """
         if not isinstance(name, str) or not name:
             raise TypeError("a result name must be a non-empty str")
