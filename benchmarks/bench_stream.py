@@ -441,23 +441,8 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
                 )
             )
     finally:
-        stop_spawned(client)
+        common.stop_spawned(client)
     return rows
-
-
-def stop_spawned(client: Any) -> None:
-    """Shut down the server a benchmark client spawned, and wait until it is gone."""
-    try:
-        client.shutdown(timeout=10)
-    except Exception as exc:
-        log(f"shutdown request failed: {exc}")
-    if client.spawned is not None:
-        try:
-            client.spawned.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            client.spawned.kill()
-            client.spawned.wait()
-    client.close()
 
 
 def render(rows: list[tuple[str, str, str]], args: argparse.Namespace) -> str:

@@ -71,6 +71,21 @@ def isolation(keep: bool = False) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def stop_spawned(client: Any, timeout: float = 30.0) -> None:
+    """Shut down the server a benchmark's client spawned; wait until it is gone (or kill it)."""
+    try:
+        client.shutdown(timeout=10)
+    except Exception as exc:  # stop what we started even if it no longer answers
+        print(f"zmqruntime shutdown request failed: {exc}", file=sys.stderr)
+    if client.spawned is not None:
+        try:
+            client.spawned.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            client.spawned.kill()
+            client.spawned.wait()
+    client.close()
+
+
 def kill_descendants(timeout: float = 5.0) -> list[str]:
     """Stop every process this one started (children of children too); name the strays."""
     try:

@@ -347,19 +347,8 @@ class Zmqruntime(System):
 
     def stop(self) -> None:
         client = getattr(self, "client", None)
-        if client is None:
-            return
-        try:
-            client.shutdown(timeout=10)
-        except Exception as exc:  # stop what we started even if it no longer answers
-            print(f"zmqruntime shutdown request failed: {exc}", file=sys.stderr)
-        if client.spawned is not None:
-            try:
-                client.spawned.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                client.spawned.kill()
-                client.spawned.wait()
-        client.close()
+        if client is not None:
+            common.stop_spawned(client)
 
 
 class Dask(System):
