@@ -131,7 +131,10 @@ def test_large_arrays_reach_a_local_and_a_tcp_watcher_intact(client):
     raw_local.setsockopt(zmq.RCVHWM, 0)
     raw_local.setsockopt(zmq.SUBSCRIBE, b"")
     raw_local.connect(info["data_local"]["url"])
-    tcp = client.events("", hwm=0)
+    tcp = ctx.socket(zmq.SUB)  # a watcher elsewhere: the TCP data port
+    tcp.setsockopt(zmq.RCVHWM, 0)
+    tcp.setsockopt(zmq.SUBSCRIBE, b"")
+    tcp.connect(f"tcp://127.0.0.1:{info['data_port']}")
     time.sleep(0.3)  # both subscriptions reach the server before the run starts
     try:
         exec_id = client.execute(BIG_ARRAYS)
@@ -229,3 +232,39 @@ def test_with_rings_off_everything_travels_in_the_sockets(make_server, monkeypat
     for got, w in zip(live, expected_big_arrays(), strict=True):
         np.testing.assert_array_equal(got, w)
     assert ring_maps() == []
+
+
+PREVIEW_LARGE = code("""
+    import numpy as np
+    def run(ctx, config):
+        frame = np.empty((1024, 1024), np.uint16)
+        for i in range(config.n):
+            frame[:] = i  # one buffer reused: each preview must be a copy
+            ctx.preview("camera", frame)
+            if ctx.wait(0.02):
+                return
+""")
+
+
+def test_the_gui_follower_gets_large_frames_through_shared_memory(qtbot, server):
+    from zmqruntime_gui.follower import RunFollower
+    from zmqruntime_gui.model import FollowBox, RunKey
+
+    client = server.client()
+    with client.subscribe("nothing") as sub:
+        assert sub.local  # on this host the follower's subscription reads the rings
+    exec_id = client.execute(PREVIEW_LARGE, config={"n": 150})
+    box = FollowBox(RunKey(f"127.0.0.1:{server.port}", exec_id))
+    follower = RunFollower(client, box)
+    follower.start()
+    try:
+        qtbot.waitUntil(lambda: box.finished, timeout=30_000)
+    finally:
+        follower.stop()
+        assert follower.wait(5_000)
+    assert box.error is None
+    assert box.received["camera"] >= 20  # about 3 s of frames at 50/s; a slow CI drops some
+    frame = box.take_frame("camera")
+    assert frame.image.shape == (1024, 1024) and frame.image.dtype == np.uint16
+    assert (frame.image == frame.image[0, 0]).all()  # one whole frame, never a torn one
+    assert 0 < int(frame.image[0, 0]) < 150

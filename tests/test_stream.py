@@ -12,8 +12,7 @@ import psutil
 import pytest
 import zmq
 
-from zmqruntime import protocol
-from zmqruntime.stream import follow, load_directory
+from zmqruntime.stream import Subscription, follow, load_directory
 from zmqruntime.transport import tcp_url
 
 
@@ -119,42 +118,38 @@ def test_a_client_that_connects_after_the_end_gets_every_result(server):
 
 
 class LossySub:
-    """A SUB socket that loses every third result on the way (as a full HWM would)."""
+    """A subscription that loses every third result on the way (as a full HWM would)."""
 
-    def __init__(self, sub: zmq.Socket) -> None:
+    def __init__(self, sub: Subscription) -> None:
         self.sub = sub
         self.dropped = 0
         self.seen = 0
 
-    def poll(self, timeout: int) -> int:
+    def poll(self, timeout: int) -> bool:
         return self.sub.poll(timeout)
 
-    def recv_multipart(self, copy: bool = True):
+    def recv(self, flags: int = 0) -> dict:
         while True:
-            frames = self.sub.recv_multipart(copy=copy)
-            event = protocol.parse_event(frames)
+            event = self.sub.recv(flags)
             if event["kind"] == "result":
                 self.seen += 1
                 if self.seen % 3 == 0:
                     self.dropped += 1
                     if not self.sub.poll(200):
-                        return frames  # never drop the last one: nothing would follow
+                        return event  # never drop the last one: nothing would follow
                     continue
-            return frames
+            return event
 
 
 def test_a_forced_gap_is_filled_from_the_store(server):
     client = server.client()
     exec_id = client.execute(FRAMES, config={"n": 60, "delay": 0.01})
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, exec_id.encode())
-    sub.connect(tcp_url("127.0.0.1", server.port + 1))
+    sub = client.subscribe(exec_id)
     lossy = LossySub(sub)
     try:
         events = list(follow(lossy, exec_id, client.get_status, client._fetch_results))
     finally:
-        sub.close(linger=0)
+        sub.close()
     results = [e for e in events if e["kind"] == "result"]
     assert lossy.dropped >= 5
     assert [int(e["value"][0, 0]) for e in results] == list(range(60))

@@ -1,6 +1,7 @@
 """The QThread that follows one run on the data channel.
 
-It subscribes to the run's topic and sorts what arrives into a :class:`FollowBox`:
+It subscribes to the run's topic (on the server's host, large frames come through
+shared memory) and sorts what arrives into a :class:`FollowBox`:
 the newest preview frame per stream (older unread ones are simply replaced), the
 newest progress and state, log lines and result notices. It emits no signal per
 event: the GUI's timers read the box at their own pace, so a camera at 100 fps costs
@@ -17,7 +18,7 @@ import threading
 import zmq
 from PySide6 import QtCore
 
-from zmqruntime import ExecutionClient, protocol
+from zmqruntime import ExecutionClient
 from zmqruntime.errors import ProtocolError
 from zmqruntime.protocol import EventKind
 
@@ -50,7 +51,7 @@ class RunFollower(QtCore.QThread):
 
     def run(self) -> None:
         try:
-            sub = self.client.events(self.box.key.exec_id, hwm=RCV_HWM)
+            sub = self.client.subscribe(self.box.key.exec_id, hwm=RCV_HWM)
         except Exception as exc:  # the server went away before we could subscribe
             self.box.error = f"cannot follow {self.box.key.exec_id}: {exc}"
             return
@@ -61,10 +62,13 @@ class RunFollower(QtCore.QThread):
                 if sub.poll(POLL_MS):
                     for _ in range(DRAIN_LIMIT):
                         try:
-                            frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                            event = sub.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        except ProtocolError as exc:
+                            log.warning("undecodable event on the data channel: %s", exc)
+                            continue
+                        self._handle(event)
                 # the view's next frame is made ready here, off the GUI thread
                 box.prepare_newest()
         except zmq.ZMQError as exc:
@@ -72,14 +76,9 @@ class RunFollower(QtCore.QThread):
                 self.box.error = f"data channel error: {exc}"
         finally:
             self.box.preparer_alive = False
-            sub.close(linger=0)
+            sub.close()
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        try:
-            event = protocol.parse_event(frames)
-        except ProtocolError as exc:
-            log.warning("undecodable event on the data channel: %s", exc)
-            return
+    def _handle(self, event: dict) -> None:
         kind = event.get("kind")
         box = self.box
         if kind == EventKind.PREVIEW.value:

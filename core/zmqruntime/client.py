@@ -30,7 +30,7 @@ from .errors import (
     UnknownExecution,
 )
 from .protocol import FINAL_STATES, ControlMessageType, ErrorCode
-from .stream import DirectorySink, MemorySink, follow
+from .stream import DirectorySink, MemorySink, Subscription, follow
 from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_tcp, tcp_url
 
 #: a long-poll wait is re-issued this often, so a dead server is noticed within
@@ -308,20 +308,7 @@ class ExecutionClient:
         Every result comes exactly once and in order, even those emitted before the
         call or dropped on the way; the last event is the final ``state``.
         """
-        info = self._ensure_server()
-        local = info.get("data_local") or {}
-        # on the server's host, its local socket: large arrays come through shared memory
-        rings = shm.RingReader() if shm.probe_matches(local.get("shm_probe")) else None
-        sub = self._zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 16)
-        if self.security:
-            self.security.apply(sub)
-        sub.setsockopt(zmq.SUBSCRIBE, exec_id.encode())
-        if rings is not None:
-            sub.connect(local["url"])
-        else:
-            sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
+        sub = self.subscribe(exec_id)
         try:
             yield from follow(
                 sub,
@@ -330,29 +317,33 @@ class ExecutionClient:
                 self._fetch_results,
                 previews=previews,
                 poll_interval=poll_interval,
-                rings=rings,
             )
         finally:
-            sub.close(linger=0)
-            if rings is not None:
-                rings.close()
+            sub.close()
 
-    def events(self, topic: str = "", *, hwm: int = 16) -> zmq.Socket:
-        """A SUB socket on the data channel for ``topic`` ("" = every run); caller closes it.
+    def subscribe(self, topic: str = "", *, hwm: int = 16) -> Subscription:
+        """Subscribe to the events of run ``topic`` ("" = every run); caller closes it.
 
-        ``hwm`` is how many events may wait in this process: a viewer that only wants
-        the newest frame passes a small one, so frames it would drop anyway are dropped
-        by the server before they cost a copy.
+        On the server's host (checked with the server's probe) this reads the server's
+        local socket, and large arrays come through shared memory; elsewhere the TCP
+        data port. ``hwm`` is how many events may wait in this process: a viewer that
+        only wants the newest frame passes a small one, so frames it would drop anyway
+        are dropped before they cost a copy.
         """
         info = self._ensure_server()
-        sub = self._zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, hwm)
+        local = info.get("data_local") or {}
+        rings = shm.RingReader() if shm.probe_matches(local.get("shm_probe")) else None
+        sock = self._zctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         if self.security:
-            self.security.apply(sub)
-        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        sub.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
-        return sub
+            self.security.apply(sock)
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if rings is not None:
+            sock.connect(local["url"])
+        else:
+            sock.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
+        return Subscription(sock, rings)
 
     # ------------------------------------------------------------------ internals
     def _probe_status(self, exec_id: str) -> dict[str, Any]:

@@ -62,6 +62,9 @@ MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 EXIT_SETTLE = 0.2  # seconds a dead worker's last messages get to arrive
 CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
 BULK_IO_THREAD = 1 << 1
+#: seconds of worker events handled per loop turn at most (copies out of rings for tcp
+#: watchers take time): then control requests get their turn
+WORKER_EVENTS_BUDGET = 0.005
 
 
 class InsecureBindRefused(RuntimeError):
@@ -157,7 +160,7 @@ class ExecutionServer:
         self._started = time.time()
         self._bad_input_logged: set[str] = set()
         self.bad_messages = 0
-        self.rings = shm.RingReader()  # workers' shared memory, for tcp watchers
+        self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
         self.remote_topics: set[bytes] = set()  # what tcp watchers subscribed to
 
     # ------------------------------------------------------------------ setup
@@ -318,7 +321,7 @@ class ExecutionServer:
             if self.worker_ctl in ready:
                 self._drain(self.worker_ctl, self._on_worker_ctl, 200)
             if self.worker_events in ready:
-                self._drain(self.worker_events, self._on_worker_event, 100)
+                self._drain(self.worker_events, self._on_worker_event, 100, WORKER_EVENTS_BUDGET)
             if self.data in ready:
                 self._drain(self.data, self._on_subscription, 1000)
             now = time.monotonic()
@@ -327,8 +330,12 @@ class ExecutionServer:
                 last_tick = now
             self._announce_finished()
 
-    def _drain(self, sock: zmq.Socket, handler, limit: int) -> None:
+    def _drain(self, sock: zmq.Socket, handler, limit: int, budget: float | None = None) -> None:
+        """Handle up to ``limit`` waiting messages, or fewer once ``budget`` seconds pass."""
+        deadline = time.monotonic() + budget if budget is not None else None
         for _ in range(limit):
+            if deadline is not None and time.monotonic() > deadline:
+                return  # the rest waits one loop turn: control requests go first
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -187,8 +187,11 @@ class _Mapped:
 class RingReader:
     """Maps workers' rings and copies arrays out of them (client and server side)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_pages: bool = False) -> None:
         self._maps: collections.OrderedDict[tuple, _Mapped] = collections.OrderedDict()
+        # a long-lived reader (the server) unmaps what it read, so its resident size
+        # never counts the workers' rings; a client keeps them mapped (faster reads)
+        self._drop_pages = drop_pages and hasattr(mmap, "MADV_DONTNEED")
 
     def read(self, descriptor: Descriptor) -> list[np.ndarray] | None:
         """Private copies of the described buffers, or None if the ring came round over
@@ -208,6 +211,8 @@ class RingReader:
             if nbytes < 0 or start + nbytes > len(mapped.map):
                 raise ValueError("shared-memory span outside its ring")
             out.append(mapped.bytes[start : start + nbytes].copy())
+            if self._drop_pages and nbytes:
+                mapped.map.madvise(mmap.MADV_DONTNEED, start, _round_up(nbytes))
         oldest = min((p for p, _ in spans), default=0)
         if int(mapped.head[0]) > oldest + mapped.capacity:
             return None  # overwritten while (or before) we copied

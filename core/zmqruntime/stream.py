@@ -1,6 +1,8 @@
 """Data-channel consumption: live events with gap filling, and where results land.
 
-``follow`` turns a SUB socket plus the control channel into the stream a caller wants:
+A :class:`Subscription` reads one subscription's events, whichever way they come (the
+TCP data port, or on the server's host its local socket plus the workers' shared
+memory). ``follow`` turns one plus the control channel into the stream a caller wants:
 every result exactly once and in order (missed ones are fetched from the server's
 store), live progress/logs/previews, then the final state, then the end.
 """
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import protocol
+from . import protocol, shm
 from .protocol import FINAL_STATES, EventKind
 from .resultfile import aligned_copy, write_npy
 
@@ -24,21 +26,54 @@ FetchResults = Callable[[str, int, int], Iterator[dict[str, Any]]]
 GetStatus = Callable[[str], dict[str, Any]]
 
 
+class Subscription:
+    """A SUB socket on the data channel and the reader of the arrays its events carry.
+
+    ``rings`` is set when the socket is the server's local one: large arrays then come
+    as shared-memory descriptors and are copied out of the workers' rings. ``recv``
+    returns parsed events either way; one whose arrays were overwritten before they
+    could be read comes with ``overwritten: True`` and no value (a result is then
+    fetched from the store; a preview is simply gone).
+    """
+
+    def __init__(self, socket: zmq.Socket, rings: shm.RingReader | None = None) -> None:
+        self.socket = socket
+        self.rings = rings
+
+    @property
+    def local(self) -> bool:
+        """True if large arrays arrive through shared memory."""
+        return self.rings is not None
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.socket.poll(timeout_ms))
+
+    def recv(self, flags: int = 0) -> dict[str, Any]:
+        """The next event (raises zmq.Again with NOBLOCK, ProtocolError if malformed)."""
+        return protocol.parse_event(self.socket.recv_multipart(flags, copy=False), self.rings)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self.rings is not None:
+            self.rings.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def follow(
-    sub: zmq.Socket,
+    sub: Subscription,
     exec_id: str,
     get_status: GetStatus,
     fetch_results: FetchResults,
     *,
     previews: bool = True,
     poll_interval: float = 0.5,
-    rings: Any = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the events of one run; ``sub`` is already subscribed to its topic.
-
-    ``rings`` reads arrays that come as shared-memory descriptors (the server's local
-    socket); one overwritten before it was read counts as dropped.
-    """
+    """Yield the events of one run; ``sub`` is already subscribed to its topic."""
     status = get_status(exec_id)
     next_index = 0
     if status["state"] in FINAL_STATES:
@@ -47,7 +82,7 @@ def follow(
         return
     while True:
         if sub.poll(int(poll_interval * 1000)):
-            event = protocol.parse_event(sub.recv_multipart(copy=False), rings)
+            event = sub.recv()
             if event.get("overwritten"):
                 continue  # a result: fetched from the store with the next one; a preview: lost
             kind = event.get("kind")
