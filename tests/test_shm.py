@@ -268,3 +268,28 @@ def test_the_gui_follower_gets_large_frames_through_shared_memory(qtbot, server)
     assert frame.image.shape == (1024, 1024) and frame.image.dtype == np.uint16
     assert (frame.image == frame.image[0, 0]).all()  # one whole frame, never a torn one
     assert 0 < int(frame.image[0, 0]) < 150
+
+
+def test_drain_copies_only_the_newest_preview_of_each_stream(client):
+    burst = code("""
+        import numpy as np
+        def run(ctx, config):
+            for i in range(6):
+                ctx.preview("camera", np.full((512, 512), i, np.uint16))
+                ctx.preview("other", np.full((512, 512), 10 + i, np.uint16))
+                ctx.emit("n", i)
+                ctx.wait(0.02)  # every frame leaves the worker
+    """)
+    with client.subscribe("", hwm=0) as sub:  # hwm 0: the socket itself drops nothing
+        time.sleep(0.3)
+        exec_id = client.execute(burst)
+        client.wait(exec_id, timeout=30)
+        time.sleep(0.3)
+        events = sub.drain(1000)
+    mine = [e for e in events if e["id"] == exec_id]
+    previews = {e["name"]: e["value"] for e in mine if e["kind"] == "preview"}
+    assert sorted(previews) == ["camera", "other"]  # one of each stream, not six
+    assert len([e for e in mine if e["kind"] == "preview"]) == 2
+    assert (previews["camera"] == 5).all() and (previews["other"] == 15).all()  # the newest
+    assert [e["value"] for e in mine if e["kind"] == "result"] == list(range(6))  # all kept
+    assert mine[-1]["kind"] == "state" and mine[-1]["status"]["state"] == "completed"

@@ -19,7 +19,6 @@ import zmq
 from PySide6 import QtCore
 
 from zmqruntime import ExecutionClient
-from zmqruntime.errors import ProtocolError
 from zmqruntime.protocol import EventKind
 
 from .model import FollowBox
@@ -60,14 +59,8 @@ class RunFollower(QtCore.QThread):
         try:
             while not self._stop.is_set() and not box.finished:
                 if sub.poll(POLL_MS):
-                    for _ in range(DRAIN_LIMIT):
-                        try:
-                            event = sub.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        except ProtocolError as exc:
-                            log.warning("undecodable event on the data channel: %s", exc)
-                            continue
+                    # newest wins here too: of a burst of frames only the last is copied
+                    for event in sub.drain(DRAIN_LIMIT):
                         self._handle(event)
                 # the view's next frame is made ready here, off the GUI thread
                 box.prepare_newest()

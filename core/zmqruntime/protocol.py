@@ -308,8 +308,9 @@ def relay_event(header: dict[str, Any], buffers: Sequence[Any]) -> list[Any]:
     return [header["id"].encode(), SIGNATURE, data, *buffers]
 
 
-def parse_event(frames: Sequence[Any], rings: Any = None) -> dict[str, Any]:
-    """An event's header with its arrays resolved.
+def parse_event(frames: Sequence[Any], rings: Any = None, arrays: bool = True) -> dict[str, Any]:
+    """An event's header with its arrays resolved (``arrays=False``: left unresolved,
+    as msgpack ExtType values, which costs no copy: to look at ``kind`` and ``name``).
 
     An event from the server's local socket may carry no buffer frames but an ``shm``
     descriptor instead (see :mod:`zmqruntime.shm`): ``rings`` (a ``RingReader``) copies
@@ -318,6 +319,8 @@ def parse_event(frames: Sequence[Any], rings: Any = None) -> dict[str, Any]:
     """
     if len(frames) < 3:
         raise ProtocolError("an event needs a topic, a signature and a header")
+    if not arrays:
+        return decode(frames[1:], resolve_arrays=False)
     if len(frames) == 3:
         check_signature(frames[1])
         peek = unpack(_as_buffer(frames[2]), None)

@@ -10,6 +10,7 @@ store), live progress/logs/previews, then the final state, then the end.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import zmq
 from . import protocol, shm
 from .protocol import FINAL_STATES, EventKind
 from .resultfile import aligned_copy, write_npy
+
+log = logging.getLogger("zmqruntime.stream")
 
 FetchResults = Callable[[str, int, int], Iterator[dict[str, Any]]]
 GetStatus = Callable[[str], dict[str, Any]]
@@ -51,6 +54,42 @@ class Subscription:
     def recv(self, flags: int = 0) -> dict[str, Any]:
         """The next event (raises zmq.Again with NOBLOCK, ProtocolError if malformed)."""
         return protocol.parse_event(self.socket.recv_multipart(flags, copy=False), self.rings)
+
+    def drain(self, limit: int = 256) -> list[dict[str, Any]]:
+        """The events waiting now (at most ``limit``), in order, without blocking.
+
+        Of several previews of one stream only the newest is read: a viewer that lags
+        copies no frame it would not show. A malformed event is logged and skipped.
+        """
+        waiting = []
+        for _ in range(limit):
+            try:
+                waiting.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        newest: dict[Any, int] = {}
+        heads: list[dict[str, Any] | None] = []
+        for i, frames in enumerate(waiting):
+            try:
+                head = protocol.parse_event(frames, self.rings, arrays=False)
+            except protocol.ProtocolError as exc:
+                log.warning("undecodable event on the data channel: %s", exc)
+                head = None
+            heads.append(head)
+            if head is not None and head.get("kind") == EventKind.PREVIEW.value:
+                newest[(head.get("id"), head.get("name"))] = i
+        events = []
+        for i, (frames, head) in enumerate(zip(waiting, heads)):
+            if head is None:
+                continue
+            if head.get("kind") == EventKind.PREVIEW.value:
+                if newest[(head.get("id"), head.get("name"))] != i:
+                    continue  # a newer frame of this stream is already here
+            try:
+                events.append(protocol.parse_event(frames, self.rings))
+            except protocol.ProtocolError as exc:
+                log.warning("undecodable event on the data channel: %s", exc)
+        return events
 
     def close(self) -> None:
         self.socket.close(linger=0)
