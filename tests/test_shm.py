@@ -293,3 +293,28 @@ def test_drain_copies_only_the_newest_preview_of_each_stream(client):
     assert (previews["camera"] == 5).all() and (previews["other"] == 15).all()  # the newest
     assert [e["value"] for e in mine if e["kind"] == "result"] == list(range(6))  # all kept
     assert mine[-1]["kind"] == "state" and mine[-1]["status"]["state"] == "completed"
+
+
+def test_an_array_too_large_for_the_ring_travels_in_the_sockets(client):
+    exec_id = client.execute(
+        code("""
+            import numpy as np
+            def run(ctx, config):
+                ctx.emit("big", np.arange(5 * 2**20, dtype=np.float64))  # 40 MiB > half the ring
+                ctx.preview("big", np.arange(5 * 2**20, dtype=np.float64))
+        """)
+    )
+    events = list(client.stream(exec_id))
+    (result,) = [e for e in events if e["kind"] == "result"]
+    np.testing.assert_array_equal(result["value"], np.arange(5 * 2**20, dtype=np.float64))
+    assert events[-1]["status"]["state"] == "completed"
+
+
+def test_a_refused_memfd_means_sockets_not_a_crash(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    assert shm.try_ring() is None
+    assert shm.try_probe() is None
+    assert "no shared memory" in capsys.readouterr().err

@@ -203,7 +203,7 @@ class ExecutionServer:
         if zmq.has("ipc") and os.name != "nt":
             self.data_local_url = f"ipc://{self.ipc_dir}/data"
             self.data_local.bind(self.data_local_url)
-        self.probe = shm.Probe() if shm.enabled() else None
+        self.probe = shm.try_probe()
         self.worker_ctl = self.zctx.socket(zmq.ROUTER)
         self.worker_ctl.setsockopt(zmq.LINGER, 0)
         self.worker_events = self.zctx.socket(zmq.PULL)

@@ -60,6 +60,27 @@ def enabled() -> bool:
     )
 
 
+def try_ring(capacity: int = RING_BYTES) -> Ring | None:
+    """A ring if rings are enabled and the kernel grants one; else None (sockets only)."""
+    if not enabled():
+        return None
+    try:
+        return Ring(capacity)
+    except OSError as exc:  # memfd refused (a sandbox, a memory limit): degrade, don't die
+        print(f"zmqruntime: no shared memory ({exc}); arrays travel in sockets", file=sys.stderr)
+        return None
+
+
+def try_probe() -> Probe | None:
+    """The server's probe if rings are enabled and a memfd can be made; else None."""
+    if not enabled():
+        return None
+    try:
+        return Probe()
+    except OSError:
+        return None
+
+
 def _round_up(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 

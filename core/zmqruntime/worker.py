@@ -90,7 +90,7 @@ class Worker:
         self.current_ctx: Context | None = None
         self.codes = CodeCache()
         # large arrays go through shared memory; a result's room is freed once on disk
-        self.ring = shm.Ring() if shm.enabled() else None
+        self.ring = shm.try_ring()
         release = self.ring.free if self.ring is not None else None
         self.writer = ResultWriter(lambda index, name, meta: None, release=release)
         self.parent = os.getppid()
