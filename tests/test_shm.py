@@ -131,10 +131,7 @@ def test_large_arrays_reach_a_local_and_a_tcp_watcher_intact(client):
     raw_local.setsockopt(zmq.RCVHWM, 0)
     raw_local.setsockopt(zmq.SUBSCRIBE, b"")
     raw_local.connect(info["data_local"]["url"])
-    tcp = ctx.socket(zmq.SUB)  # a watcher elsewhere: the TCP data port
-    tcp.setsockopt(zmq.RCVHWM, 0)
-    tcp.setsockopt(zmq.SUBSCRIBE, b"")
-    tcp.connect(f"tcp://127.0.0.1:{info['data_port']}")
+    tcp = client.events("", hwm=0)  # as a watcher elsewhere: the TCP data port
     time.sleep(0.3)  # both subscriptions reach the server before the run starts
     try:
         exec_id = client.execute(BIG_ARRAYS)

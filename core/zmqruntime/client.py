@@ -321,18 +321,21 @@ class ExecutionClient:
         finally:
             sub.close()
 
-    def subscribe(self, topic: str = "", *, hwm: int = 16) -> Subscription:
+    def subscribe(
+        self, topic: str = "", *, hwm: int = 16, local: bool | None = None
+    ) -> Subscription:
         """Subscribe to the events of run ``topic`` ("" = every run); caller closes it.
 
         On the server's host (checked with the server's probe) this reads the server's
-        local socket, and large arrays come through shared memory; elsewhere the TCP
-        data port. ``hwm`` is how many events may wait in this process: a viewer that
-        only wants the newest frame passes a small one, so frames it would drop anyway
-        are dropped before they cost a copy.
+        local socket, and large arrays come through shared memory; elsewhere, or with
+        ``local=False``, the TCP data port. ``hwm`` is how many events may wait in this
+        process: a viewer that only wants the newest frame passes a small one, so
+        frames it would drop anyway are dropped before they cost a copy.
         """
         info = self._ensure_server()
-        local = info.get("data_local") or {}
-        rings = shm.RingReader() if shm.probe_matches(local.get("shm_probe")) else None
+        where = info.get("data_local") or {}
+        use_local = local is not False and shm.probe_matches(where.get("shm_probe"))
+        rings = shm.RingReader() if use_local else None
         sock = self._zctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, hwm)
@@ -340,10 +343,18 @@ class ExecutionClient:
             self.security.apply(sock)
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         if rings is not None:
-            sock.connect(local["url"])
+            sock.connect(where["url"])
         else:
             sock.connect(tcp_url(self.host, info.get("data_port", data_port_of(self.port))))
         return Subscription(sock, rings)
+
+    def events(self, topic: str = "", *, hwm: int = 16) -> zmq.Socket:
+        """A plain SUB socket on the TCP data port for ``topic``; caller closes it.
+
+        For code with its own ZeroMQ poll loop; events are ``protocol.parse_event(frames)``
+        and always carry their bytes. ``subscribe`` is the faster way on the same host.
+        """
+        return self.subscribe(topic, hwm=hwm, local=False).socket
 
     # ------------------------------------------------------------------ internals
     def _probe_status(self, exec_id: str) -> dict[str, Any]:
