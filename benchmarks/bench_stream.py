@@ -258,6 +258,40 @@ def ping_while_streaming(
     return {**ping_stats(inside), "frames_streamed": counts["frames"], "stream_fps": fps}
 
 
+def ping_while_fetching(
+    client: Any, port: int, frames: int, seconds: float, interval: float, root: Path
+) -> dict[str, Any]:
+    """Fetch stored results (``get_results(directory=)``, over and over) in a thread here;
+    ping from another process meanwhile. Result files are written with O_DIRECT, so the
+    server reads them from the disk: bulk data that must not delay control requests."""
+    exec_id = client.execute(EMIT_N, config={"n": frames})
+    client.wait(exec_id)
+    out = root / "fetch-out"
+    window: dict[str, float] = {}
+    counts = {"frames": 0}
+    stop = threading.Event()
+    started = threading.Event()
+
+    def fetch() -> None:
+        window["start"] = time.time()
+        started.set()
+        while not stop.is_set():
+            results = client.get_results(exec_id, directory=out)
+            counts["frames"] += len(results["frame"])
+            shutil.rmtree(out, ignore_errors=True)
+            window["end"] = time.time()
+
+    fetcher = threading.Thread(target=fetch, name="fetcher", daemon=True)
+    fetcher.start()
+    started.wait(60)
+    samples = run_ping_probe(port, seconds, interval, root)
+    stop.set()
+    fetcher.join(300)
+    inside = [rtt for t, rtt in samples if window["start"] <= t <= window.get("end", t)]
+    fps = counts["frames"] / max(window.get("end", 0) - window["start"], 1e-9)
+    return {**ping_stats(inside), "frames_fetched": counts["frames"], "fetch_fps": fps}
+
+
 def rss_probe(port: int, gb: float, out_dir: Path, out: Path) -> None:
     """Child process: a run emitting ``gb`` GB, then get_results(directory=) it; RSS peaks."""
     import psutil
@@ -410,6 +444,20 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
                     f"p50 {busy['p50_ms']:.2f} ms, p99 {busy['p99_ms']:.2f} ms, "
                     f"max {busy['max_ms']:.2f} ms",
                     f"p99 ≤ 5 ms: {'met' if busy['p99_ms'] <= 5 else 'missed'}",
+                )
+            )
+            log(f"ping while stored results are fetched, {args.ping_seconds:g} s ...")
+            fetching = ping_while_fetching(
+                client, port, args.frames, args.ping_seconds, args.interval, root
+            )
+            rows.append(
+                (
+                    f"ping() from a second client while another fetches stored results "
+                    f"({fetching['n']} pings; {fetching['frames_fetched']} frames fetched "
+                    f"at {fetching['fetch_fps']:.0f}/s)",
+                    f"p50 {fetching['p50_ms']:.2f} ms, p99 {fetching['p99_ms']:.2f} ms, "
+                    f"max {fetching['max_ms']:.2f} ms",
+                    f"p99 ≤ 5 ms: {'met' if fetching['p99_ms'] <= 5 else 'missed'}",
                 )
             )
         if "rss" in steps:

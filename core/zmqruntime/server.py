@@ -40,6 +40,7 @@ import zmq
 
 from . import __version__, local, protocol, shm
 from .errors import ProtocolError, UnknownExecution
+from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
 from .store import Store
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
@@ -54,7 +55,10 @@ MAX_RETRIES = 100
 #: what varies between two bad requests of one kind: quoted text, bytes, numbers
 _VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\d+")
 MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
-RESULTS_REPLY_BYTES = 32 * 1024 * 1024
+#: arrays per ``results`` reply by default: small replies let the one I/O thread that
+#: sends every control reply get to a ping between them while gigabytes are fetched
+RESULTS_REPLY_BYTES = 8 * 1024 * 1024
+WAIT_RESULTS_BYTES = 32 * 1024 * 1024  # small results that ride along with a wait reply
 WORKER_START_TIMEOUT = 60.0
 MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back off up to this
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
@@ -162,6 +166,7 @@ class ExecutionServer:
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
         self.remote_topics: set[bytes] = set()  # what tcp watchers subscribed to
+        self._files_in_reply = False  # the reply being built maps result files
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
@@ -204,6 +209,7 @@ class ExecutionServer:
             self.data_local_url = f"ipc://{self.ipc_dir}/data"
             self.data_local.bind(self.data_local_url)
         self.probe = shm.try_probe()
+        self.prefetch = Prefetcher(self.zctx)
         self.worker_ctl = self.zctx.socket(zmq.ROUTER)
         self.worker_ctl.setsockopt(zmq.LINGER, 0)
         self.worker_events = self.zctx.socket(zmq.PULL)
@@ -311,7 +317,13 @@ class ExecutionServer:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        for sock in (self.control, self.worker_ctl, self.worker_events, self.data):
+        for sock in (
+            self.control,
+            self.worker_ctl,
+            self.worker_events,
+            self.data,
+            self.prefetch.done,
+        ):
             poller.register(sock, zmq.POLLIN)
         last_tick = 0.0
         while not self._stopping:
@@ -324,6 +336,9 @@ class ExecutionServer:
                 self._drain(self.worker_events, self._on_worker_event, 100, WORKER_EVENTS_BUDGET)
             if self.data in ready:
                 self._drain(self.data, self._on_subscription, 1000)
+            if self.prefetch.done in ready:
+                for route, frames in self.prefetch.ready():
+                    self._send_now(route, frames)
             now = time.monotonic()
             if now - last_tick >= TICK:
                 self._tick()
@@ -349,6 +364,7 @@ class ExecutionServer:
     # ------------------------------------------------------------------ control channel
     def _on_control(self, frames: list[zmq.Frame]) -> None:
         self._announce_finished()  # no reply may report a final state that is not durable
+        self._files_in_reply = False
         # ROUTER prefix: identity, then an empty delimiter if the peer is a REQ socket
         route = [frames[0].bytes]
         rest = frames[1:]
@@ -379,6 +395,13 @@ class ExecutionServer:
         self._send(route, reply)
 
     def _send(self, route: list[bytes], frames: list[Any]) -> None:
+        if self._files_in_reply:  # read the files first, off this loop and off the I/O thread
+            self._files_in_reply = False
+            self.prefetch.submit(frames[2:], (route, frames))
+            return
+        self._send_now(route, frames)
+
+    def _send_now(self, route: list[bytes], frames: list[Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.control.send_multipart([*route, *frames], copy=False)
 
@@ -523,7 +546,7 @@ class ExecutionServer:
     def _park(self, body: dict, ids: list[str], default_timeout: float, single: bool) -> Any:
         timeout = _timeout(body, default=default_timeout)
         with_results = bool(_optional(body, "with_results", bool))
-        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
+        max_bytes = _count(body, "max_bytes", WAIT_RESULTS_BYTES)
         pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
         waiter = Waiter(
             self._current_route,
@@ -677,7 +700,9 @@ class ExecutionServer:
     def _load_result(self, run_dir: Path, entry: dict[str, Any]) -> Any:
         kind = entry.get("kind")
         if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
-            # map the data where the writer put it: nothing is read in this loop
+            # map the data where the writer put it: nothing is read in this loop, and the
+            # prefetch thread reads it before the reply leaves (see _send)
+            self._files_in_reply = True
             return np.memmap(
                 run_dir / entry["file"],
                 mode="r",
@@ -1107,6 +1132,7 @@ class ExecutionServer:
         for sock in (self.control, self.data, self.data_local, self.worker_ctl, self.worker_events):
             sock.close(linger=0)
         self.rings.close()
+        self.prefetch.close()
         if self.probe is not None:
             self.probe.close()
         if self.security:
