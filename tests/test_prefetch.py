@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zmq
 
 from zmqruntime.prefetch import Prefetcher
+from zmqruntime.resultfile import NPY_DATA_OFFSET, aligned_copy, aligned_empty, write_npy
 
 
-def test_payloads_come_back_in_order_once_their_files_are_read(tmp_path):
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_arrays_are_read_off_the_loop_and_errors_come_back_named(tmp_path, order):
     ctx = zmq.Context()
     prefetch = Prefetcher(ctx)
     try:
-        path = tmp_path / "frame.bin"
-        np.arange(3 * 2**20, dtype=np.uint8).tofile(path)
-        mapped = np.memmap(path, mode="r", dtype=np.uint8)
-        prefetch.submit([memoryview(mapped)], "first")
-        prefetch.submit([object(), memoryview(b"")], "second")  # untouchable: still answered
+        want = np.asarray(np.arange(1000 * 777, dtype=np.int32).reshape(1000, 777), order=order)
+        path = tmp_path / "0.npy"
+        write_npy(path, aligned_copy(want))
+        np.testing.assert_array_equal(np.load(path), want)  # an ordinary .npy file
+        out = aligned_empty(want.shape, want.dtype, order)
+        prefetch.submit([(path, NPY_DATA_OFFSET, out)], "first")
+        gone = aligned_empty((10,), np.float64)
+        prefetch.submit([(tmp_path / "retained-away.npy", NPY_DATA_OFFSET, gone)], "second")
         got: list = []
         while len(got) < 2:
             assert prefetch.done.poll(5000), "the prefetch thread did not answer"
             got += prefetch.ready()
-        assert got == ["first", "second"]
+        assert got[0] == ("first", None)
+        np.testing.assert_array_equal(out, want)
+        assert got[1][0] == "second" and "retained-away.npy" in got[1][1]
         assert prefetch.ready() == []  # nothing else pending
     finally:
         prefetch.close()

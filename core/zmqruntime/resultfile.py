@@ -35,16 +35,73 @@ def aligned_copy(arr: np.ndarray, room: np.ndarray | None = None) -> np.ndarray:
     shared-memory region).
     """
     order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
-    nbytes = arr.nbytes
+    out = aligned_empty(arr.shape, arr.dtype, order, room)
+    np.copyto(out, arr, casting="no")
+    return out
+
+
+def aligned_empty(
+    shape: tuple, dtype: np.dtype, order: str = "C", room: np.ndarray | None = None
+) -> np.ndarray:
+    """An uninitialised array whose data starts on a 4 KiB boundary and is followed by
+    padding to whole blocks (what O_DIRECT reads and writes need); in ``room`` if given."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if room is None:
         raw = np.empty(_round_up(nbytes) + BLOCK, dtype=np.uint8)
         offset = (-raw.ctypes.data) % BLOCK
     else:
         raw, offset = room, 0
     view = raw[offset : offset + nbytes]
-    out = np.ndarray(arr.shape, dtype=arr.dtype, buffer=view, order=order)
-    np.copyto(out, arr, casting="no")
-    return out
+    return np.ndarray(shape, dtype=dtype, buffer=view, order=order)
+
+
+def read_into(path: Path, offset: int, out: np.ndarray) -> None:
+    """Fill ``out`` (from :func:`aligned_empty`) with the bytes at ``offset`` of ``path``.
+
+    O_DIRECT where it works: result files are written that way, so they are seldom in the
+    page cache, and a direct read here is about twice as fast as faulting pages in.
+    """
+    nbytes = out.nbytes
+    if nbytes == 0:
+        return
+    if hasattr(os, "O_DIRECT") and offset % BLOCK == 0:
+        try:
+            padded = _base_buffer(out)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pass
+        else:
+            try:
+                got = _read_all(fd, padded, offset, nbytes)
+            except OSError:
+                got = -1
+            finally:
+                os.close(fd)
+            if got >= nbytes:
+                return
+    flat = np.ndarray((nbytes,), dtype=np.uint8, buffer=_base_buffer_or_self(out))
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        if fh.readinto(memoryview(flat)) != nbytes:
+            raise OSError(f"{path} is shorter than its index says")
+
+
+def _read_all(fd: int, data: memoryview, offset: int, nbytes: int) -> int:
+    """Read from ``offset`` until ``nbytes`` arrived or the file ends; bytes read."""
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, [data[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _base_buffer_or_self(arr: np.ndarray) -> memoryview:
+    try:
+        return _base_buffer(arr)[: arr.nbytes]
+    except OSError:
+        return memoryview(arr.reshape(-1, order="A").view(np.uint8))
 
 
 def _header(arr: np.ndarray) -> bytes:

@@ -42,6 +42,7 @@ from . import __version__, local, protocol, shm
 from .errors import ProtocolError, UnknownExecution
 from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
+from .resultfile import aligned_empty
 from .store import Store
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
@@ -166,7 +167,7 @@ class ExecutionServer:
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
         self.remote_topics: set[bytes] = set()  # what tcp watchers subscribed to
-        self._files_in_reply = False  # the reply being built maps result files
+        self._reads_for_reply: list = []  # stored arrays the reply being built needs read
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
@@ -337,7 +338,10 @@ class ExecutionServer:
             if self.data in ready:
                 self._drain(self.data, self._on_subscription, 1000)
             if self.prefetch.done in ready:
-                for route, frames in self.prefetch.ready():
+                for (route, frames, req), error in self.prefetch.ready():
+                    if error is not None:
+                        log.warning("%s", error)
+                        frames = protocol.error_reply(req, ErrorCode.INTERNAL, error)
                     self._send_now(route, frames)
             now = time.monotonic()
             if now - last_tick >= TICK:
@@ -364,7 +368,7 @@ class ExecutionServer:
     # ------------------------------------------------------------------ control channel
     def _on_control(self, frames: list[zmq.Frame]) -> None:
         self._announce_finished()  # no reply may report a final state that is not durable
-        self._files_in_reply = False
+        self._reads_for_reply = []
         # ROUTER prefix: identity, then an empty delimiter if the peer is a REQ socket
         route = [frames[0].bytes]
         rest = frames[1:]
@@ -392,12 +396,12 @@ class ExecutionServer:
         except Exception as exc:  # a bug must cost one reply, never the server
             self._note_bad_input(f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
             reply = protocol.error_reply(req, ErrorCode.INTERNAL, f"internal error: {exc}")
-        self._send(route, reply)
+        self._send(route, reply, req)
 
-    def _send(self, route: list[bytes], frames: list[Any]) -> None:
-        if self._files_in_reply:  # read the files first, off this loop and off the I/O thread
-            self._files_in_reply = False
-            self.prefetch.submit(frames[2:], (route, frames))
+    def _send(self, route: list[bytes], frames: list[Any], req: Any = None) -> None:
+        if self._reads_for_reply:  # stored arrays: read off this loop, then sent
+            reads, self._reads_for_reply = self._reads_for_reply, []
+            self.prefetch.submit(reads, (route, frames, req))
             return
         self._send_now(route, frames)
 
@@ -595,7 +599,8 @@ class ExecutionServer:
     def _answer(self, waiter: Waiter) -> None:
         if not waiter.answered:
             waiter.answered = True
-            self._send(waiter.route, protocol.reply(waiter.req, self._waiter_reply(waiter)))
+            reply = protocol.reply(waiter.req, self._waiter_reply(waiter))
+            self._send(waiter.route, reply, waiter.req)
 
     def handle_list(self, body: dict) -> dict:
         limit = _count(body, "limit", 200)
@@ -700,17 +705,15 @@ class ExecutionServer:
     def _load_result(self, run_dir: Path, entry: dict[str, Any]) -> Any:
         kind = entry.get("kind")
         if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
-            # map the data where the writer put it: nothing is read in this loop, and the
-            # prefetch thread reads it before the reply leaves (see _send)
-            self._files_in_reply = True
-            return np.memmap(
-                run_dir / entry["file"],
-                mode="r",
-                dtype=protocol.dtype_from_wire(entry["dtype"]),
-                offset=entry["offset"],
-                shape=tuple(entry["shape"]),
-                order=entry.get("order", "C"),
+            # nothing is read in this loop: the prefetch thread fills the array before
+            # the reply leaves (see _send)
+            out = aligned_empty(
+                tuple(entry["shape"]),
+                protocol.dtype_from_wire(entry["dtype"]),
+                entry.get("order", "C"),
             )
+            self._reads_for_reply.append((run_dir / entry["file"], int(entry["offset"]), out))
+            return out
         if kind == "array":
             path = run_dir / entry["file"]
             if int(entry.get("nbytes", 1)) == 0:
