@@ -315,3 +315,16 @@ def test_a_refused_memfd_means_sockets_not_a_crash(monkeypatch, capsys):
     assert shm.try_ring() is None
     assert shm.try_probe() is None
     assert "no shared memory" in capsys.readouterr().err
+
+
+def test_the_ring_size_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ZMQRUNTIME_SHM_MB", "32")
+    ring = shm.try_ring()
+    try:
+        assert ring is not None and ring.capacity == 32 * 2**20
+    finally:
+        ring.close()
+    monkeypatch.setenv("ZMQRUNTIME_SHM_MB", "1")
+    assert shm.ring_bytes() == 16 * 2**20  # a floor: a frame or two must fit
+    monkeypatch.setenv("ZMQRUNTIME_SHM_MB", "lots")
+    assert shm.ring_bytes() == shm.RING_BYTES

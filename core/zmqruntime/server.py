@@ -65,8 +65,12 @@ MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back 
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
 MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 EXIT_SETTLE = 0.2  # seconds a dead worker's last messages get to arrive
-CONTROL_IO_THREAD = 1 << 0  # ZMQ_AFFINITY bitmasks of the server's two I/O threads
+#: ZMQ_AFFINITY bitmasks of the server's three I/O threads: control connections are
+#: spread over two (a client fetching stored results fills one with replies, while
+#: another client's ping goes through the other), bulk sockets have the third
+CONTROL_IO_THREADS = (1 << 0) | (1 << 2)
 BULK_IO_THREAD = 1 << 1
+IO_THREADS = 3
 #: seconds of worker events handled per loop turn at most (copies out of rings for tcp
 #: watchers take time): then control requests get their turn
 WORKER_EVENTS_BUDGET = 0.005
@@ -181,12 +185,12 @@ class ExecutionServer:
         self._log_handler = handler
 
     def _bind(self) -> None:
-        # two I/O threads: control traffic never waits behind megabytes of frames
-        self.zctx = zmq.Context(io_threads=2)
+        # control traffic never waits behind megabytes of frames (see IO_THREADS)
+        self.zctx = zmq.Context(io_threads=IO_THREADS)
         if self.security:
             self.security.start(self.zctx)
         self.control = self.zctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.AFFINITY, CONTROL_IO_THREAD)
+        self.control.setsockopt(zmq.AFFINITY, CONTROL_IO_THREADS)
         self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_MESSAGE)
         self.control.setsockopt(zmq.LINGER, 0)
         # XPUB: the server hears which runs tcp watchers follow, so it reads a frame out

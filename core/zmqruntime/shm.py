@@ -39,7 +39,8 @@ import numpy as np
 HEADER = 4096
 #: arrays at least this large travel through the ring; smaller ones are cheaper in a socket
 MIN_BYTES = 256 * 1024
-#: bytes of a worker's ring; results not yet on disk hold their room (the write-behind)
+#: bytes of a worker's ring by default; results not yet on disk hold their room (the
+#: write-behind), and a watcher that lags by more than a ring reads from the store
 RING_BYTES = 64 * 1024 * 1024
 BLOCK = 4096
 _ID_BYTES = 16
@@ -60,12 +61,21 @@ def enabled() -> bool:
     )
 
 
-def try_ring(capacity: int = RING_BYTES) -> Ring | None:
+def ring_bytes() -> int:
+    """The ring size: ZMQRUNTIME_SHM_MB (MiB, at least 16) or the default."""
+    try:
+        mib = int(os.environ.get("ZMQRUNTIME_SHM_MB", ""))
+    except ValueError:
+        return RING_BYTES
+    return max(16, mib) * 1024 * 1024
+
+
+def try_ring(capacity: int | None = None) -> Ring | None:
     """A ring if rings are enabled and the kernel grants one; else None (sockets only)."""
     if not enabled():
         return None
     try:
-        return Ring(capacity)
+        return Ring(capacity or ring_bytes())
     except OSError as exc:  # memfd refused (a sandbox, a memory limit): degrade, don't die
         print(f"zmqruntime: no shared memory ({exc}); arrays travel in sockets", file=sys.stderr)
         return None
