@@ -76,6 +76,34 @@ IO_THREADS = 3
 WORKER_EVENTS_BUDGET = 0.005
 
 
+class Watched:
+    """The topics that watchers on one XPUB follow.
+
+    The XPUB passes up each topic's first subscription (``\\x01`` + topic) and its last
+    unsubscription (``\\x00`` + topic), so this set is exactly the topics with watchers.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.topics: set[bytes] = set()
+
+    def update(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed during shutdown
+                return
+            if data[:1] == b"\x01":
+                self.topics.add(data[1:])
+            elif data[:1] == b"\x00":
+                self.topics.discard(data[1:])
+
+    def follows(self, topic: bytes) -> bool:
+        return any(topic.startswith(t) for t in self.topics)
+
+
 class InsecureBindRefused(RuntimeError):
     """Binding to a non-loopback address without CURVE keys needs an explicit --insecure."""
 
@@ -170,7 +198,6 @@ class ExecutionServer:
         self._bad_input_logged: set[str] = set()
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
-        self.remote_topics: set[bytes] = set()  # what tcp watchers subscribed to
         self._reads_for_reply: list = []  # stored arrays the reply being built needs read
 
     # ------------------------------------------------------------------ setup
@@ -199,7 +226,7 @@ class ExecutionServer:
         self.data.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
         self.data.setsockopt(zmq.SNDHWM, DATA_HWM)
         self.data.setsockopt(zmq.LINGER, 0)
-        self.data_local = self.zctx.socket(zmq.PUB)
+        self.data_local = self.zctx.socket(zmq.XPUB)
         self.data_local.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
         self.data_local.setsockopt(zmq.SNDHWM, DATA_HWM)
         self.data_local.setsockopt(zmq.LINGER, 0)
@@ -214,6 +241,9 @@ class ExecutionServer:
             self.data_local_url = f"ipc://{self.ipc_dir}/data"
             self.data_local.bind(self.data_local_url)
         self.probe = shm.try_probe()
+        # what watchers follow, per data socket: an event nobody follows is not even packed
+        self.tcp_watch = Watched(self.data)
+        self.local_watch = Watched(self.data_local)
         self.prefetch = Prefetcher(self.zctx)
         self.worker_ctl = self.zctx.socket(zmq.ROUTER)
         self.worker_ctl.setsockopt(zmq.LINGER, 0)
@@ -327,6 +357,7 @@ class ExecutionServer:
             self.worker_ctl,
             self.worker_events,
             self.data,
+            self.data_local,
             self.prefetch.done,
         ):
             poller.register(sock, zmq.POLLIN)
@@ -340,7 +371,9 @@ class ExecutionServer:
             if self.worker_events in ready:
                 self._drain(self.worker_events, self._on_worker_event, 100, WORKER_EVENTS_BUDGET)
             if self.data in ready:
-                self._drain(self.data, self._on_subscription, 1000)
+                self.tcp_watch.update()
+            if self.data_local in ready:
+                self.local_watch.update()
             if self.prefetch.done in ready:
                 for (route, frames, req), error in self.prefetch.ready():
                     if error is not None:
@@ -812,20 +845,28 @@ class ExecutionServer:
         msg["seq"] = run.seq
         msg["t"] = time.time()
         run.seq += 1
+        local, remote = self._watchers(msg["id"])
+        if not (local or remote):
+            return  # nobody follows this run: the seq still counts it
         frames = protocol.relay_event(msg, frames[2:])
         descriptor = msg.get("shm")
         with contextlib.suppress(zmq.ZMQError):
-            self.data_local.send_multipart(frames, copy=False)
-            if descriptor is None:
+            if local:
+                self.data_local.send_multipart(frames, copy=False)
+            if remote and descriptor is None:
                 self.data.send_multipart(frames, copy=False)
-            else:
+            elif remote:
                 self._publish_from_ring(run, msg, descriptor)
+
+    def _watchers(self, exec_id: str) -> tuple[bool, bool]:
+        """Whether watchers on the local and on the TCP data socket follow this run."""
+        topic = exec_id.encode()
+        self.local_watch.update()  # subscriptions that arrived since the last loop turn
+        self.tcp_watch.update()
+        return self.local_watch.follows(topic), self.tcp_watch.follows(topic)
 
     def _publish_from_ring(self, run: Run, msg: dict[str, Any], descriptor: list) -> None:
         """Give tcp watchers the bytes of an event whose arrays lie in a worker's ring."""
-        topic = msg["id"].encode()
-        if not any(topic.startswith(t) for t in self.remote_topics):
-            return  # nobody elsewhere follows this run: no copy
         preview_key = (msg["id"], msg.get("name")) if msg.get("kind") == "preview" else None
         if preview_key is not None:
             tracker = run.remote_previews.get(preview_key)
@@ -846,14 +887,6 @@ class ExecutionServer:
             run.remote_previews[preview_key] = self.data.send_multipart(
                 frames, copy=False, track=True
             )
-
-    def _on_subscription(self, frames: list[zmq.Frame]) -> None:
-        """XPUB news: a topic gained its first tcp subscriber (1) or lost its last (0)."""
-        data = frames[0].bytes
-        if data[:1] == b"\x01":
-            self.remote_topics.add(data[1:])
-        elif data[:1] == b"\x00":
-            self.remote_topics.discard(data[1:])
 
     def _data_local_info(self) -> dict[str, Any] | None:
         if self.data_local_url is None:
@@ -1091,11 +1124,17 @@ class ExecutionServer:
         self._publish(run, EventKind.STATE, {"status": self._status(run.record)})
 
     def _publish(self, run: Run, kind: EventKind, body: dict[str, Any]) -> None:
-        frames = protocol.event(run.record["id"], kind, run.seq, {**body, "t": time.time()})
+        seq = run.seq
         run.seq += 1
+        local, remote = self._watchers(run.record["id"])
+        if not (local or remote):
+            return
+        frames = protocol.event(run.record["id"], kind, seq, {**body, "t": time.time()})
         with contextlib.suppress(zmq.ZMQError):
-            self.data_local.send_multipart(frames, copy=False)
-            self.data.send_multipart(frames, copy=False)
+            if local:
+                self.data_local.send_multipart(frames, copy=False)
+            if remote:
+                self.data.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------------ retention, shutdown
     def _apply_retention(self) -> None:
