@@ -1,4 +1,5 @@
-"""Reading stored results into memory before the server sends them, off its loop.
+"""Reading what a reply or an event carries into memory before the server sends it,
+off its loop: stored results from their files, and large arrays out of workers' rings.
 
 The server answers ``results`` (and ``wait`` with results) with arrays read from their
 files. Reading in the loop would hold up every other request; mapping the files and
@@ -6,7 +7,8 @@ letting ZeroMQ's I/O thread read them while it sends would hold up every control
 connection instead (one I/O thread serves them all, and result files are written with
 O_DIRECT, so they are seldom in the page cache). Here a thread of its own reads them
 (O_DIRECT too: about twice as fast as faulting pages in), and the loop sends the reply
-once they are in memory.
+once they are in memory. Copies out of a ring for TCP watchers are done here too.
+Jobs finish in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import zmq
 from .resultfile import read_into
 
 Read = tuple[Path, int, np.ndarray]  # file, offset of the data, where it goes
+Work = Callable[[], str | None]  # runs in the prefetch thread; an error message or None
 
 
 class Prefetcher:
@@ -34,7 +38,7 @@ class Prefetcher:
         self.done.bind(self._url)
         self._push = zctx.socket(zmq.PUSH)
         self._push.connect(self._url)
-        self._jobs: queue.Queue[tuple[int, list[Read]] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[int, Work] | None] = queue.Queue()
         self._pending: dict[int, Any] = {}
         self._errors: dict[int, str] = {}
         self._ids = itertools.count()
@@ -43,9 +47,13 @@ class Prefetcher:
 
     def submit(self, reads: list[Read], payload: Any) -> None:
         """Do ``reads``; then :meth:`ready` hands ``payload`` back to the loop."""
+        self.run(lambda: _read_files(reads), payload)
+
+    def run(self, work: Work, payload: Any) -> None:
+        """Call ``work`` in the thread; then :meth:`ready` hands ``payload`` back."""
         job = next(self._ids)
         self._pending[job] = payload
-        self._jobs.put((job, reads))
+        self._jobs.put((job, work))
 
     def ready(self) -> list[tuple[Any, str | None]]:
         """``(payload, error)`` of every job done (call when ``done`` is readable); error
@@ -63,17 +71,31 @@ class Prefetcher:
             item = self._jobs.get()
             if item is None:
                 break
-            job, reads = item
-            for path, offset, out in reads:
-                try:
-                    read_into(path, offset, out)
-                except OSError as exc:  # gone (retention) or unreadable: the reply says so
-                    self._errors[job] = f"stored result {Path(path).name} unreadable: {exc}"
-                    break
+            job, work = item
+            try:
+                error = work()
+            except Exception as exc:  # a bug costs this job, never the thread
+                error = f"internal error: {type(exc).__name__}: {exc}"
+            if error is not None:
+                self._errors[job] = error
             self._push.send(str(job).encode())
         self._push.close(linger=0)
+
+    @property
+    def busy(self) -> bool:
+        """True while some job has not been handed back yet."""
+        return bool(self._pending)
 
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)
         self.done.close(linger=0)
+
+
+def _read_files(reads: list[Read]) -> str | None:
+    for path, offset, out in reads:
+        try:
+            read_into(path, offset, out)
+        except OSError as exc:  # gone (retention) or unreadable: the reply says so
+            return f"stored result {Path(path).name} unreadable: {exc}"
+    return None

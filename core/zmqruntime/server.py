@@ -104,6 +104,39 @@ class Watched:
         return any(topic.startswith(t) for t in self.topics)
 
 
+PREVIEW_QUEUED = object()  # a preview frame for TCP watchers is in the prefetch queue
+
+
+@dataclass
+class TcpEvent:
+    """An event for TCP watchers that waits in the prefetch queue (so order is kept)."""
+
+    run: Any
+    frames: list[Any] | None
+    msg: dict[str, Any] | None = None
+    descriptor: list | None = None
+    preview_key: tuple | None = None
+
+    def load_from(self, rings: shm.RingReader):
+        """The prefetch thread's work: the event's bytes out of the ring, if it has any."""
+
+        def work() -> str | None:
+            if self.descriptor is None:
+                return None
+            try:
+                buffers = rings.read(self.descriptor)
+            except ValueError as exc:
+                return str(exc)
+            if buffers is None:
+                self.frames = None
+                return None
+            header = {k: v for k, v in self.msg.items() if k != "shm"}
+            self.frames = protocol.relay_event(header, buffers)
+            return None
+
+        return work
+
+
 class InsecureBindRefused(RuntimeError):
     """Binding to a non-loopback address without CURVE keys needs an explicit --insecure."""
 
@@ -199,6 +232,7 @@ class ExecutionServer:
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
         self._reads_for_reply: list = []  # stored arrays the reply being built needs read
+        self._tcp_queued = 0  # TCP events waiting in the prefetch thread (kept in order)
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
@@ -375,7 +409,11 @@ class ExecutionServer:
             if self.data_local in ready:
                 self.local_watch.update()
             if self.prefetch.done in ready:
-                for (route, frames, req), error in self.prefetch.ready():
+                for payload, error in self.prefetch.ready():
+                    if isinstance(payload, TcpEvent):
+                        self._on_tcp_event_ready(payload, error)
+                        continue
+                    route, frames, req = payload
                     if error is not None:
                         log.warning("%s", error)
                         frames = protocol.error_reply(req, ErrorCode.INTERNAL, error)
@@ -853,10 +891,8 @@ class ExecutionServer:
         with contextlib.suppress(zmq.ZMQError):
             if local:
                 self.data_local.send_multipart(frames, copy=False)
-            if remote and descriptor is None:
-                self.data.send_multipart(frames, copy=False)
-            elif remote:
-                self._publish_from_ring(run, msg, descriptor)
+        if remote:
+            self._send_tcp(run, frames, msg, descriptor)
 
     def _watchers(self, exec_id: str) -> tuple[bool, bool]:
         """Whether watchers on the local and on the TCP data socket follow this run."""
@@ -865,28 +901,46 @@ class ExecutionServer:
         self.tcp_watch.update()
         return self.local_watch.follows(topic), self.tcp_watch.follows(topic)
 
-    def _publish_from_ring(self, run: Run, msg: dict[str, Any], descriptor: list) -> None:
-        """Give tcp watchers the bytes of an event whose arrays lie in a worker's ring."""
-        preview_key = (msg["id"], msg.get("name")) if msg.get("kind") == "preview" else None
-        if preview_key is not None:
-            tracker = run.remote_previews.get(preview_key)
-            if tracker is not None and not tracker.done:
-                return  # newest wins: the last frame of this stream is still on its way
-        try:
-            buffers = self.rings.read(descriptor)
-        except ValueError as exc:
-            log.warning("a worker sent a bad shared-memory descriptor: %s", exc)
+    def _send_tcp(
+        self,
+        run: Run,
+        frames: list[Any],
+        msg: dict[str, Any] | None = None,
+        descriptor: list | None = None,
+    ) -> None:
+        """Publish an event to TCP watchers, in order. One whose arrays lie in a worker's
+        ring (``descriptor``) goes through the prefetch thread, which copies the bytes out
+        of the ring off this loop; events after it wait in the same queue."""
+        if descriptor is None and not self._tcp_queued:
+            with contextlib.suppress(zmq.ZMQError):
+                self.data.send_multipart(frames, copy=False)
             return
-        if buffers is None:
+        key = None
+        if descriptor is not None and msg is not None and msg.get("kind") == "preview":
+            key = (msg["id"], msg.get("name"))
+            tracker = run.remote_previews.get(key)
+            if tracker is PREVIEW_QUEUED or (tracker is not None and not tracker.done):
+                return  # newest wins: the last frame of this stream is still on its way
+            run.remote_previews[key] = PREVIEW_QUEUED
+        event = TcpEvent(run, frames, msg, descriptor, key)
+        self._tcp_queued += 1
+        self.prefetch.run(event.load_from(self.rings), event)
+
+    def _on_tcp_event_ready(self, event: TcpEvent, error: str | None) -> None:
+        self._tcp_queued -= 1
+        if error is not None:
+            log.warning("a worker sent a bad shared-memory descriptor: %s", error)
+        if event.frames is None or error is not None:
+            if event.preview_key is not None:
+                event.run.remote_previews.pop(event.preview_key, None)
             return  # overwritten already: a result is fetched from the store, a preview lost
-        del msg["shm"]
-        frames = protocol.relay_event(msg, buffers)
-        if preview_key is None:
-            self.data.send_multipart(frames, copy=False)
-        else:
-            run.remote_previews[preview_key] = self.data.send_multipart(
-                frames, copy=False, track=True
-            )
+        with contextlib.suppress(zmq.ZMQError):
+            if event.preview_key is None:
+                self.data.send_multipart(event.frames, copy=False)
+            else:
+                event.run.remote_previews[event.preview_key] = self.data.send_multipart(
+                    event.frames, copy=False, track=True
+                )
 
     def _data_local_info(self) -> dict[str, Any] | None:
         if self.data_local_url is None:
@@ -1130,11 +1184,11 @@ class ExecutionServer:
         if not (local or remote):
             return
         frames = protocol.event(run.record["id"], kind, seq, {**body, "t": time.time()})
-        with contextlib.suppress(zmq.ZMQError):
-            if local:
+        if local:
+            with contextlib.suppress(zmq.ZMQError):
                 self.data_local.send_multipart(frames, copy=False)
-            if remote:
-                self.data.send_multipart(frames, copy=False)
+        if remote:
+            self._send_tcp(run, frames)
 
     # ------------------------------------------------------------------ retention, shutdown
     def _apply_retention(self) -> None:

@@ -220,6 +220,7 @@ class RingReader:
 
     def __init__(self, drop_pages: bool = False) -> None:
         self._maps: collections.OrderedDict[tuple, _Mapped] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the server reads in one thread, forgets in another
         # a long-lived reader (the server) unmaps what it read, so its resident size
         # never counts the workers' rings; a client keeps them mapped (faster reads)
         self._drop_pages = drop_pages and hasattr(mmap, "MADV_DONTNEED")
@@ -227,6 +228,10 @@ class RingReader:
     def read(self, descriptor: Descriptor) -> list[np.ndarray] | None:
         """Private copies of the described buffers, or None if the ring came round over
         them (or is gone: the worker exited). Raises ValueError for a malformed one."""
+        with self._lock:
+            return self._read(descriptor)
+
+    def _read(self, descriptor: Descriptor) -> list[np.ndarray] | None:
         try:
             ring_id, pid, fd, spans = descriptor
             key = (bytes(ring_id), int(pid), int(fd))
@@ -269,12 +274,14 @@ class RingReader:
 
     def forget(self, pid: int) -> None:
         """Unmap the rings of a process that exited (their memory is freed with it)."""
-        for key in [k for k in self._maps if k[1] == pid]:
-            self._maps.pop(key).close()
+        with self._lock:
+            for key in [k for k in self._maps if k[1] == pid]:
+                self._maps.pop(key).close()
 
     def close(self) -> None:
-        while self._maps:
-            self._maps.popitem()[1].close()
+        with self._lock:
+            while self._maps:
+                self._maps.popitem()[1].close()
 
 
 class Probe:
