@@ -81,11 +81,6 @@ class Prefetcher:
             self._push.send(str(job).encode())
         self._push.close(linger=0)
 
-    @property
-    def busy(self) -> bool:
-        """True while some job has not been handed back yet."""
-        return bool(self._pending)
-
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)

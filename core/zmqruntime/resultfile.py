@@ -79,10 +79,9 @@ def read_into(path: Path, offset: int, out: np.ndarray) -> None:
                 os.close(fd)
             if got >= nbytes:
                 return
-    flat = np.ndarray((nbytes,), dtype=np.uint8, buffer=_base_buffer_or_self(out))
     with open(path, "rb") as fh:
         fh.seek(offset)
-        if fh.readinto(memoryview(flat)) != nbytes:
+        if fh.readinto(_raw_bytes(out)) != nbytes:
             raise OSError(f"{path} is shorter than its index says")
 
 
@@ -95,13 +94,6 @@ def _read_all(fd: int, data: memoryview, offset: int, nbytes: int) -> int:
             break
         done += n
     return done
-
-
-def _base_buffer_or_self(arr: np.ndarray) -> memoryview:
-    try:
-        return _base_buffer(arr)[: arr.nbytes]
-    except OSError:
-        return memoryview(arr.reshape(-1, order="A").view(np.uint8))
 
 
 def _header(arr: np.ndarray) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -117,24 +118,20 @@ class TcpEvent:
     descriptor: list | None = None
     preview_key: tuple | None = None
 
-    def load_from(self, rings: shm.RingReader):
+    def load(self, rings: shm.RingReader) -> str | None:
         """The prefetch thread's work: the event's bytes out of the ring, if it has any."""
-
-        def work() -> str | None:
-            if self.descriptor is None:
-                return None
-            try:
-                buffers = rings.read(self.descriptor)
-            except ValueError as exc:
-                return str(exc)
-            if buffers is None:
-                self.frames = None
-                return None
-            header = {k: v for k, v in self.msg.items() if k != "shm"}
-            self.frames = protocol.relay_event(header, buffers)
+        if self.descriptor is None:
             return None
-
-        return work
+        try:
+            buffers = rings.read(self.descriptor)
+        except ValueError as exc:
+            return str(exc)
+        if buffers is None:
+            self.frames = None  # overwritten already
+            return None
+        header = {k: v for k, v in self.msg.items() if k != "shm"}
+        self.frames = protocol.relay_event(header, buffers)
+        return None
 
 
 class InsecureBindRefused(RuntimeError):
@@ -924,7 +921,7 @@ class ExecutionServer:
             run.remote_previews[key] = PREVIEW_QUEUED
         event = TcpEvent(run, frames, msg, descriptor, key)
         self._tcp_queued += 1
-        self.prefetch.run(event.load_from(self.rings), event)
+        self.prefetch.run(functools.partial(event.load, self.rings), event)
 
     def _on_tcp_event_ready(self, event: TcpEvent, error: str | None) -> None:
         self._tcp_queued -= 1
