@@ -25,7 +25,9 @@ from zmqruntime import ExecutionClient, local  # noqa: E402
 from zmqruntime.transport import free_port, port_accepts_tcp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"  # the full sets, where CI keeps them
+EXAMPLE_DATA = REPO / "tests" / "data"  # the committed subset (same layout)
+FULL_SETS = ("dsb2018_stage1_fluo_nuclei", "bbbc016_transfluor_plate", "cell_migration_timelapse")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -170,10 +172,29 @@ def make_server(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def example_data() -> Path:
+    """The subset of the real microscopy images committed in tests/data (always there)."""
+    if not EXAMPLE_DATA.is_dir():
+        pytest.fail(f"test data missing: expected the committed subset at {EXAMPLE_DATA}")
+    return EXAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real microscopy images beside the checkout; their absence is an error."""
+    """The full sets of real images: $ZMQRUNTIME_EXAMPLE_DATA, else ../shared/data beside
+    the checkout. Absent, a test that needs them skips (a bare clone has only the subset);
+    a variable that names no folder is an error."""
+    chosen = os.environ.get("ZMQRUNTIME_EXAMPLE_DATA")
+    if chosen:
+        path = Path(chosen).expanduser().resolve()
+        if not path.is_dir():
+            pytest.fail(f"ZMQRUNTIME_EXAMPLE_DATA={chosen!r} is not a folder")
+        return path
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"test data missing: expected the shared data folder at {SHARED_DATA}")
+        pytest.skip(
+            f"full example data absent: set ZMQRUNTIME_EXAMPLE_DATA=DIR (the folder that "
+            f"holds {', '.join(FULL_SETS)}) or place it at {SHARED_DATA}"
+        )
     return SHARED_DATA
 
 

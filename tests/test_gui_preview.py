@@ -130,11 +130,9 @@ def test_empty_states(panel):
     assert panel.snapshot_tiff("/nonexistent/x.tif") is None  # nothing shown: nothing saved
 
 
-def test_real_time_lapse_through_the_box(panel, qtbot, shared_data):
+def test_real_time_lapse_through_the_box(panel, qtbot, example_data):
     """A real fluorescence time-lapse streamed frame by frame, shown with a colour map."""
-    stack = tifffile.imread(
-        shared_data / "cell_migration_timelapse" / "cancer_cell_migration_crop.tif"
-    )
+    stack = tifffile.imread(next((example_data / "cell_migration_timelapse").glob("*.tif")))
     box = FollowBox(RunKey("127.0.0.1:1", "timelapse"))
     panel.set_source(box, "cell migration")
     panel.set_colour_map("inferno")

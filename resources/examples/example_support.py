@@ -9,9 +9,59 @@ from pathlib import Path
 
 import numpy as np
 
+EXAMPLE_DATA_ENV = "ZMQRUNTIME_EXAMPLE_DATA"
 
-def resolve_input_dir(value):
-    """The input folder; a relative path is taken from the server's working directory."""
+
+def bundled_example_data():
+    """The small subset of the example images that ships with zmqruntime (tests/data in a
+    checkout, resources/example-data in the wheel); None if this install lacks it."""
+    from zmqruntime.resources import resources_dir
+
+    resources = resources_dir()
+    for folder in (resources / "example-data", resources.parent / "tests" / "data"):
+        if folder.is_dir():
+            return folder.resolve()
+    return None
+
+
+def example_data_dir(subfolder):
+    """Where an example's images are when its config leaves ``input_dir`` at None.
+
+    In order: ``$ZMQRUNTIME_EXAMPLE_DATA/<subfolder>`` (when the variable is set, only
+    there), the full set in ``../shared/data`` from the server's working directory, then
+    the subset bundled with zmqruntime, so the examples run in a bare clone or a plain
+    install. All three share the layout of ``../shared/data``.
+    """
+    chosen = os.environ.get(EXAMPLE_DATA_ENV)
+    if chosen:
+        path = Path.cwd() / Path(chosen).expanduser() / subfolder
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{EXAMPLE_DATA_ENV}={chosen!r} has no folder {subfolder!r} (looked for {path})"
+            )
+        return path.resolve()
+    candidates = [Path.cwd().parent / "shared" / "data"]
+    bundled = bundled_example_data()
+    if bundled is not None:
+        candidates.append(bundled)
+    for root in candidates:
+        if (root / subfolder).is_dir():
+            return (root / subfolder).resolve()
+    looked = ", ".join(str(root / subfolder) for root in candidates)
+    raise FileNotFoundError(
+        f"no example images {subfolder!r}: looked in {looked}; set input_dir in the config "
+        f"or {EXAMPLE_DATA_ENV}=DIR"
+    )
+
+
+def resolve_input_dir(value, example=None):
+    """The input folder; a relative path is taken from the server's working directory.
+
+    ``value`` None (the examples' default) means the example images ``example`` names
+    (a folder of the example data, e.g. ``"cell_migration_timelapse"``).
+    """
+    if value is None and example is not None:
+        return example_data_dir(example)
     path = Path(os.path.expanduser(str(value)))
     if not path.is_absolute():
         path = Path.cwd() / path

@@ -1,8 +1,10 @@
 """Configuration of the nucleus counter (every public name is a config value)."""
 
-# Folder of images, one field per file. A relative path is resolved against the server's
-# working directory: this default works for a server started in the project checkout.
-input_dir = "../shared/data/dsb2018_stage1_fluo_nuclei/images"
+# Folder of images, one field per file.
+# A relative path is resolved against the server's working directory. None (the default):
+# the example images, from $ZMQRUNTIME_EXAMPLE_DATA, else ../shared/data (the full set, from
+# the server's working directory), else the small subset that ships with zmqruntime.
+input_dir = None
 pattern = "*.png"  # which files of input_dir to count (glob), e.g. "*.tif"
 
 smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels

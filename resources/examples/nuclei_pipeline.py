@@ -15,6 +15,8 @@ from zmqruntime.resources import load_example_module
 
 _support = load_example_module("example_support")
 resolve_input_dir = _support.resolve_input_dir
+# the folder of the example images that input_dir = None (the default) stands for
+EXAMPLE_DATA = "dsb2018_stage1_fluo_nuclei/images"
 typical_area = _support.typical_area
 segment_nuclei = _support.segment_nuclei
 
@@ -51,7 +53,7 @@ def overlay(image, labels):
 
 
 def run(ctx, config):
-    folder = resolve_input_dir(config.get("input_dir", "."))
+    folder = resolve_input_dir(config.get("input_dir"), example=EXAMPLE_DATA)
     pattern = str(config.get("pattern", "*.png"))
     files = sorted(p for p in folder.glob(pattern) if p.is_file())
     if not files:

@@ -1,8 +1,10 @@
 """Configuration of the plate-row analysis (every public name is a config value)."""
 
-# Folder of field images. A relative path is resolved against the server's working
-# directory: this default works for a server started in the project checkout.
-input_dir = "../shared/data/bbbc016_transfluor_plate"
+# Folder of field images.
+# A relative path is resolved against the server's working directory. None (the default):
+# the example images, from $ZMQRUNTIME_EXAMPLE_DATA, else ../shared/data (the full set, from
+# the server's working directory), else the small subset that ships with zmqruntime.
+input_dir = None
 pattern = "*.TIF"  # which files of input_dir belong to the plate (glob)
 # where the well (e.g. O07) and the field (e.g. f02) are in a file name
 name_regex = r"_(?P<well>[A-Pa-p]\d{2})(?P<field>f\d{2})"

@@ -20,6 +20,8 @@ from zmqruntime.resources import load_example_module
 
 _support = load_example_module("example_support")
 resolve_input_dir = _support.resolve_input_dir
+# the folder of the example images that input_dir = None (the default) stands for
+EXAMPLE_DATA = "bbbc016_transfluor_plate"
 
 
 def list_fields(folder, pattern, name_regex):
@@ -109,7 +111,7 @@ def well_row(well, rows):
 
 
 def run(ctx, config):
-    folder = resolve_input_dir(config.get("input_dir", "."))
+    folder = resolve_input_dir(config.get("input_dir"), example=EXAMPLE_DATA)
     fields = list_fields(
         folder,
         str(config.get("pattern", "*.TIF")),

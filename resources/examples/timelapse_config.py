@@ -1,9 +1,10 @@
 """Configuration of the time-lapse viewer and counter (every public name is a config value)."""
 
 # Folder with the movie: one multi-page TIFF (axis 0 = time) or one file per frame.
-# A relative path is resolved against the server's working directory: this default
-# works for a server started in the project checkout.
-input_dir = "../shared/data/cell_migration_timelapse"
+# A relative path is resolved against the server's working directory. None (the default):
+# the example images, from $ZMQRUNTIME_EXAMPLE_DATA, else ../shared/data (the full set, from
+# the server's working directory), else the small subset that ships with zmqruntime.
+input_dir = None
 pattern = "*.tif"  # which files of input_dir make the movie, in name order (glob)
 
 acquisition_rate = 5.0  # frames per second, as a camera would deliver them (0: no pause)

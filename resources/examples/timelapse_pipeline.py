@@ -16,6 +16,8 @@ from zmqruntime.resources import load_example_module
 
 _support = load_example_module("example_support")
 resolve_input_dir = _support.resolve_input_dir
+# the folder of the example images that input_dir = None (the default) stands for
+EXAMPLE_DATA = "cell_migration_timelapse"
 typical_area = _support.typical_area
 segment_nuclei = _support.segment_nuclei
 
@@ -40,7 +42,7 @@ def read_movie(files):
 
 
 def run(ctx, config):
-    folder = resolve_input_dir(config.get("input_dir", "."))
+    folder = resolve_input_dir(config.get("input_dir"), example=EXAMPLE_DATA)
     pattern = str(config.get("pattern", "*.tif"))
     files = sorted(p for p in folder.glob(pattern) if p.is_file())
     if not files:
