@@ -13,7 +13,15 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from gui_support import ARTIFACTS, measure_timer_lateness, percentile, screenshot
+from gui_support import (
+    ARTIFACTS,
+    answer_confirm,
+    answer_modal,
+    fill_spawn_dialog,
+    measure_timer_lateness,
+    percentile,
+    screenshot,
+)
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from zmqruntime import ExecutionClient, local
@@ -85,7 +93,9 @@ def test_spawn_submit_watch_complete_and_stop(window, qtbot, tmp_path):
     panel = window.servers_panel
 
     # -- spawn a server from the panel: "starting", then "alive" with its facts
-    panel.spawn(port=port, workers=2)
+    answer = answer_modal(fill_spawn_dialog(port, workers=2))
+    panel.act_spawn.trigger()
+    answer.check()
     qtbot.waitUntil(lambda: server_row(window, ep) is not None, timeout=10_000)
     qtbot.waitUntil(lambda: server_row(window, ep).state == ServerState.ALIVE, timeout=60_000)
     row = server_row(window, ep)
@@ -190,7 +200,9 @@ def test_cancel_runs_from_the_window(window, qtbot, server):
     qtbot.waitUntil(lambda: window.preview.frame is not None, timeout=20_000)
     panel = window.runs_panel
     assert panel.current() == key and panel.act_cancel.isEnabled()
+    answer = answer_modal(answer_confirm(yes=True))
     panel.act_cancel.trigger()
+    answer.check()
     wait_state(qtbot, window, key, {"cancelled"}, timeout=30)
     with ExecutionClient(port=server.port, auto_spawn=False) as client:
         assert client.get_status(key.exec_id)["state"] == "cancelled"
@@ -215,7 +227,9 @@ def test_cancel_runs_from_the_window(window, qtbot, server):
         )
     assert set(panel.selected()) == set(keys)
     screenshot(window, "06-cancelling")
-    assert set(panel.cancel_selected()) == set(keys)
+    answer = answer_modal(answer_confirm(yes=True))
+    panel.act_cancel.trigger()
+    assert f"these {len(keys)} runs" in answer.check().text()
     for k in keys:
         wait_state(qtbot, window, k, {"cancelled"}, timeout=30)
     panel.model.flush()
@@ -229,8 +243,8 @@ def test_unreachable_endpoint_costs_the_event_loop_nothing(window, qtbot):
     silent.listen(16)
     silent_ep = Endpoint("127.0.0.1", silent.getsockname()[1])
     try:
-        window.servers_panel.add_remote(silent_ep.key)
-        window.servers_panel.add_remote("192.0.2.1:5555")  # TEST-NET-1: routes nowhere
+        window.controller.add_remote(silent_ep)
+        window.controller.add_remote(Endpoint("192.0.2.1", 5555))  # TEST-NET-1: routes nowhere
         assert window.controller.runner.busy(f"probe:{silent_ep.key}")
         lateness = measure_timer_lateness(qtbot, seconds=4.0)
         # the pings were stuck in their timeout while the timer ran
@@ -255,47 +269,9 @@ def test_unreachable_endpoint_costs_the_event_loop_nothing(window, qtbot):
     screenshot(window, "08-unreachable-remote")
 
 
-def test_force_kill_asks_first_and_defaults_to_no(window, qtbot):
-    port = free_port()
-    ep = Endpoint("127.0.0.1", port)
-    panel = window.servers_panel
-    panel.spawn(port=port, workers=1)
-    qtbot.waitUntil(
-        lambda: (
-            server_row(window, ep) is not None and server_row(window, ep).state == ServerState.ALIVE
-        ),
-        timeout=60_000,
-    )
-    qtbot.waitUntil(lambda: window.controller.local_entry(ep) is not None, timeout=10_000)
-    entry = window.controller.local_entry(ep)
-    panel.select(ep)
-    assert panel.act_kill.isEnabled()
-    seen = {}
-
-    def answer(button: QtWidgets.QMessageBox.StandardButton | None) -> None:
-        box = panel._confirm_box
-        seen["default"] = box.defaultButton() is box.button(QtWidgets.QMessageBox.StandardButton.No)
-        seen["text"] = box.text()
-        if button is None:  # Enter takes the default
-            box.defaultButton().click()
-        else:
-            box.button(button).click()
-
-    QtCore.QTimer.singleShot(300, lambda: answer(None))
-    panel.kill_selected()
-    assert seen["default"] and port.__str__() in seen["text"]
-    qtbot.wait(1500)
-    assert entry.is_alive() and server_row(window, ep).state == ServerState.ALIVE
-
-    QtCore.QTimer.singleShot(300, lambda: answer(QtWidgets.QMessageBox.StandardButton.Yes))
-    panel.kill_selected()
-    qtbot.waitUntil(lambda: not entry.is_alive(), timeout=15_000)
-    qtbot.waitUntil(lambda: server_row(window, ep).state == ServerState.DOWN, timeout=15_000)
-
-
 def test_remote_endpoints_and_dock_places_are_remembered(make_window, gui_settings, qtbot):
     w1 = make_window()
-    w1.servers_panel.add_remote("scope-7.lab:6000")
+    w1.controller.add_remote(Endpoint("scope-7.lab", 6000))
     w1.addDockWidget(QtCore.Qt.DockWidgetArea.LeftDockWidgetArea, w1.logs_dock)
     w1.close()
     settings = QtCore.QSettings(gui_settings.fileName(), QtCore.QSettings.Format.IniFormat)
@@ -311,8 +287,9 @@ def test_server_log_opens(window, qtbot, server):
     ep = watch_server(qtbot, window, server.port)
     qtbot.waitUntil(lambda: window.controller.servers[ep].log_file is not None)
     window.servers_panel.select(ep)
-    dialog = window.servers_panel.open_log()
-    assert dialog is not None
+    window.servers_panel.act_log.trigger()
+    assert len(window.servers_panel.log_dialogs) == 1
+    dialog = window.servers_panel.log_dialogs[0]
     qtbot.waitUntil(lambda: "serving on" in dialog.text.toPlainText(), timeout=10_000)
     dialog.close()
 

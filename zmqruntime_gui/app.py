@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="frames the demo acquires (default 600, 30 s at 20 fps)",
     )
-    p.add_argument("--port", type=int, help="the local port the demo uses (default: 5555)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=5555,
+        help="the local port of the demo's server, spawned there if nothing answers "
+        "(default: 5555)",
+    )
     p.add_argument(
         "--settings",
         type=Path,
@@ -105,10 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     from .main_window import DEMO_FRAMES, MainWindow
 
     window = MainWindow()
+    window.demo_port = args.port
+    window.demo_frames = args.demo_frames or DEMO_FRAMES
     window.show()
     if args.demo:
-        frames = args.demo_frames or DEMO_FRAMES
-        QtCore.QTimer.singleShot(0, lambda: window.start_demo(frames=frames, port=args.port))
+        QtCore.QTimer.singleShot(0, window.start_demo)
     if args.quit_after is not None:
 
         def finish() -> None:

@@ -17,7 +17,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
 from .model import LogBuffer, RunKey, describe_result
-from .widgets import icon, mono_font, setup_table
+from .widgets import make_button, mono_font, setup_table
 
 MAX_LOG_BLOCKS = 50_000
 
@@ -146,12 +146,14 @@ class ResultsView(QtWidgets.QWidget):
         self.table.doubleClicked.connect(lambda *_: self.show_selected())
         self.table.itemSelectionChanged.connect(self._update_actions)
 
-        self.btn_show = QtWidgets.QPushButton(icon("image"), "Show image")
-        self.btn_show.setToolTip("Show the selected array in the image view")
-        self.btn_show.clicked.connect(lambda: self.show_selected())
-        self.btn_save = QtWidgets.QPushButton(icon("save"), "Save…")
-        self.btn_save.setToolTip("Save the selected result (.tif/.npy for arrays, .json otherwise)")
-        self.btn_save.clicked.connect(lambda: self.save_selected())
+        self.btn_show = make_button(
+            "result_show", "Show image", self.show_selected, icon_name="image",
+            tip="Show the selected array in the image view",
+        )  # fmt: skip
+        self.btn_save = make_button(
+            "result_save", "Save…", self.save_selected, icon_name="save",
+            tip="Save the selected result (.tif/.npy for arrays, .json otherwise)",
+        )  # fmt: skip
         self.label = QtWidgets.QLabel(objectName="hint")
         row = QtWidgets.QHBoxLayout()
         row.setContentsMargins(4, 0, 4, 0)

@@ -14,14 +14,14 @@ from zmqruntime.resources import example, list_examples
 from . import net
 from .controller import Controller
 from .logs_panel import LogsPanel, ResultsPanel
-from .model import Endpoint, RunKey, ServerState
+from .model import DEFAULT_PORT, Endpoint, RunKey, ServerState
 from .preview_panel import PreviewPanel
 from .run_details import RunDetailsDialog
 from .runs_panel import RunsPanel
 from .servers_panel import ServersPanel
 from .submit_dialog import SubmitDialog
 from .tasks import TaskRunner
-from .widgets import guard_none_refcount, icon
+from .widgets import guard_none_refcount, icon, make_action
 
 ORGANIZATION = "zmqruntime"
 APPLICATION = "zmqruntime-gui"
@@ -65,6 +65,9 @@ class MainWindow(QtWidgets.QMainWindow):
         super().__init__(parent)
         guard_none_refcount()
         self.settings = settings or default_settings()
+        #: where File > Run the demo acquisition runs (``--port``, default 5555)
+        self.demo_port = DEFAULT_PORT
+        self.demo_frames = DEMO_FRAMES
         self.setWindowTitle("zmqruntime — runs, servers and live preview")
         self.setWindowIcon(icon("app"))
         self.runner = TaskRunner(parent=self)
@@ -119,18 +122,17 @@ class MainWindow(QtWidgets.QMainWindow):
         menu = self.menuBar()
         file_menu = menu.addMenu("&File")
         file_menu.addAction(self.runs_panel.act_submit)
-        self.act_demo = QtGui.QAction(icon("demo"), "Run the &demo acquisition", self)
-        self.act_demo.setToolTip("Simulated camera with live preview on a local server")
-        self.act_demo.triggered.connect(lambda: self.start_demo())
+        self.act_demo = make_action(
+            self, "demo", "Run the &demo acquisition", self.start_demo, icon_name="demo",
+            tip="Simulated camera with live preview on a local server",
+        )  # fmt: skip
         file_menu.addAction(self.act_demo)
         file_menu.addSeparator()
         file_menu.addAction(self.preview.act_tiff)
         file_menu.addAction(self.preview.act_png)
         file_menu.addSeparator()
-        act_quit = QtGui.QAction("&Quit", self)
-        act_quit.setShortcut(QtGui.QKeySequence("Ctrl+Q"))
-        act_quit.triggered.connect(self.close)
-        file_menu.addAction(act_quit)
+        self.act_quit = make_action(self, "quit", "&Quit", self.close, shortcuts=["Ctrl+Q"])
+        file_menu.addAction(self.act_quit)
 
         server_menu = menu.addMenu("&Servers")
         for act in (
@@ -147,9 +149,10 @@ class MainWindow(QtWidgets.QMainWindow):
         run_menu = menu.addMenu("&Runs")
         run_menu.addAction(self.runs_panel.act_cancel)
         run_menu.addAction(self.runs_panel.act_details)
-        self.act_refresh = QtGui.QAction(icon("refresh"), "Refresh now", self)
-        self.act_refresh.setShortcut(QtGui.QKeySequence(QtCore.Qt.Key.Key_F5))
-        self.act_refresh.triggered.connect(self.refresh)
+        self.act_refresh = make_action(
+            self, "refresh", "Refresh now", self.refresh, icon_name="refresh",
+            shortcuts=[QtGui.QKeySequence(QtCore.Qt.Key.Key_F5)],
+        )  # fmt: skip
         run_menu.addAction(self.act_refresh)
 
         view_menu = menu.addMenu("&View")
@@ -157,18 +160,16 @@ class MainWindow(QtWidgets.QMainWindow):
             view_menu.addAction(act)
         view_menu.addSeparator()
         for dock in (self.servers_dock, self.runs_dock, self.logs_dock, self.results_dock):
+            dock.toggleViewAction().setObjectName(f"show_{dock.objectName()}")
             view_menu.addAction(dock.toggleViewAction())
-        act_reset = QtGui.QAction("Reset layout", self)
-        act_reset.triggered.connect(self.reset_layout)
-        view_menu.addAction(act_reset)
+        self.act_reset = make_action(self, "reset_layout", "Reset layout", self.reset_layout)
+        view_menu.addAction(self.act_reset)
 
         help_menu = menu.addMenu("&Help")
-        act_keys = QtGui.QAction("Keyboard shortcuts", self)
-        act_keys.triggered.connect(self.show_shortcuts)
-        help_menu.addAction(act_keys)
-        act_about = QtGui.QAction("About zmqruntime", self)
-        act_about.triggered.connect(self.show_about)
-        help_menu.addAction(act_about)
+        self.act_keys = make_action(self, "shortcuts", "Keyboard shortcuts", self.show_shortcuts)
+        help_menu.addAction(self.act_keys)
+        self.act_about = make_action(self, "about", "About zmqruntime", self.show_about)
+        help_menu.addAction(self.act_about)
 
         # window-wide shortcuts for actions that live in panels' toolbars
         for act in (
@@ -209,7 +210,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.runs_panel.model.sigFlushed.connect(self._update_summary)
         self.preview.sigStatus.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.results_panel.sigShowArray.connect(self.preview.show_array)
-        self.preview.sigDemoRequested.connect(lambda: self.start_demo())
+        self.preview.sigDemoRequested.connect(self.start_demo)
         self.results_panel.sigStatus.connect(lambda t: self.statusBar().showMessage(t, 8000))
 
     # ------------------------------------------------------------------ settings
@@ -312,29 +313,34 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controller.poll_runs()
 
     # ------------------------------------------------------------------ demo
-    def start_demo(self, frames: int = DEMO_FRAMES, port: int | None = None) -> None:
-        """Use a local server that answers (or spawn one), then run the acquisition demo."""
-        self.statusBar().showMessage("demo: looking for a local server…")
+    def start_demo(self) -> None:
+        """Run the acquisition demo on the local server of ``demo_port`` (5555 unless
+        ``--port`` said otherwise), spawning one there if nothing answers."""
+        port, frames = self.demo_port, self.demo_frames
+        ep = Endpoint("127.0.0.1", port)
+        self.statusBar().showMessage(f"demo: looking for a server on port {port}…")
 
-        def find() -> Endpoint | None:
-            candidates = list(net.registry())
-            if port is not None:
-                candidates = [Endpoint("127.0.0.1", port)]
-            elif Endpoint("127.0.0.1", net.DEFAULT_PORT) not in candidates:
-                candidates.append(Endpoint("127.0.0.1", net.DEFAULT_PORT))
-            for ep in candidates:
-                try:
-                    self.controller.conns.probe(ep)
-                except Exception:
-                    continue
-                return ep
-            return None
+        def find() -> str:
+            try:
+                self.controller.conns.probe(ep)
+                return "alive"
+            except Exception:
+                pass
+            if net.port_is_free(port):
+                return "free"
+            return "starting" if net.registry().get(ep) is not None else "taken"
 
-        def found(ep: Endpoint | None) -> None:
-            if ep is None:
-                spawn_port = port if port is not None else net.suggest_port()
-                self.statusBar().showMessage(f"demo: starting a local server on port {spawn_port}…")
-                self.controller.spawn_server(spawn_port, None, on_ready=submit)
+        def found(what: str) -> None:
+            if what == "free":
+                self.statusBar().showMessage(f"demo: starting a local server on port {port}…")
+                self.controller.spawn_server(port, None, on_ready=submit)
+            elif what == "taken":
+                self.show_error(
+                    "Demo",
+                    f"Port {port} (or {port + 1}) is taken by a program that is not a "
+                    "zmqruntime server of yours. Start the demo on another port, e.g. "
+                    f"zmqruntime-gui --demo --port {net.free_port()}",
+                )
             else:
                 self.controller.watch(ep)
                 self.controller.when_alive(ep, submit)

@@ -198,6 +198,22 @@ class RunRow:
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
 
+    @property
+    def cancellable(self) -> bool:
+        """Whether Cancel can reach this run: unfinished, on a server that answers."""
+        return not self.is_final
+
+    @property
+    def progress_text(self) -> str:
+        """The progress as "37 %", or "95 of 600 (16 %)" when the pipeline reports counts."""
+        progress = self.progress
+        if progress is None:
+            return ""
+        done, total = self.status.get("done"), self.status.get("total")
+        if done is not None and total:
+            return f"{fmt_count(done)} of {fmt_count(total)} ({progress:.0%})"
+        return f"{progress:.0%}"
+
     def elapsed(self, now: float | None = None) -> float | None:
         return elapsed(self.status, now)
 
@@ -317,6 +333,11 @@ def fmt_duration(seconds: float | None) -> str:
     if h >= 24:
         return f"{h // 24}d {h % 24:02d}h"
     return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s} s")
+
+
+def fmt_count(n: float) -> str:
+    """A progress count: 95, 2.5."""
+    return f"{n:g}" if isinstance(n, float) and not n.is_integer() else f"{int(n)}"
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -16,7 +16,7 @@ import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
-from .widgets import icon
+from .widgets import icon, make_action, make_button
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
 STATS_MS = 250
@@ -88,15 +88,16 @@ class PreviewPanel(QtWidgets.QWidget):
         self.stream_combo.currentTextChanged.connect(self._stream_changed)
         bar.addWidget(self.stream_combo)
         bar.addSeparator()
-        self.act_pause = QtGui.QAction(icon("pause"), "Pause", self, checkable=True)
-        self.act_pause.setShortcut(QtGui.QKeySequence(QtCore.Qt.Key.Key_Space))
-        self.act_pause.setToolTip("Freeze the view; the run goes on (Space)")
-        self.act_pause.toggled.connect(self._pause_toggled)
+        self.act_pause = make_action(
+            self, "pause", "Pause", self._pause_toggled, icon_name="pause", checkable=True,
+            shortcuts=[QtGui.QKeySequence(QtCore.Qt.Key.Key_Space)],
+            tip="Freeze the view; the run goes on (Space)",
+        )  # fmt: skip
         bar.addAction(self.act_pause)
-        self.act_autolevel = QtGui.QAction(icon("levels"), "Auto levels", self)
-        self.act_autolevel.setShortcut(QtGui.QKeySequence("Ctrl+L"))
-        self.act_autolevel.setToolTip("Set the display range from the current frame once (Ctrl+L)")
-        self.act_autolevel.triggered.connect(self.autolevel_once)
+        self.act_autolevel = make_action(
+            self, "auto_levels", "Auto levels", self.autolevel_once, icon_name="levels",
+            shortcuts=["Ctrl+L"], tip="Set the display range from the current frame once (Ctrl+L)",
+        )  # fmt: skip
         bar.addAction(self.act_autolevel)
         self.continuous = QtWidgets.QCheckBox("Continuous")
         self.continuous.setToolTip("Recompute the display range on every frame (from a subsample)")
@@ -108,15 +109,16 @@ class PreviewPanel(QtWidgets.QWidget):
         self.cmap_combo.currentTextChanged.connect(self.set_colour_map)
         bar.addWidget(self.cmap_combo)
         bar.addSeparator()
-        self.act_tiff = QtGui.QAction(icon("camera"), "Snapshot", self)
-        self.act_tiff.setShortcut(QtGui.QKeySequence("Ctrl+S"))
-        self.act_tiff.setToolTip("Save the current frame, raw, as TIFF (Ctrl+S)")
-        self.act_tiff.triggered.connect(lambda: self.snapshot_tiff())
+        self.act_tiff = make_action(
+            self, "snapshot_tiff", "Snapshot", self.snapshot_tiff, icon_name="camera",
+            shortcuts=["Ctrl+S"], tip="Save the current frame, raw, as TIFF (Ctrl+S)",
+        )  # fmt: skip
         bar.addAction(self.act_tiff)
-        self.act_png = QtGui.QAction(icon("save"), "Save view", self)
-        self.act_png.setShortcut(QtGui.QKeySequence("Ctrl+Shift+S"))
-        self.act_png.setToolTip("Save the view as shown (colours, levels) as PNG (Ctrl+Shift+S)")
-        self.act_png.triggered.connect(lambda: self.save_view_png())
+        self.act_png = make_action(
+            self, "save_view_png", "Save view", self.save_view_png, icon_name="save",
+            shortcuts=["Ctrl+Shift+S"],
+            tip="Save the view as shown (colours, levels) as PNG (Ctrl+Shift+S)",
+        )  # fmt: skip
         bar.addAction(self.act_png)
         self.toolbar = bar
 
@@ -144,10 +146,11 @@ class PreviewPanel(QtWidgets.QWidget):
         self.placeholder = QtWidgets.QLabel(objectName="placeholder")
         self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         self.placeholder.setWordWrap(True)
-        self.demo_button = QtWidgets.QPushButton(icon("demo"), "Run the demo acquisition")
-        self.demo_button.setObjectName("primary")
-        self.demo_button.setToolTip("A simulated camera on a local server, with live preview")
-        self.demo_button.clicked.connect(self.sigDemoRequested)
+        self.demo_button = make_button(
+            "preview_demo", "Run the demo acquisition", self.sigDemoRequested.emit,
+            icon_name="demo", primary=True,
+            tip="A simulated camera on a local server, with live preview",
+        )  # fmt: skip
         self.empty_page = QtWidgets.QWidget(objectName="placeholderPage")
         empty_layout = QtWidgets.QVBoxLayout(self.empty_page)
         empty_layout.addStretch(1)
@@ -448,7 +451,8 @@ class PreviewPanel(QtWidgets.QWidget):
         else:
             self.hist.gradient.setColorMap(pg.colormap.get(name))
 
-    def _pause_toggled(self, paused: bool) -> None:
+    def _pause_toggled(self) -> None:
+        paused = self.act_pause.isChecked()
         self.act_pause.setText("Resume" if paused else "Pause")
         self.act_pause.setIcon(icon("play" if paused else "pause"))
         self.update_stats()

@@ -9,7 +9,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from .controller import Controller
 from .logs_panel import LogView, ResultsView
 from .model import STATE_COLOURS, RunKey, fmt_duration, fmt_time, short_repr
-from .widgets import mono_font
+from .widgets import mono_font, on_activated
 
 
 class RunDetailsDialog(QtWidgets.QDialog):
@@ -65,7 +65,8 @@ class RunDetailsDialog(QtWidgets.QDialog):
         self.refresh_button = buttons.addButton(
             "Refresh", QtWidgets.QDialogButtonBox.ButtonRole.ActionRole
         )
-        self.refresh_button.clicked.connect(self.refresh)
+        self.refresh_button.setObjectName("details_refresh")
+        on_activated(self.refresh_button.clicked, self.refresh)
         layout = QtWidgets.QVBoxLayout(self)
         layout.addWidget(self.header)
         layout.addWidget(self.tabs, 1)

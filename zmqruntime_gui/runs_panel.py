@@ -8,7 +8,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
 from .model import STATE_COLOURS, RunKey, fmt_duration
-from .widgets import KeyedTableModel, icon, setup_table, state_dot
+from .widgets import KeyedTableModel, confirm, make_action, setup_table, state_dot
 
 COLUMNS = ("Name", "ID", "Server", "State", "Progress", "Elapsed")
 COL_NAME, COL_ID, COL_SERVER, COL_STATE, COL_PROGRESS, COL_ELAPSED = range(len(COLUMNS))
@@ -177,21 +177,20 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.selectionModel().selectionChanged.connect(lambda *_: self._update_actions())
         self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.ActionsContextMenu)
 
-        self.act_submit = QtGui.QAction(icon("submit"), "Submit…", self)
-        self.act_submit.setShortcut(QtGui.QKeySequence("Ctrl+N"))
-        self.act_submit.setToolTip("Submit a pipeline, or a bundled example (Ctrl+N)")
-        self.act_submit.triggered.connect(self.sigSubmitRequested)
-        self.act_cancel = QtGui.QAction(icon("cancel"), "Cancel", self)
-        self.act_cancel.setShortcuts(
-            [QtGui.QKeySequence("Ctrl+K"), QtGui.QKeySequence(QtCore.Qt.Key.Key_Delete)]
-        )
+        self.act_submit = make_action(
+            self, "submit", "Submit…", self.sigSubmitRequested.emit, icon_name="submit",
+            shortcuts=["Ctrl+N"], tip="Submit a pipeline, or a bundled example (Ctrl+N)",
+        )  # fmt: skip
+        self.act_cancel = make_action(
+            self, "cancel_runs", "Cancel", self.cancel_selected, icon_name="cancel",
+            shortcuts=["Ctrl+K", QtGui.QKeySequence(QtCore.Qt.Key.Key_Delete)],
+            tip="Cancel the selected runs, after a confirmation (Ctrl+K / Delete)",
+        )  # fmt: skip
         self.act_cancel.setShortcutContext(QtCore.Qt.ShortcutContext.WindowShortcut)
-        self.act_cancel.setToolTip("Cancel the selected runs (Ctrl+K / Delete)")
-        self.act_cancel.triggered.connect(self.cancel_selected)
-        self.act_details = QtGui.QAction(icon("details"), "Details", self)
-        self.act_details.setShortcut(QtGui.QKeySequence("Ctrl+I"))
-        self.act_details.setToolTip("Config, logs, error and results of the run (Ctrl+I)")
-        self.act_details.triggered.connect(self.open_details)
+        self.act_details = make_action(
+            self, "run_details", "Details", self.open_details, icon_name="details",
+            shortcuts=["Ctrl+I"], tip="Config, logs, error and results of the run (Ctrl+I)",
+        )  # fmt: skip
         for act in (self.act_cancel, self.act_details):
             self.table.addAction(act)
 
@@ -280,13 +279,28 @@ class RunsPanel(QtWidgets.QWidget):
 
     # ------------------------------------------------------------------ actions
     def cancel_selected(self) -> list[RunKey]:
-        keys = [
-            k
-            for k in self.selected()
-            if k in self.controller.runs.rows and not self.controller.runs.rows[k].is_final
-        ]
-        if keys:
-            self.controller.cancel_runs(keys)
+        """Cancel the selected unfinished runs once the user confirms; returns them."""
+        rows = self.controller.runs.rows
+        keys = [k for k in self.selected() if k in rows and rows[k].cancellable]
+        if not keys:
+            return []
+        if len(keys) == 1:
+            row = rows[keys[0]]
+            where = f" ({row.progress_text})" if row.progress_text else ""
+            text = f"Cancel {row.name} ({row.key.exec_id}) on {row.key.server}{where}?"
+        else:
+            text = f"Cancel these {len(keys)} runs?"
+        if not confirm(
+            self,
+            "Cancel runs",
+            text,
+            "The pipeline stops at its next check (or its worker is killed after the grace "
+            "period). Results it stored so far are kept.",
+            yes="&Cancel the run" if len(keys) == 1 else "&Cancel the runs",
+            no="&Keep running",
+        ):
+            return []
+        self.controller.cancel_runs(keys)
         return keys
 
     def open_details(self) -> None:

@@ -9,7 +9,15 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from . import net
 from .controller import Controller
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
-from .widgets import KeyedTableModel, icon, setup_table, state_dot
+from .widgets import (
+    KeyedTableModel,
+    confirm,
+    icon,
+    make_action,
+    make_button,
+    setup_table,
+    state_dot,
+)
 
 COLUMNS = ("Server", "Status", "Ping", "Workers", "Queued", "Uptime")
 
@@ -89,10 +97,10 @@ class SpawnDialog(QtWidgets.QDialog):
         super().__init__(parent)
         self.setWindowTitle("Spawn a local server")
         form = QtWidgets.QFormLayout(self)
-        self.port = QtWidgets.QSpinBox()
+        self.port = QtWidgets.QSpinBox(objectName="spawn_port")
         self.port.setRange(1024, 65534)
         self.port.setValue(net.suggest_port())
-        self.workers = QtWidgets.QSpinBox()
+        self.workers = QtWidgets.QSpinBox(objectName="spawn_workers")
         self.workers.setRange(1, 256)
         self.workers.setValue(os.cpu_count() or 2)
         note = QtWidgets.QLabel(
@@ -108,7 +116,12 @@ class SpawnDialog(QtWidgets.QDialog):
             QtWidgets.QDialogButtonBox.StandardButton.Ok
             | QtWidgets.QDialogButtonBox.StandardButton.Cancel
         )
-        buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Ok).setText("Spawn")
+        ok = buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Ok)
+        ok.setText("Spawn")
+        ok.setObjectName("spawn_ok")
+        buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Cancel).setObjectName(
+            "spawn_cancel"
+        )
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
@@ -132,20 +145,22 @@ class LogDialog(QtWidgets.QDialog):
         self.follow.setChecked(True)
         row.addWidget(QtWidgets.QLabel(path, objectName="hint"), 1)
         row.addWidget(self.follow)
-        external = QtWidgets.QPushButton("Open externally")
-        external.clicked.connect(
-            lambda: QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(self.path))
-        )
-        row.addWidget(external)
-        close = QtWidgets.QPushButton("Close")
-        close.clicked.connect(self.close)
-        row.addWidget(close)
+        self.external = make_button(
+            "log_open_externally", "Open externally", self.open_externally,
+            tip="Open the log file in the desktop's text viewer",
+        )  # fmt: skip
+        row.addWidget(self.external)
+        self.close_button = make_button("log_close", "Close", self.close)
+        row.addWidget(self.close_button)
         layout.addLayout(row)
         self._last = None
         self.timer = QtCore.QTimer(self, interval=1000)
         self.timer.timeout.connect(self.reload)
         self.timer.start()
         self.reload()
+
+    def open_externally(self) -> bool:
+        return QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(self.path))
 
     def reload(self) -> None:
         try:
@@ -184,26 +199,30 @@ class ServersPanel(QtWidgets.QWidget):
             self.table.setColumnWidth(col, width)
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
 
-        self.act_spawn = QtGui.QAction(icon("server-add"), "Spawn…", self)
-        self.act_spawn.setToolTip("Spawn a local server (Ctrl+Shift+N)")
-        self.act_spawn.setShortcut(QtGui.QKeySequence("Ctrl+Shift+N"))
-        self.act_spawn.triggered.connect(self.spawn)
-        self.act_add = QtGui.QAction(icon("link"), "Add remote…", self)
-        self.act_add.setToolTip("Watch a server on another machine (Ctrl+Shift+A)")
-        self.act_add.setShortcut(QtGui.QKeySequence("Ctrl+Shift+A"))
-        self.act_add.triggered.connect(self.add_remote)
-        self.act_stop = QtGui.QAction(icon("stop"), "Stop", self)
-        self.act_stop.setToolTip("Ask the selected server(s) to shut down gracefully")
-        self.act_stop.triggered.connect(self.stop_selected)
-        self.act_kill = QtGui.QAction(icon("kill"), "Force kill", self)
-        self.act_kill.setToolTip("Kill the selected local server and its workers at once")
-        self.act_kill.triggered.connect(self.kill_selected)
-        self.act_log = QtGui.QAction(icon("log"), "Log", self)
-        self.act_log.setToolTip("Open the selected local server's log")
-        self.act_log.triggered.connect(self.open_log)
-        self.act_remove = QtGui.QAction(icon("remove"), "Remove", self)
-        self.act_remove.setToolTip("Take the selected server off this list")
-        self.act_remove.triggered.connect(self.remove_selected)
+        self.act_spawn = make_action(
+            self, "spawn", "Spawn…", self.spawn, icon_name="server-add",
+            shortcuts=["Ctrl+Shift+N"], tip="Spawn a local server (Ctrl+Shift+N)",
+        )  # fmt: skip
+        self.act_add = make_action(
+            self, "add_remote", "Add remote…", self.add_remote, icon_name="link",
+            shortcuts=["Ctrl+Shift+A"], tip="Watch a server on another machine (Ctrl+Shift+A)",
+        )  # fmt: skip
+        self.act_stop = make_action(
+            self, "stop", "Stop", self.stop_selected, icon_name="stop",
+            tip="Ask the selected server(s) to shut down gracefully",
+        )  # fmt: skip
+        self.act_kill = make_action(
+            self, "force_kill", "Force kill", self.kill_selected, icon_name="kill",
+            tip="Kill the selected local server and its workers at once (asks first)",
+        )  # fmt: skip
+        self.act_log = make_action(
+            self, "server_log", "Log", self.open_log, icon_name="log",
+            tip="Open the selected local server's log",
+        )  # fmt: skip
+        self.act_remove = make_action(
+            self, "remove_server", "Remove", self.remove_selected, icon_name="remove",
+            tip="Take the selected server off this list",
+        )  # fmt: skip
         for act in (self.act_stop, self.act_kill, self.act_log, self.act_remove):
             self.table.addAction(act)
 
@@ -230,11 +249,14 @@ class ServersPanel(QtWidgets.QWidget):
         )
         text.setWordWrap(True)
         text.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
-        self.empty_spawn = QtWidgets.QPushButton(icon("server-add"), "Spawn a local server")
-        self.empty_spawn.setObjectName("primary")
-        self.empty_spawn.clicked.connect(self.spawn)
-        empty_add = QtWidgets.QPushButton(icon("link"), "Add a remote server…")
-        empty_add.clicked.connect(self.add_remote)
+        self.empty_spawn = make_button(
+            "empty_spawn", "Spawn a local server", self.spawn, icon_name="server-add",
+            primary=True,
+        )  # fmt: skip
+        self.empty_add = make_button(
+            "empty_add_remote", "Add a remote server…", self.add_remote, icon_name="link"
+        )
+        empty_add = self.empty_add
         buttons = QtWidgets.QHBoxLayout()
         buttons.addStretch(1)
         buttons.addWidget(self.empty_spawn)
@@ -290,25 +312,29 @@ class ServersPanel(QtWidgets.QWidget):
         self._update_actions()
 
     # ------------------------------------------------------------------ actions
-    def spawn(self, port: int | None = None, workers: int | None = None) -> None:
-        """Spawn a local server; asks for port and workers unless they are given."""
-        if port is None:
-            dialog = SpawnDialog(self)
+    def spawn(self) -> None:
+        """Ask for a port and a worker count, then spawn a local server there."""
+        dialog = SpawnDialog(self)
+        self.spawn_dialog = dialog
+        try:
             if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
                 return
             port, workers = dialog.port.value(), dialog.workers.value()
+        finally:
+            self.spawn_dialog = None
+            dialog.deleteLater()
         self.controller.spawn_server(port, workers)
 
-    def add_remote(self, text: str | None = None) -> Endpoint | None:
-        if text is None or not isinstance(text, str):
-            text, ok = QtWidgets.QInputDialog.getText(
-                self,
-                "Add a server",
-                "Address of a zmqruntime server (host:port):",
-                text="myscope.lab:5555",
-            )
-            if not ok:
-                return None
+    def add_remote(self) -> Endpoint | None:
+        """Ask for a server's address and add it to the list (remembered)."""
+        text, ok = QtWidgets.QInputDialog.getText(
+            self,
+            "Add a server",
+            "Address of a zmqruntime server (host:port):",
+            text="myscope.lab:5555",
+        )
+        if not ok:
+            return None
         try:
             ep = Endpoint.parse(text)
         except ValueError as exc:
@@ -321,28 +347,22 @@ class ServersPanel(QtWidgets.QWidget):
         for ep in self.selected():
             self.controller.stop_server(ep)
 
-    def kill_selected(self, confirm: bool = True) -> None:
+    def kill_selected(self) -> None:
+        """Kill the selected local servers, after a confirmation that defaults to No."""
         targets = [ep for ep in self.selected() if self.controller.local_entry(ep)]
         if not targets:
             return
-        if confirm:
-            names = ", ".join(ep.key for ep in targets)
-            box = QtWidgets.QMessageBox(
-                QtWidgets.QMessageBox.Icon.Warning,
-                "Force kill",
-                f"Kill {names} and its workers now?",
-                QtWidgets.QMessageBox.StandardButton.Yes | QtWidgets.QMessageBox.StandardButton.No,
-                self,
-            )
-            box.setInformativeText(
-                "Running runs are lost and end as failed. Stop (graceful) is usually better."
-            )
-            box.setDefaultButton(QtWidgets.QMessageBox.StandardButton.No)
-            self._confirm_box = box
-            answer = box.exec()
-            self._confirm_box = None
-            if answer != QtWidgets.QMessageBox.StandardButton.Yes:
-                return
+        names = ", ".join(ep.key for ep in targets)
+        if not confirm(
+            self,
+            "Force kill",
+            f"Kill the server {names} and its workers now?",
+            "Its running runs are lost (they end as failed). Stop, the graceful way, is "
+            "usually better.",
+            yes="&Kill",
+            no="&Keep it running",
+        ):
+            return
         for ep in targets:
             self.controller.kill_server(ep)
 

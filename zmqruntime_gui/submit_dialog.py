@@ -11,7 +11,7 @@ from PySide6 import QtWidgets
 from zmqruntime.resources import example, list_examples
 
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
-from .widgets import icon, mono_font, state_dot
+from .widgets import icon, make_button, mono_font, on_activated, state_dot
 
 
 @dataclass
@@ -58,10 +58,12 @@ class SubmitDialog(QtWidgets.QDialog):
             placeholderText="my_pipeline.py (defines run(ctx, config))"
         )
         self.config_path = QtWidgets.QLineEdit(placeholderText="optional: my_config.py")
-        browse_pipeline = QtWidgets.QPushButton(icon("folder"), "Browse…")
-        browse_pipeline.clicked.connect(self._browse_pipeline)
-        browse_config = QtWidgets.QPushButton(icon("folder"), "Browse…")
-        browse_config.clicked.connect(self._browse_config)
+        browse_pipeline = make_button(
+            "browse_pipeline", "Browse…", self._browse_pipeline, icon_name="folder"
+        )
+        browse_config = make_button(
+            "browse_config", "Browse…", self._browse_config, icon_name="folder"
+        )
 
         what = QtWidgets.QGroupBox("What to run")
         grid = QtWidgets.QGridLayout(what)
@@ -111,7 +113,8 @@ class SubmitDialog(QtWidgets.QDialog):
         ok = self.buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Ok)
         ok.setText("Submit")
         ok.setIcon(icon("submit"))
-        ok.setObjectName("primary")
+        ok.setObjectName("submit_ok")
+        ok.setProperty("primary", True)
         self.buttons.accepted.connect(self._accept)
         self.buttons.rejected.connect(self.reject)
         self.error = QtWidgets.QLabel(objectName="error")
@@ -125,7 +128,7 @@ class SubmitDialog(QtWidgets.QDialog):
         layout.addWidget(self.buttons)
 
         self.example_combo.currentTextChanged.connect(self._load_example)
-        self.use_example.toggled.connect(self._mode_changed)
+        on_activated(self.use_example.toggled, self._mode_changed)
         self.pipeline_path.editingFinished.connect(self._load_files)
         self.config_path.editingFinished.connect(self._load_files)
         if self.example_combo.count():
@@ -145,7 +148,7 @@ class SubmitDialog(QtWidgets.QDialog):
                 self.server_combo.setCurrentIndex(i)
 
     # ------------------------------------------------------------------ sources
-    def _mode_changed(self, *args) -> None:
+    def _mode_changed(self) -> None:
         example_mode = self.use_example.isChecked()
         self.example_combo.setEnabled(example_mode)
         self.pipeline_path.setEnabled(not example_mode)

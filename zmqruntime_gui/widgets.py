@@ -6,7 +6,7 @@ import ctypes
 import functools
 import logging
 import sys
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 from PySide6 import QtCore, QtGui, QtWidgets
@@ -66,6 +66,98 @@ def state_dot(colour: str, size: int = 12) -> QtGui.QIcon:
     painter.drawEllipse(1, 1, size - 2, size - 2)
     painter.end()
     return QtGui.QIcon(pix)
+
+
+def on_activated(signal: QtCore.SignalInstance, slot: Callable[[], object]) -> None:
+    """Connect ``triggered``/``clicked``/``toggled`` to ``slot``, called with no argument.
+
+    These signals carry Qt's ``checked`` bool, which a slot with an optional first
+    parameter takes as a value: a port of False, a confirmation skipped. Every action
+    and button of the window is connected through here (a test checks it), so the bool
+    never reaches a slot. A slot that needs the check state reads ``isChecked()``.
+    """
+    signal.connect(lambda *_checked: slot())
+
+
+def make_action(
+    parent: QtCore.QObject,
+    name: str,
+    text: str,
+    slot: Callable[[], object],
+    *,
+    icon_name: str | None = None,
+    shortcuts: Iterable[str | QtGui.QKeySequence] = (),
+    tip: str | None = None,
+    checkable: bool = False,
+) -> QtGui.QAction:
+    """A named action whose ``triggered`` (or ``toggled`` if checkable) calls ``slot()``.
+
+    ``name`` is the objectName the tests use to find every action of the window.
+    """
+    act = QtGui.QAction(text, parent)
+    act.setObjectName(name)
+    if icon_name:
+        act.setIcon(icon(icon_name))
+    keys = [k if isinstance(k, QtGui.QKeySequence) else QtGui.QKeySequence(k) for k in shortcuts]
+    if keys:
+        act.setShortcuts(keys)
+    if tip:
+        act.setToolTip(tip)
+    if checkable:
+        act.setCheckable(True)
+        on_activated(act.toggled, slot)
+    else:
+        on_activated(act.triggered, slot)
+    return act
+
+
+def make_button(
+    name: str,
+    text: str,
+    slot: Callable[[], object],
+    *,
+    icon_name: str | None = None,
+    tip: str | None = None,
+    primary: bool = False,
+) -> QtWidgets.QPushButton:
+    """A named push button whose ``clicked`` calls ``slot()``."""
+    button = QtWidgets.QPushButton(text)
+    button.setObjectName(name)
+    if icon_name:
+        button.setIcon(icon(icon_name))
+    if tip:
+        button.setToolTip(tip)
+    if primary:
+        button.setProperty("primary", True)
+    on_activated(button.clicked, slot)
+    return button
+
+
+def confirm(
+    parent: QtWidgets.QWidget,
+    title: str,
+    text: str,
+    informative: str = "",
+    *,
+    yes: str,
+    no: str,
+) -> bool:
+    """Ask before something that cannot be undone; Enter and Escape both mean ``no``."""
+    box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Icon.Warning, title, text, parent=parent)
+    box.setObjectName("confirm")
+    if informative:
+        box.setInformativeText(informative)
+    yes_button = box.addButton(yes, QtWidgets.QMessageBox.ButtonRole.DestructiveRole)
+    yes_button.setObjectName("confirm_yes")
+    no_button = box.addButton(no, QtWidgets.QMessageBox.ButtonRole.RejectRole)
+    no_button.setObjectName("confirm_no")
+    box.setDefaultButton(no_button)
+    box.setEscapeButton(no_button)
+    try:
+        box.exec()
+        return box.clickedButton() is yes_button
+    finally:
+        box.deleteLater()
 
 
 def stylesheet() -> str:
