@@ -190,6 +190,8 @@ def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
                 progress.update(
                     task, completed=event["progress"], message=event.get("message") or ""
                 )
+            elif kind == "progress" and event.get("message"):  # no fraction: a folder followed
+                progress.update(task, message=event["message"])
             elif kind == "log" and show_logs:
                 for line in event["text"].splitlines():
                     progress.console.print(f"[dim]│[/] {line}", markup=True, highlight=False)
@@ -518,6 +520,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         client.close()
 
 
+def cmd_simulate_acquisition(args: argparse.Namespace) -> int:
+    from .simulate import simulate_acquisition
+
+    def echo(record: dict[str, Any]) -> None:
+        if not args.quiet:
+            console.print(f"  {record['name']}  ({record['mode']})", markup=False)
+
+    marker = args.done_marker or None
+    console.print(f"playing {args.source} into {args.dir} at {args.fps:g} frames/s", markup=False)
+    records = simulate_acquisition(
+        args.dir,
+        args.source,
+        fps=args.fps,
+        partial_writes=args.partial_writes,
+        frames=args.frames,
+        pattern=args.pattern,
+        done_marker=marker,
+        log=args.log,
+        echo=echo,
+    )
+    done = f", then {marker!r}" if marker else ""
+    console.print(f"wrote {len(records)} files into {args.dir}{done}", markup=False)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -669,6 +696,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-server", action="store_true", help="leave a server the demo spawned running"
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "simulate-acquisition",
+        help="play images into a folder at a camera's pace (try follow_folder)",
+        description="Write the images of SOURCE (a folder, or a multi-page TIFF played page "
+        "by page) into DIR one by one at --fps, as acquisition software does: each under a "
+        "hidden temporary name renamed when complete, or with --partial-writes every other "
+        "file written in place in chunks. Ends with an empty done-marker file.",
+    )
+    p.add_argument("dir", type=Path, help="the folder to write into (created if needed)")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="images to play")
+    p.add_argument("--fps", type=float, default=10.0, help="files per second (default 10)")
+    p.add_argument(
+        "--partial-writes", action="store_true", help="write every other file in place, in chunks"
+    )
+    p.add_argument("--frames", type=int, help="play at most this many files")
+    p.add_argument("--pattern", default="*", help="which files of a SOURCE folder (default *)")
+    p.add_argument(
+        "--done-marker",
+        default="acquisition_done",
+        metavar="NAME",
+        help="file written at the end (default acquisition_done; '' for none)",
+    )
+    p.add_argument("--log", type=Path, help="append one JSON line per file written")
+    p.add_argument("--quiet", action="store_true", help="no line per file")
+    p.set_defaults(func=cmd_simulate_acquisition)
     return parser
 
 

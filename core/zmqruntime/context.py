@@ -227,6 +227,39 @@ class Context:
         self._cancel.wait(max(0.0, float(seconds)))
         return self.cancelled
 
+    # -- acquisition
+    def follow_folder(
+        self,
+        path: str | Path,
+        pattern: str = "*.tif*",
+        *,
+        done_marker: str | None = None,
+        idle_timeout: float | None = None,
+        recursive: bool = False,
+        poll: float | None = None,
+        skip_existing: bool = False,
+        **options: Any,
+    ) -> Iterator[Path]:
+        """Each file that lands in ``path``, once, in acquisition order, once complete.
+
+        Ends when ``done_marker`` appears, after ``idle_timeout`` s without a new file,
+        or at once on cancel; reports files seen/processed as progress. See
+        ``zmqruntime.acquisition.FolderFollower`` for ``settle``, ``give_up`` and the rest.
+        """
+        from .acquisition import follow_in_context
+
+        return follow_in_context(
+            self,
+            path,
+            pattern,
+            done_marker=done_marker,
+            idle_timeout=idle_timeout,
+            recursive=recursive,
+            poll=poll,
+            skip_existing=skip_existing,
+            **options,
+        )
+
     # -- results
     @property
     def n_results(self) -> int:

@@ -1,0 +1,19 @@
+"""Configuration of the folder-following example (every public name is a config value)."""
+
+# The folder the microscope writes into. A relative path is resolved against the server's
+# working directory; a missing folder is created. Try it with:
+#   zmqruntime simulate-acquisition acquisition --from ../shared/data/cell_migration_timelapse
+folder = "acquisition"
+pattern = "*.tif*"  # which files are images (case does not matter)
+done_marker = "acquisition_done"  # the acquisition writes this file when it is finished
+idle_timeout = 120.0  # or stop after this many seconds without a new file (None: never)
+recursive = False  # also follow sub-folders (one per position, say)
+poll = None  # seconds between listings to poll instead of file events (None: automatic)
+skip_existing = False  # True: only files that appear after the start
+
+# nucleus segmentation, as in the nuclei example
+smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
+background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide
+split_touching = True  # split touching nuclei (distance-transform watershed)
+split_distance = 0.5  # two nuclei centres are at least this many nucleus radii apart
+min_area_fraction = 0.1  # drop objects smaller than this fraction of the typical nucleus
