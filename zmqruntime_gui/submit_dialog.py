@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from zmqruntime.resources import example, list_examples
 
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
 from .widgets import icon, make_button, mono_font, on_activated, state_dot
+
+#: the bundled pipeline that "Follow an acquisition folder…" runs (unless one that follows
+#: folders is chosen already)
+FOLLOW_EXAMPLE = "acquisition_folder"
 
 
 @dataclass
@@ -76,6 +81,14 @@ class SubmitDialog(QtWidgets.QDialog):
         grid.addWidget(QtWidgets.QLabel("Config file"), 3, 0)
         grid.addWidget(self.config_path, 3, 1)
         grid.addWidget(browse_config, 3, 2)
+        follow = make_button(
+            "follow_folder",
+            "Follow an acquisition folder…",
+            self._pick_acquisition_folder,
+            icon_name="folder",
+            tip="Pick the folder the microscope writes into: each image is processed as it lands",
+        )
+        grid.addWidget(follow, 4, 1, 1, 2)
         grid.setColumnStretch(1, 1)
 
         # -- code
@@ -202,6 +215,28 @@ class SubmitDialog(QtWidgets.QDialog):
         if path:
             self.use_files.setChecked(True)
             self.set_files(self.pipeline_path.text(), path)
+
+    def _pick_acquisition_folder(self) -> None:
+        dialog = QtWidgets.QFileDialog(self, "Folder the microscope writes into")
+        dialog.setObjectName("acquisition_folder_dialog")
+        dialog.setFileMode(QtWidgets.QFileDialog.FileMode.Directory)
+        dialog.setOption(QtWidgets.QFileDialog.Option.ShowDirsOnly, True)
+        chosen = dialog.selectedFiles() if dialog.exec() else []
+        dialog.deleteLater()
+        if chosen:
+            self.follow_folder(chosen[0])
+
+    def follow_folder(self, folder: str | Path) -> None:
+        """Follow ``folder`` (what the button does): the chosen pipeline if it follows
+        folders, else the acquisition_folder example, with ``folder`` set in the config."""
+        if "follow_folder" not in self._pipeline_code and FOLLOW_EXAMPLE in list_examples():
+            self.use_example.setChecked(True)
+            self.example_combo.setCurrentText(FOLLOW_EXAMPLE)
+        line = f"folder = {str(folder)!r}"
+        text = self.config_edit.toPlainText()
+        config, n = re.subn(r"^folder\s*=.*$", lambda _: line, text, flags=re.M)
+        self.config_edit.setPlainText(config if n else f"{config.rstrip()}\n{line}\n".lstrip())
+        self.name_edit.setText(f"follow {Path(folder).name}")
 
     def set_files(self, pipeline: str | Path, config: str | Path | None = None) -> None:
         """Choose files (what Browse does), for scripting and tests."""
