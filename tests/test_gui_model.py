@@ -106,7 +106,7 @@ def test_follow_box_keeps_only_the_newest_frame():
     box.put_result(0, "x")
     box.put_status({"state": "completed"})
     progress, st, logs, results = box.take_news()
-    assert progress == (0.5, "half") and st["state"] == "completed"
+    assert progress == (0.5, "half", None, None) and st["state"] == "completed"
     assert logs == [(0, "a")] and results == [(0, "x")] and box.finished
     assert box.take_news() == (None, None, [], [])
 

@@ -17,12 +17,13 @@ from typing import Any
 import psutil
 from PySide6 import QtCore
 
-from zmqruntime import local
+from zmqruntime import UnknownExecution, local
 from zmqruntime.protocol import FINAL_STATES
 
 from . import net
 from .follower import RunFollower
 from .model import (
+    LOST,
     Endpoint,
     FollowBox,
     RunKey,
@@ -51,6 +52,7 @@ class Controller(QtCore.QObject):
     sigLogLines = QtCore.Signal(object, object)  # RunKey, [(index, text)]
     sigResultNotice = QtCore.Signal(object)  # RunKey
     sigRunFinished = QtCore.Signal(object, object)  # RunKey, status
+    sigContactChanged = QtCore.Signal(object)  # Endpoint: its runs were lost or resolved
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class Controller(QtCore.QObject):
         self.runs = RunTable()
         self.box: FollowBox | None = None
         self.follower: RunFollower | None = None
+        self._refollow = False  # the followed run was out of contact: subscribe anew
         self._old_followers: list[RunFollower] = []
         self._registry_polled = False
         self._closed = False
@@ -226,6 +229,8 @@ class Controller(QtCore.QObject):
             row.state = ServerState.STOPPING
         if first_answer and ep in self.spawned:
             self.sigMessage.emit(f"local server {ep.key} is up ({row.workers} workers)")
+        if self.runs.lost_runs(ep.key):
+            self._resolve_lost(ep)
         self.sigServersChanged.emit()
 
     def _on_probe_failed(self, ep: Endpoint, exc: BaseException) -> None:
@@ -252,7 +257,45 @@ class Controller(QtCore.QObject):
             row.apply_failure(str(exc), starting=starting or registered_recently)
         if row.state == ServerState.DOWN:
             self.stopping.discard(ep)
+        lost = self.runs.mark_lost(ep.key, time.time())
+        if lost:
+            if self.box is not None and self.box.key in lost:
+                self._refollow = True
+            n = len(lost)
+            self.sigMessage.emit(
+                f"{ep.key} stopped answering: {n} run{'s' if n != 1 else ''} out of contact"
+            )
+            self.sigContactChanged.emit(ep)
         self.sigServersChanged.emit()
+
+    def _resolve_lost(self, ep: Endpoint) -> None:
+        """The server answers again: ask it what became of each run out of contact."""
+        keys = self.runs.lost_runs(ep.key)
+
+        def work() -> dict[RunKey, dict[str, Any] | None]:
+            client = self.conns.client(ep)
+            found: dict[RunKey, dict[str, Any] | None] = {}
+            for key in keys:
+                try:
+                    found[key] = client.get_status(key.exec_id)
+                except UnknownExecution:
+                    found[key] = None  # the server came back without it
+            return found
+
+        def done(found: dict[RunKey, dict[str, Any] | None]) -> None:
+            for key, status in found.items():
+                self.runs.resolve(key, status)
+                box = self.box
+                if box is None or box.key != key:
+                    continue
+                if status is None:
+                    box.finished = True
+                    self.sigRunFinished.emit(key, {"id": key.exec_id, "state": LOST})
+                elif status.get("state") in FINAL_STATES:
+                    box.put_status(status)  # drained as if the stream had said it
+            self.sigContactChanged.emit(ep)
+
+        self.runner.submit(work, done, lambda exc: None, key=f"resolve:{ep.key}")
 
     def _reap_spawned(self) -> None:
         for ep, (proc, _) in list(self.spawned.items()):
@@ -450,10 +493,13 @@ class Controller(QtCore.QObject):
             self._retire(self.follower)
             self.follower = None
         self.box = None
+        self._refollow = False
         if key is not None:
             self.box = FollowBox(key)
             row = self.runs.rows.get(key)
-            if row is not None and row.is_final:
+            if row is not None and row.contact == "lost":
+                self._refollow = True  # subscribe again once its server answers
+            if row is not None and (row.is_final or row.contact == "gone"):
                 self.box.finished = True  # nothing live will come: no thread needed
             else:
                 try:
@@ -465,6 +511,24 @@ class Controller(QtCore.QObject):
                     self.follower = follower
                     follower.start()
         self.sigFollowChanged.emit(self.box)
+
+    def _subscribe_again(self) -> None:
+        """Follow the same run with a new subscription (its server was out of contact and
+        may have been restarted, with a new data socket); the box and its frames stay."""
+        self._refollow = False
+        box = self.box
+        if box is None:
+            return
+        if self.follower is not None:
+            self._retire(self.follower)
+            self.follower = None
+        try:
+            follower = RunFollower(self.conns.client(Endpoint.parse(box.key.server)), box, self)
+        except Exception as exc:  # the window is closing
+            self.sigMessage.emit(str(exc))
+            return
+        self.follower = follower
+        follower.start()
 
     def _retire(self, follower: RunFollower) -> None:
         follower.stop()
@@ -480,6 +544,10 @@ class Controller(QtCore.QObject):
         box = self.box
         if box is None:
             return
+        if self._refollow:
+            row = self.runs.rows.get(box.key)
+            if row is not None and row.contact == "ok" and not box.finished:
+                self._subscribe_again()
         progress, status, logs, results = box.take_news()
         key = box.key
         if progress is not None:

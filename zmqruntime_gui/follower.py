@@ -55,6 +55,7 @@ class RunFollower(QtCore.QThread):
             self.box.error = f"cannot follow {self.box.key.exec_id}: {exc}"
             return
         box = self.box
+        box.preparer = self
         box.preparer_alive = True
         try:
             while not self._stop.is_set() and not box.finished:
@@ -68,7 +69,8 @@ class RunFollower(QtCore.QThread):
             if not self._stop.is_set():
                 self.box.error = f"data channel error: {exc}"
         finally:
-            self.box.preparer_alive = False
+            if box.preparer is self:  # a follower that replaced this one keeps preparing
+                box.preparer_alive = False
             sub.close()
 
     def _handle(self, event: dict) -> None:
@@ -81,7 +83,9 @@ class RunFollower(QtCore.QThread):
                     str(event.get("name", "preview")), value, event.get("seq"), event.get("t")
                 )
         elif kind == EventKind.PROGRESS.value:
-            box.put_progress(event.get("progress"), event.get("message"))
+            box.put_progress(
+                event.get("progress"), event.get("message"), event.get("done"), event.get("total")
+            )
         elif kind == EventKind.LOG.value:
             box.put_log(event.get("index"), str(event.get("text", "")))
         elif kind == EventKind.RESULT.value:

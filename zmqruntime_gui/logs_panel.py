@@ -16,7 +16,7 @@ import numpy as np
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
-from .model import LogBuffer, RunKey, describe_result
+from .model import LOST, LogBuffer, RunKey, describe_result
 from .widgets import make_button, mono_font, setup_table
 
 MAX_LOG_BLOCKS = 50_000
@@ -299,6 +299,6 @@ class ResultsPanel(ResultsView):
         controller.sigResultNotice.connect(self._notice)
         controller.sigRunFinished.connect(self._notice)
 
-    def _notice(self, key: RunKey, *args) -> None:
-        if key == self.key:
+    def _notice(self, key: RunKey, status: dict[str, Any] | None = None) -> None:
+        if key == self.key and (status or {}).get("state") != LOST:
             self.refresh()

@@ -14,7 +14,7 @@ from zmqruntime.resources import example, list_examples
 from . import net
 from .controller import Controller
 from .logs_panel import LogsPanel, ResultsPanel
-from .model import DEFAULT_PORT, Endpoint, RunKey, ServerState
+from .model import CONNECTION_LOST, DEFAULT_PORT, Endpoint, RunKey, ServerState, fmt_time
 from .preview_panel import PreviewPanel
 from .run_details import RunDetailsDialog
 from .runs_panel import RunsPanel
@@ -208,6 +208,8 @@ class MainWindow(QtWidgets.QMainWindow):
         c.sigServersChanged.connect(self._update_summary)
         c.sigRunFinished.connect(self._run_finished)
         self.runs_panel.model.sigFlushed.connect(self._update_summary)
+        self.runs_panel.model.sigFlushed.connect(self._update_banner)
+        c.sigContactChanged.connect(lambda ep: self._update_banner())
         self.preview.sigStatus.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.results_panel.sigShowArray.connect(self.preview.show_array)
         self.preview.sigDemoRequested.connect(self.start_demo)
@@ -253,6 +255,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controller.follow(key)
 
     def _follow_changed(self, box) -> None:
+        self._update_banner()
         if box is None:
             self.preview.set_source(None)
             return
@@ -390,16 +393,43 @@ class MainWindow(QtWidgets.QMainWindow):
             f"<p>Settings: {Path(self.settings.fileName())}</p>",
         )
 
+    def _update_banner(self) -> None:
+        """The preview's warning while the followed run's server does not answer."""
+        box = self.controller.box
+        row = self.controller.runs.rows.get(box.key) if box is not None else None
+        if row is None or row.contact == "ok" or (row.is_final and row.contact != "gone"):
+            self.preview.set_banner(None)
+        elif row.contact == "gone":
+            self.preview.set_banner(
+                f"{row.key.server} answers again but no longer knows {row.name} "
+                f"({row.key.exec_id}): the run is lost."
+            )
+        else:
+            known = row.progress_text or "no progress reported"
+            self.preview.set_banner(
+                f"Connection lost: {row.key.server} has not answered since "
+                f"{fmt_time(row.lost_at)[11:]}. {row.name} was {row.state} at {known}. "
+                "Its true state shows when the server answers again."
+            )
+
     def _update_summary(self) -> None:
         rows = self.controller.servers.values()
         alive = sum(1 for r in rows if r.state == ServerState.ALIVE)
         down = sum(1 for r in rows if r.state == ServerState.DOWN)
-        running = sum(1 for r in self.controller.runs.rows.values() if r.state == "running")
-        queued = sum(1 for r in self.controller.runs.rows.values() if r.state == "queued")
+        states = [r.display_state for r in self.controller.runs.rows.values()]
+        running, queued = states.count("running"), states.count("queued")
+        lost = states.count(CONNECTION_LOST)
         parts = [f"{alive} server{'s' if alive != 1 else ''} up"]
         if down:
             parts.append(f"<span style='color:#e06c75'>{down} down</span>")
         parts.append(f"{running} running")
         if queued:
             parts.append(f"{queued} queued")
+        if lost:
+            parts.append(f"<span style='color:#d19a66'>{lost} {CONNECTION_LOST}</span>")
         self.summary.setText("  ·  ".join(parts) + "  ")
+        # the title says it too (task bars, and tools that read window names)
+        plain = [f"{alive} up", f"{running} running"]
+        if lost:
+            plain.append(f"{lost} {CONNECTION_LOST}")
+        self.setWindowTitle(f"zmqruntime — {', '.join(plain)}")

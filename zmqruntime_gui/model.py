@@ -19,6 +19,12 @@ import numpy as np
 from zmqruntime.protocol import FINAL_STATES, STATES
 from zmqruntime.transport import is_loopback
 
+#: what the window shows for a run whose server stopped answering: its true state is
+#: unknown until the server answers again (the last known progress stays on screen)
+CONNECTION_LOST = "connection lost"
+#: a run whose server answered again without knowing it (restarted with another store)
+LOST = "lost"
+
 #: colours of run states and server states, readable on the dark theme
 STATE_COLOURS = {
     "queued": "#e5c07b",
@@ -26,6 +32,8 @@ STATE_COLOURS = {
     "completed": "#98c379",
     "failed": "#e06c75",
     "cancelled": "#b48ead",
+    CONNECTION_LOST: "#d19a66",
+    LOST: "#7f848e",
 }
 
 DEFAULT_PORT = 5555
@@ -177,10 +185,29 @@ class RunKey:
 class RunRow:
     key: RunKey
     status: dict[str, Any]
+    #: "ok"; "lost": its server stopped answering (``status`` is the last known one);
+    #: "gone": the server answered again and does not know the run
+    contact: str = "ok"
+    lost_at: float | None = None  # time.time() when its server stopped answering
 
     @property
     def state(self) -> str:
+        """The state the server last reported."""
         return self.status.get("state", "queued")
+
+    @property
+    def display_state(self) -> str:
+        """What the window shows: the state, "connection lost" or "lost"."""
+        if self.contact == "gone":
+            return LOST
+        if self.contact == "lost" and not self.is_final:
+            return CONNECTION_LOST
+        return self.state
+
+    @property
+    def is_live(self) -> bool:
+        """Unfinished on a server that answers: its elapsed time ticks, it can be cancelled."""
+        return not self.is_final and self.contact == "ok"
 
     @property
     def name(self) -> str:
@@ -201,7 +228,7 @@ class RunRow:
     @property
     def cancellable(self) -> bool:
         """Whether Cancel can reach this run: unfinished, on a server that answers."""
-        return not self.is_final
+        return self.is_live
 
     @property
     def progress_text(self) -> str:
@@ -215,6 +242,9 @@ class RunRow:
         return f"{progress:.0%}"
 
     def elapsed(self, now: float | None = None) -> float | None:
+        """Run time so far; a run out of contact stops at the last moment it was seen."""
+        if self.contact != "ok" and not self.is_final and self.lost_at is not None:
+            now = self.lost_at
         return elapsed(self.status, now)
 
 
@@ -241,16 +271,18 @@ class RunTable:
             if row is None:
                 self.rows[key] = RunRow(key, dict(status))
                 self.structure_changed = True
-            elif _newer(status, row.status):
+            elif _newer(status, row.status) or row.contact != "ok":
                 row.status = _merge_live(dict(status), row.status)
+                row.contact, row.lost_at = "ok", None
             else:
                 continue
             self.dirty = True
-        # runs that fell out of the server's list window (or were purged) leave the table
+        # runs that fell out of the server's list window (or were purged) leave the table;
+        # runs out of contact stay until resolve() tells what became of them
         self._pinned -= seen
         gone = [k for k in self.rows if k.server == server and k not in seen]
         for key in gone:
-            if key in self._pinned:
+            if key in self._pinned or self.rows[key].contact != "ok":
                 continue
             del self.rows[key]
             self.structure_changed = self.dirty = True
@@ -261,11 +293,48 @@ class RunTable:
             self._pinned.discard(key)
             self.structure_changed = self.dirty = True
 
-    def apply_progress(self, key: RunKey, progress: float | None, message: str | None) -> None:
+    def mark_lost(self, server: str, at: float) -> list[RunKey]:
+        """``server`` stopped answering: its unfinished runs are out of contact."""
+        lost = []
+        for key, row in self.rows.items():
+            if key.server == server and not row.is_final and row.contact == "ok":
+                row.contact, row.lost_at = "lost", at
+                lost.append(key)
+        if lost:
+            self.dirty = True
+        return lost
+
+    def lost_runs(self, server: str) -> list[RunKey]:
+        return [k for k, r in self.rows.items() if k.server == server and r.contact == "lost"]
+
+    def resolve(self, key: RunKey, status: dict[str, Any] | None) -> None:
+        """The server answers again: ``status`` of the run, or None if it does not know it."""
+        row = self.rows.get(key)
+        if row is None:
+            return
+        if status is None:
+            row.contact = "gone"
+        else:
+            row.status = _merge_live(dict(status), row.status)
+            row.contact, row.lost_at = "ok", None
+        self._pinned.add(key)  # kept until the next list of its server says otherwise
+        self.dirty = True
+
+    def apply_progress(
+        self,
+        key: RunKey,
+        progress: float | None,
+        message: str | None,
+        done: float | None = None,
+        total: float | None = None,
+    ) -> None:
         row = self.rows.get(key)
         if row is None or row.is_final:
             return
+        row.contact, row.lost_at = "ok", None  # the server spoke: it is there
         row.status["progress"] = progress
+        if total is not None:
+            row.status["done"], row.status["total"] = done, total
         if message is not None:
             row.status["message"] = message
         if row.state == "queued":
@@ -279,7 +348,8 @@ class RunTable:
             self._pinned.add(key)
             self.structure_changed = True
         elif _newer(status, row.status) or status.get("state") in FINAL_STATES:
-            row.status = dict(status)
+            row.status = _merge_live(dict(status), row.status)
+            row.contact, row.lost_at = "ok", None
         self.dirty = True
 
     def ordered(self, servers: set[str] | None = None) -> list[RunKey]:
@@ -306,11 +376,19 @@ def _newer(new: dict[str, Any], old: dict[str, Any]) -> bool:
 
 
 def _merge_live(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """A polled status of a running run never takes back progress the stream showed."""
+    """A polled status of a running run never takes back progress the stream showed.
+
+    The server's record has no counts (``done`` of ``total``); the stream's total stays,
+    and ``done`` follows the polled fraction (which the worker computed as done/total).
+    """
     if new.get("state") == old.get("state") == "running":
         if (new.get("progress") or 0.0) < (old.get("progress") or 0.0):
             new["progress"] = old.get("progress")
             new["message"] = old.get("message")
+        total = old.get("total")
+        if total and "total" not in new and new.get("progress") is not None:
+            done = new["progress"] * total
+            new["total"], new["done"] = total, round(done) if float(total).is_integer() else done
     return new
 
 
@@ -419,8 +497,9 @@ class FollowBox:
         self.want: tuple[str, float, float, float | None, tuple | None] | None = None
         self._prepared: dict[str, tuple[Frame, int, np.ndarray]] = {}
         self.preparer_alive = False
+        self.preparer: object | None = None  # the follower thread that prepares frames
         self.received: collections.Counter[str] = collections.Counter()
-        self._progress: tuple[float | None, str | None] | None = None
+        self._progress: tuple[float | None, str | None, Any, Any] | None = None
         self._status: dict[str, Any] | None = None
         self._logs: list[tuple[int | None, str]] = []
         self._results: list[tuple[int, str]] = []
@@ -433,9 +512,12 @@ class FollowBox:
             self.received[name] += 1
             self._frames[name] = Frame(name, image, self.received[name], seq, t, time.monotonic())
 
-    def put_progress(self, progress: float | None, message: str | None) -> None:
+    def put_progress(
+        self, progress: float | None, message: str | None, done: Any = None, total: Any = None
+    ) -> None:
+        """The newest progress: a fraction, and ``done`` of ``total`` when the run counts."""
         with self._lock:
-            self._progress = (progress, message)
+            self._progress = (progress, message, done, total)
 
     def put_status(self, status: dict[str, Any]) -> None:
         with self._lock:
@@ -512,7 +594,7 @@ class FollowBox:
     def take_news(
         self,
     ) -> tuple[
-        tuple[float | None, str | None] | None,
+        tuple[float | None, str | None, Any, Any] | None,
         dict[str, Any] | None,
         list[tuple[int | None, str]],
         list[tuple[int, str]],

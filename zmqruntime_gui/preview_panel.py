@@ -172,10 +172,20 @@ class PreviewPanel(QtWidgets.QWidget):
         info_row.addWidget(self.info, 1)
         info_row.addWidget(self.cursor)
 
+        # -- shown over the image while the followed run's server does not answer
+        self.banner = QtWidgets.QFrame(objectName="lostBanner")
+        self.banner_text = QtWidgets.QLabel(objectName="lostBannerText")
+        self.banner_text.setWordWrap(True)
+        banner_layout = QtWidgets.QHBoxLayout(self.banner)
+        banner_layout.setContentsMargins(10, 6, 10, 6)
+        banner_layout.addWidget(self.banner_text, 1)
+        self.banner.hide()
+
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
         layout.addWidget(bar)
+        layout.addWidget(self.banner)
         layout.addWidget(self.stack, 1)
         layout.addLayout(info_row)
 
@@ -225,6 +235,15 @@ class PreviewPanel(QtWidgets.QWidget):
         else:
             self._show_placeholder(f"<h3>{title}</h3>Waiting for the first preview frame…")
         self.update_stats()
+
+    def set_banner(self, text: str | None) -> None:
+        """A warning over the image (the run's server stopped answering); None hides it."""
+        if not text:
+            self.banner.hide()
+            return
+        if self.banner_text.text() != text:
+            self.banner_text.setText(text)
+        self.banner.show()
 
     def run_ended(self, state: str) -> None:
         """The followed run ended: keep its last frame, or say why there is none."""

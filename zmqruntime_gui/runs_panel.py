@@ -7,7 +7,7 @@ import time
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
-from .model import STATE_COLOURS, RunKey, fmt_duration
+from .model import CONNECTION_LOST, STATE_COLOURS, RunKey, RunRow, fmt_duration, fmt_time
 from .widgets import KeyedTableModel, confirm, make_action, setup_table, state_dot
 
 COLUMNS = ("Name", "ID", "Server", "State", "Progress", "Elapsed")
@@ -44,7 +44,7 @@ class RunsModel(KeyedTableModel):
         dirty, structure = self.table.take_dirty()
         now = time.monotonic()
         tick_elapsed = now - self._last_elapsed >= 1.0 and any(
-            not self.table.rows[k].is_final for k in self.keys if k in self.table.rows
+            self.table.rows[k].is_live for k in self.keys if k in self.table.rows
         )
         if not (dirty or structure or tick_elapsed):
             return
@@ -69,17 +69,17 @@ class RunsModel(KeyedTableModel):
             if col == COL_SERVER:
                 return key.server
             if col == COL_STATE:
-                return row.state
+                return row.display_state
             if col == COL_PROGRESS:
                 return row.message
             if col == COL_ELAPSED:
                 return fmt_duration(row.elapsed())
         elif role == ProgressRole:
-            return (row.progress, row.message, row.state)
+            return (row.progress, progress_label(row), row.display_state)
         elif role == Role.DecorationRole and col == COL_STATE:
-            return state_dot(STATE_COLOURS.get(row.state, "#888888"))
+            return state_dot(STATE_COLOURS.get(row.display_state, "#888888"))
         elif role == Role.ForegroundRole and col == COL_STATE:
-            return QtGui.QBrush(QtGui.QColor(STATE_COLOURS.get(row.state, "#cccccc")))
+            return QtGui.QBrush(QtGui.QColor(STATE_COLOURS.get(row.display_state, "#cccccc")))
         elif role == Role.FontRole and col == COL_STATE:
             font = QtGui.QFont()
             font.setBold(True)
@@ -89,13 +89,35 @@ class RunsModel(KeyedTableModel):
         elif role == Role.TextAlignmentRole and col == COL_ELAPSED:
             return int(QtCore.Qt.AlignmentFlag.AlignRight | QtCore.Qt.AlignmentFlag.AlignVCenter)
         elif role == Role.ToolTipRole:
-            tip = f"{row.name} ({key.exec_id}) on {key.server}: {row.state}"
+            tip = f"{row.name} ({key.exec_id}) on {key.server}: {row.display_state}"
+            if row.contact == "lost":
+                tip += (
+                    f"\nthe server stopped answering at {fmt_time(row.lost_at)}; "
+                    f"last known: {row.state} {row.progress_text}".rstrip()
+                )
+            elif row.contact == "gone":
+                tip += "\nthe server answered again but no longer knows this run"
             if row.status.get("error"):
                 tip += f"\n{row.status['error']}"
             elif row.message:
                 tip += f"\n{row.message}"
             return tip
         return None
+
+
+def progress_label(row: RunRow) -> str:
+    """The text on a run's progress bar: counts or percent, and the pipeline's message."""
+    if row.contact == "lost" and not row.is_final:
+        known = row.progress_text or "no progress reported"
+        return f"last known: {known}" + (f"  {row.message}" if row.message else "")
+    if row.contact == "gone":
+        return "the server no longer knows this run"
+    if row.state == "completed":
+        return "100%"
+    text = row.progress_text
+    if row.message:
+        text = f"{text}  {row.message}" if text else row.message
+    return text
 
 
 class ProgressDelegate(QtWidgets.QStyledItemDelegate):
@@ -123,9 +145,7 @@ class ProgressDelegate(QtWidgets.QStyledItemDelegate):
             colour.setAlpha(150 if state in ("running", "queued") else 110)
             painter.setBrush(colour)
             painter.drawRoundedRect(fill, 3, 3)
-        text = f"{fraction:.0%}" if progress is not None or state == "completed" else ""
-        if message and state not in ("completed",):
-            text = f"{text}  {message}" if text else message
+        text = message
         painter.setPen(QtGui.QColor("#f0f0f0"))
         metrics = QtGui.QFontMetrics(option.font)
         text = metrics.elidedText(text, QtCore.Qt.TextElideMode.ElideRight, rect.width() - 10)
@@ -164,7 +184,7 @@ class RunsPanel(QtWidgets.QWidget):
             170,
             mono.horizontalAdvance("0123456789abcdef") + 28,
             metrics.horizontalAdvance("127.0.0.1:55555") + 40,
-            QtGui.QFontMetrics(bold).horizontalAdvance("completed") + 50,
+            QtGui.QFontMetrics(bold).horizontalAdvance(CONNECTION_LOST) + 44,
             300,
             metrics.horizontalAdvance("59m 59s") + 28,
         )
@@ -274,8 +294,10 @@ class RunsPanel(QtWidgets.QWidget):
 
     def _update_actions(self) -> None:
         rows = [self.controller.runs.rows.get(k) for k in self.selected()]
-        self.act_cancel.setEnabled(any(r is not None and not r.is_final for r in rows))
-        self.act_details.setEnabled(self.current() is not None)
+        self.act_cancel.setEnabled(any(r is not None and r.cancellable for r in rows))
+        current = self.controller.runs.rows.get(self.current()) if self.current() else None
+        # the details come from the server: not while it does not answer
+        self.act_details.setEnabled(current is not None and current.contact == "ok")
 
     # ------------------------------------------------------------------ actions
     def cancel_selected(self) -> list[RunKey]:
