@@ -105,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.settings:
         os.environ["ZMQRUNTIME_GUI_SETTINGS"] = str(args.settings)
-    from PySide6 import QtCore
+    try:
+        import pyqtgraph  # noqa: F401
+        from PySide6 import QtCore
+    except ImportError as exc:  # a headless install (requirements-headless.txt)
+        raise SystemExit(
+            f"zmqruntime-gui: {exc.name} is not installed (a headless install?); "
+            "`pip install .` installs the desktop app with the rest"
+        ) from None
 
     app = make_app([])
     from .main_window import DEMO_FRAMES, MainWindow
