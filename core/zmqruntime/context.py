@@ -16,6 +16,7 @@ import numpy as np
 from . import protocol, shm
 from .errors import ExecutionCancelled
 from .resultfile import NPY_DATA_OFFSET, aligned_copy, write_npy
+from .store import StorageFailed, storage_failure
 
 #: bytes results larger than this are written to a file instead of the index
 INLINE_BYTES_LIMIT = 1 << 20
@@ -63,7 +64,7 @@ class ResultWriter:
     ) -> None:
         with self._cond:
             if self.error is not None:
-                raise OSError(f"storing results failed: {self.error}") from self.error
+                raise _stored_failed(self.error)
             inline = path is None and not self._queue and not self._busy
             if inline:
                 self._busy = True
@@ -101,6 +102,11 @@ class ResultWriter:
                 if self.error is None:
                     self._stored(index, name, meta)
             except BaseException as exc:  # a full disk fails the run, not the worker
+                if isinstance(exc, OSError) and path is not None:
+                    path.unlink(missing_ok=True)  # a partial file: give its space back
+                    run_dir = path.parent  # DATA_DIR/results/<id>
+                    what = f"result {index} of run {run_dir.name}"
+                    exc = StorageFailed(storage_failure(what, run_dir.parent.parent, exc))
                 self.error = exc
             finally:
                 if self._release is not None and isinstance(value, np.ndarray):
@@ -128,13 +134,20 @@ class ResultWriter:
             while self._queue or self._busy:
                 self._cond.wait()
         if self.error is not None:
-            raise OSError(f"storing results failed: {self.error}") from self.error
+            raise _stored_failed(self.error)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
+
+
+def _stored_failed(error: BaseException) -> OSError:
+    """What emit (and the end of a run) raise once a result could not be stored."""
+    if isinstance(error, StorageFailed):  # "disk full while storing result 12 of run ..."
+        return StorageFailed(str(error))
+    return OSError(f"storing results failed: {error}")
 
 
 class Config(types.SimpleNamespace):

@@ -9,19 +9,90 @@ Layout of a server's data dir::
 
 Only the server process writes SQLite; workers write result files and tell the
 server, which indexes them.
+
+A full disk (or another I/O error) never makes a write raise here: the writes of the
+transaction that failed wait in memory, in order (:attr:`Store.backlog`), and are replayed
+once the disk takes them; :attr:`Store.unsaved` says which runs they belong to, so the
+server can fail those runs with a clear reason. A store that cannot even be opened for
+writing (a restart on a full disk) is read without writing and reopened later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
+
+log = logging.getLogger("zmqruntime.store")
+
+#: seconds between two attempts to write what a full disk refused
+RETRY_INTERVAL = 1.0
+#: an I/O error with less than this free is reported as a full disk (SQLite says "disk
+#: I/O error" when it cannot grow its shared-memory file)
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class StorageFailed(OSError):
+    """Storing part of a run failed (disk full, I/O error); the message says what and where."""
+
+
+def free_bytes(path: Path | str) -> int:
+    """Bytes free for this user on the filesystem of ``path`` (0 if it cannot be told)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def fmt_bytes(n: float) -> str:
+    """``0 bytes``, ``512 bytes``, ``12.3 MB``: what an operator reads in a message."""
+    if n < 1000:
+        return f"{int(n)} bytes"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT from a file write, or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
+        return name == "SQLITE_FULL" or "database or disk is full" in str(exc)
+    return isinstance(exc, StorageFailed) and str(exc).startswith("disk full")
+
+
+def storage_failure(what: str, path: Path | str, exc: BaseException) -> str:
+    """The reason a run fails when ``what`` could not be stored under ``path``.
+
+    ``disk full while storing result 12 of run 3f2a...: 0 bytes free on /data``
+    """
+    free = free_bytes(path)
+    if is_disk_full(exc) or free < NEARLY_FULL_BYTES:
+        return f"disk full while storing {what}: {fmt_bytes(free)} free on {path}"
+    return f"I/O error while storing {what}: {exc} ({fmt_bytes(free)} free on {path})"
+
+
+class Write(NamedTuple):
+    """One SQL write, kept until it is durable: replayed if its transaction failed."""
+
+    sql: str
+    args: tuple
+    exec_id: str | None
+    what: str  # for messages: "result 12", "the log", "the state"
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -86,14 +157,55 @@ class Store:
         self.data_dir = Path(data_dir)
         self.results_dir = self.data_dir / "results"
         self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db_path = self.data_dir / "executions.sqlite"
-        if not db_path.exists():  # pipelines' code and results: readable by this user only
-            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite's -wal follows
-        self.db = sqlite3.connect(db_path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db_path = self.data_dir / "executions.sqlite"
         self._in_tx = False
+        self._journal: list[Write] = []  # this transaction's writes
+        #: writes the disk refused, in order; replayed by :meth:`commit` once it takes them
+        self.backlog: list[Write] = []
+        #: run id -> the first of its writes in the backlog ("result 12")
+        self.unsaved: dict[str, str] = {}
+        #: why writes wait in memory (None: everything written is durable)
+        self.problem: str | None = None
+        self.last_error: BaseException | None = None  # what the disk said last
+        self.writable = True  # False: opened read-only (the disk was full at start)
+        self._retry_at = 0.0
+        self._doomed: list[Path] = []  # removed once the commit that forgets them is durable
+        try:
+            self.db = self._open()
+        except sqlite3.Error as exc:
+            self.db = self._open_readonly()
+            self.writable = False
+            self.last_error = exc
+            self.problem = storage_failure("run records", self.data_dir, exc)
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            log.error("%s: serving what is stored, new writes wait in memory", self.problem)
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.db_path.exists():  # pipelines' code and results: this user only
+            os.close(os.open(self.db_path, os.O_CREAT | os.O_WRONLY, 0o600))  # -wal follows
+        db = sqlite3.connect(self.db_path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """What is stored, read without writing a byte (no -shm, no -wal): the disk is full.
+
+        Commits still in a -wal file left by a crash are not seen until the store reopens.
+        """
+        try:
+            db = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+            db.execute("SELECT 1 FROM executions LIMIT 1").fetchall()
+            return db
+        except sqlite3.Error:  # no store yet (or unreadable): an empty one in memory
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            db.executescript(SCHEMA)
+            return db
 
     # -- transactions: the server batches every write of one loop turn into one commit
     def _begin(self) -> None:
@@ -101,21 +213,110 @@ class Store:
             self.db.execute("BEGIN")
             self._in_tx = True
 
-    def commit(self) -> None:
+    def _write(self, sql: str, args: tuple, exec_id: str | None, what: str) -> None:
+        """Run one write in the current transaction; if the disk refuses it (or refused
+        an earlier one still waiting), it waits in the backlog instead, in order."""
+        write = Write(sql, args, exec_id, what)
+        if self.backlog or not self.writable:
+            self._to_backlog([write])
+            return
+        try:
+            self._begin()
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            self._failed(exc, [*self._journal, write])
+            return
+        self._journal.append(write)
+
+    def _failed(self, exc: sqlite3.Error, writes: list[Write]) -> None:
+        """A transaction failed: roll it back and keep its writes for a later attempt."""
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+        self._in_tx = False
+        self._journal = []
+        first = not self.backlog
+        self._to_backlog(writes)
+        self.last_error = exc
+        self.problem = storage_failure("run records", self.data_dir, exc)
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        if first:
+            log.error("%s: %d write(s) wait in memory", self.problem, len(self.backlog))
+
+    def _to_backlog(self, writes: list[Write]) -> None:
+        self.backlog.extend(writes)
+        for w in writes:
+            if w.exec_id is not None:
+                self.unsaved.setdefault(w.exec_id, w.what)
+
+    def commit(self, force: bool = False) -> bool:
+        """Make the writes so far durable; False: they wait in memory (see ``problem``).
+
+        With a backlog, a new attempt is made at most every RETRY_INTERVAL (or now, with
+        ``force``); never raises for a full disk or an I/O error.
+        """
+        if self.backlog or not self.writable:
+            if force or time.monotonic() >= self._retry_at:
+                self._replay()
+            return not self.backlog and self.writable
         if self._in_tx:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._failed(exc, self._journal)
+                return False
             self._in_tx = False
+            self._journal = []
+            self._remove_doomed()
+        return True
+
+    def _replay(self) -> None:
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        try:
+            if not self.writable:
+                db = self._open()  # the disk takes writes again: leave the read-only view
+                self.db.close()
+                self.db, self.writable = db, True
+            self.db.execute("BEGIN")
+            for w in self.backlog:
+                self.db.execute(w.sql, w.args)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.writable and self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            self.last_error = exc
+            self.problem = storage_failure("run records", self.data_dir, exc)
+            return
+        log.info("the store took %d delayed write(s): %s is over", len(self.backlog), self.problem)
+        self.backlog, self.unsaved, self.problem = [], {}, None
+        self._remove_doomed()
+
+    def _remove_doomed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
-        self.commit()
-        self.db.close()
+        """Commit what can be; writes a full disk still refuses are lost (and logged)."""
+        self.commit(force=True)
+        if self.backlog:
+            log.error(
+                "%d write(s) could not be stored before the server stopped (%s); the runs "
+                "they belong to are recovered from what is stored at the next start",
+                len(self.backlog),
+                self.problem,
+            )
+        try:
+            self.db.close()
+        except sqlite3.Error as exc:  # pragma: no cover - closing never writes much
+            log.warning("closing the store: %s", exc)
 
     # -- records
     def insert(
         self, record: dict[str, Any], pipeline_code: str, config_code: str | None, config: Any
     ) -> None:
-        self._begin()
-        self.db.execute(
+        self._write(
             "INSERT INTO executions (id, name, state, progress, message, created, retries,"
             " pipeline_code, config_code, config) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
@@ -130,14 +331,16 @@ class Store:
                 config_code,
                 msgpack.packb(config, use_bin_type=True) if config is not None else None,
             ),
+            record["id"],
+            "the record",
         )
 
     def update(self, exec_id: str, **fields: Any) -> None:
         if not fields:
             return
-        self._begin()
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE executions SET {cols} WHERE id=?", (*fields.values(), exec_id))
+        sql = f"UPDATE executions SET {cols} WHERE id=?"
+        self._write(sql, (*fields.values(), exec_id), exec_id, "the state")
 
     def get(self, exec_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -171,10 +374,11 @@ class Store:
         return self.results_dir / exec_id
 
     def add_result(self, exec_id: str, idx: int, name: str, meta: dict, nbytes: int) -> None:
-        self._begin()
-        self.db.execute(
+        self._write(
             "INSERT OR REPLACE INTO results (exec_id, idx, name, meta, nbytes) VALUES (?,?,?,?,?)",
             (exec_id, idx, name, msgpack.packb(meta, use_bin_type=True), nbytes),
+            exec_id,
+            f"result {idx}",
         )
 
     def results(self, exec_id: str, start: int = 0, limit: int = 1 << 30) -> Iterator[dict]:
@@ -187,8 +391,7 @@ class Store:
 
     def clear_results(self, exec_id: str) -> None:
         """Forget a run's results (index and files): a retried run starts from nothing."""
-        self._begin()
-        self.db.execute("DELETE FROM results WHERE exec_id=?", (exec_id,))
+        self._write("DELETE FROM results WHERE exec_id=?", (exec_id,), exec_id, "the state")
         shutil.rmtree(self.run_dir(exec_id), ignore_errors=True)
 
     def counts(self, exec_id: str) -> tuple[int, int]:
@@ -203,10 +406,11 @@ class Store:
 
     # -- logs
     def add_log(self, exec_id: str, idx: int, t: float, text: str) -> None:
-        self._begin()
-        self.db.execute(
+        self._write(
             "INSERT OR REPLACE INTO logs (exec_id, idx, t, text) VALUES (?,?,?,?)",
             (exec_id, idx, t, text),
+            exec_id,
+            "the log",
         )
 
     def logs(self, exec_id: str, start: int = 0, limit: int = 10_000) -> list[dict]:
@@ -245,7 +449,7 @@ class Store:
         return len(removed)
 
     def delete(self, exec_id: str) -> None:
-        self._begin()
+        """Forget a finished run; its files go once that is durable (never the reverse)."""
         for table, col in (("results", "exec_id"), ("logs", "exec_id"), ("executions", "id")):
-            self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (exec_id,))
-        shutil.rmtree(self.run_dir(exec_id), ignore_errors=True)
+            self._write(f"DELETE FROM {table} WHERE {col}=?", (exec_id,), None, "a removal")
+        self._doomed.append(self.run_dir(exec_id))

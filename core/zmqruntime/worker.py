@@ -30,6 +30,7 @@ from . import protocol, shm
 from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 from .resultfile import aligned_copy
+from .store import StorageFailed
 
 HEARTBEAT_INTERVAL = 0.5
 #: a cancelled pipeline that has neither stopped nor looked at ctx.cancelled after this
@@ -280,7 +281,8 @@ class Worker:
             state = "cancelled"
         except BaseException as exc:  # the pipeline's failure is the run's, not the worker's
             state = "cancelled" if ctx.cancelled else "failed"
-            error = f"{type(exc).__name__}: {exc}"
+            # a result the disk refused: the reason says it all ("disk full while ...")
+            error = str(exc) if isinstance(exc, StorageFailed) else f"{type(exc).__name__}: {exc}"
             tb = _pipeline_traceback(exc)
         finally:
             self.leave_pipeline_code()  # also when the interrupt landed in the region's exit
