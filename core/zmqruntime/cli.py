@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,8 @@ EXIT_UNKNOWN_ID = 4
 EXIT_CANCELLED = 5
 
 EPILOG = """\
-exit codes: 0 ok, 1 the run failed (or an error), 2 bad usage, 3 no server answered,
+exit codes: 0 ok, 1 the run failed (or an error), 2 bad usage, 3 no server answered
+(serve: its data dir or port is taken by another server or program),
 4 unknown execution id, 5 the run was cancelled.
 
 examples:
@@ -230,17 +232,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keep_days=args.keep_days,
             max_store_gb=args.max_store_gb,
             retention_interval=args.retention_interval,
+            min_free_mb=args.min_free_mb,
         )
     except (InsecureBindRefused, FileNotFoundError) as exc:
         err.print(f"zmqruntime serve: {exc}", markup=False)
         return EXIT_USAGE
     try:
         server.serve_forever()
-    except OSError as exc:  # zmq.ZMQError is an OSError: typically the port is taken
-        err.print(
-            f"zmqruntime serve: cannot listen on {args.host}:{args.port} or {args.port + 1}: {exc}",
-            markup=False,
-        )
+    except local.StartRefused as exc:  # the data dir's lock or a port is taken
+        err.print(f"zmqruntime serve: {exc}", markup=False)
         return EXIT_UNAVAILABLE
     return EXIT_OK
 
@@ -369,14 +369,19 @@ def cmd_servers(args: argparse.Namespace) -> int:
         console.print("no local zmqruntime servers running (start one with 'zmqruntime serve')")
         return EXIT_OK
     table = Table(title="local zmqruntime servers")
-    for col in ("port", "pid", "workers busy/total", "queued", "uptime", "log file"):
+    columns = ("port", "pid", "workers busy/total", "queued", "disk free / min", "uptime", "log")
+    for col in columns:
         table.add_column(col)
+    problems = []
     for e in entries:
-        busy, queued = "?", "?"
+        busy, queued, disk = "?", "?", "?"
         try:
             with ExecutionClient(port=e.port, host=e.host, auto_spawn=False, timeout=1.0) as c:
                 info = c.ping()
             busy, queued = f"{info['workers_busy']}/{info['workers']}", str(info["queued"])
+            disk, problem = _disk_cell(info.get("storage"))
+            if problem:
+                problems.append(f"port {e.port}: {problem}")
         except ZmqRuntimeError:
             busy = "[red]not answering[/]"
         table.add_row(
@@ -384,11 +389,26 @@ def cmd_servers(args: argparse.Namespace) -> int:
             str(e.pid),
             busy,
             queued,
+            disk,
             _fmt_duration(time.time() - e.started),
             e.log_file,
         )
     console.print(table)
+    for problem in problems:
+        err.print(f"[red]{escape(problem)}[/]")
     return EXIT_OK
+
+
+def _disk_cell(storage: dict[str, Any] | None) -> tuple[str, str | None]:
+    """``12.3 GB / 100.0 MB`` (red when runs are refused) and the problem, if any."""
+    from .store import fmt_bytes
+
+    if not storage:
+        return "?", None
+    cell = f"{fmt_bytes(storage['free_bytes'])} / {fmt_bytes(storage['min_free_bytes'])}"
+    if not storage.get("accepting_runs", True):
+        cell = f"[red]{cell} (refusing runs)[/]"
+    return cell, storage.get("problem")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -602,6 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         metavar="SECONDS",
         help="how often --keep-days/--max-store-gb are applied while serving (default 600)",
+    )
+    p.add_argument(
+        "--min-free-mb",
+        type=float,
+        default=100.0,
+        metavar="MB",
+        help="refuse new runs (queued ones wait) while the data dir has less free space "
+        "than this; accepted again once space is back (default 100, 0: never refuse)",
     )
     p.set_defaults(func=cmd_serve)
 

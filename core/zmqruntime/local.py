@@ -3,6 +3,10 @@
 Each running server writes ``server-<port>.json`` into a private runtime dir (0700). A
 server is identified by pid *and* process create time, so a recycled pid is never
 mistaken for it, and nothing is ever killed just because it listens on a port.
+
+A server also holds ``server.lock`` in its data dir for its whole life (an exclusive
+``flock``), so a second server on the same data dir stops before it reads or writes
+anything there; the file names the holder (pid, port) for that second server's message.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import psutil
@@ -123,6 +128,125 @@ def spawn_lock(port: int) -> FileLock:
     return FileLock(str(runtime_dir() / f"spawn-{port}.lock"))
 
 
+class StartRefused(RuntimeError):
+    """A server cannot start here: its data dir or a port is taken (``serve`` exits 3)."""
+
+
+class DataDirInUse(StartRefused):
+    """Another server holds the data dir's lock."""
+
+
+class PortInUse(StartRefused):
+    """Something else listens on the control or the data port."""
+
+
+LOCK_NAME = "server.lock"
+
+
+class DataDirLock:
+    """One server per data dir: an exclusive lock on ``DATA_DIR/server.lock``, held by an
+    open file for the server's whole life (the kernel drops it when the process dies, so
+    a crashed server never leaves a stale lock). After the first byte, the file records
+    the holder (JSON: pid, port, host, started) for a refused server's message."""
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.path = Path(data_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self, holder: dict[str, Any]) -> None:
+        """Take the lock or raise DataDirInUse naming the holder; writes nothing else."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # never O_TRUNC: not ours yet
+        try:
+            _lock_fd(fd)
+        except OSError:
+            os.close(fd)
+            raise DataDirInUse(self._in_use_message()) from None
+        self._fd = fd
+        info = b"\n" + json.dumps(holder).encode() + b"\n"
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
+            os.pwrite(fd, info, 0)
+            os.ftruncate(fd, len(info))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays for the next server
+            self._fd = None
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the holder wrote (pid, port...), or a registered server on this dir."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(1)  # byte 0 is the locked one on Windows
+                info = json.loads(fh.read() or b"null")
+            if isinstance(info, dict) and "pid" in info:
+                return info
+        except (OSError, ValueError):
+            pass
+        data_dir = self.path.parent.resolve()
+        for entry in list_servers(drop_stale=False):
+            if Path(entry.data_dir).resolve() == data_dir and entry.is_alive():
+                return {"pid": entry.pid, "port": entry.port, "host": entry.host}
+        return None
+
+    def _in_use_message(self) -> str:
+        data_dir = self.path.parent
+        info = self.holder()
+        if info is None:
+            who = "another zmqruntime server (its pid could not be read)"
+            stop = ""
+        else:
+            who = f"zmqruntime server pid {info['pid']} on port {info.get('port', '?')}"
+            stop = f"stop it ('zmqruntime stop {info.get('port', 'PORT')}') or "
+        return (
+            f"data dir {data_dir} is in use by {who}: one server per data dir; "
+            f"{stop}give this server another --data-dir"
+        )
+
+
+def _lock_fd(fd: int) -> None:
+    """An exclusive, non-blocking lock on an open file; OSError if someone holds it."""
+    if os.name == "nt":  # pragma: no cover - Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` on this machine, for a message, or None if unknown:
+    ``pid 123 (zmqruntime server on tcp://127.0.0.1:5555, data dir ...)``."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    pids = {
+        c.pid
+        for c in conns
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    }
+    if not pids:
+        return None
+    pid = min(pids)
+    for entry in list_servers(drop_stale=False):
+        if entry.pid == pid and entry.is_alive():
+            role = "" if entry.port == port else ", as its data port"
+            return (
+                f"pid {pid} (zmqruntime server on tcp://{entry.host}:{entry.port}{role}, "
+                f"data dir {entry.data_dir})"
+            )
+    try:
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        return f"pid {pid}"
+    if len(cmdline) > 100:
+        cmdline = cmdline[:97] + "..."
+    return f"pid {pid} ({cmdline})"
+
+
 # Started by a short-lived launcher, the server is not our child: it outlives us without
 # becoming a zombie, and no Popen object is left to complain when it is collected.
 _LAUNCHER = """
@@ -142,6 +266,7 @@ def spawn_server(
     extra_args: list[str] | None = None,
 ) -> psutil.Process:
     """Start ``zmqruntime serve`` detached from this process; return the server process."""
+    list_servers()  # entries of servers that crashed go first
     cmd = [sys.executable, "-m", "zmqruntime", "serve", "--port", str(port), "--host", host]
     if workers:
         cmd += ["--workers", str(workers)]

@@ -83,6 +83,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_EXECUTION = "unknown_execution"
     TOO_LARGE = "too_large"
     SHUTTING_DOWN = "shutting_down"
+    NO_SPACE = "no_space"
     INTERNAL = "internal"
 
 

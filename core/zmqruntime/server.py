@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -44,7 +45,7 @@ from .errors import ProtocolError, UnknownExecution
 from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
 from .resultfile import aligned_empty
-from .store import Store
+from .store import Store, fmt_bytes, free_bytes, storage_failure
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
 log = logging.getLogger("zmqruntime.server")
@@ -75,6 +76,8 @@ IO_THREADS = 3
 #: seconds of worker events handled per loop turn at most (copies out of rings for tcp
 #: watchers take time): then control requests get their turn
 WORKER_EVENTS_BUDGET = 0.005
+#: new runs are refused (and queued ones wait) while the data dir has less free than this
+DEFAULT_MIN_FREE_MB = 100.0
 
 
 class Watched:
@@ -138,6 +141,19 @@ class InsecureBindRefused(RuntimeError):
     """Binding to a non-loopback address without CURVE keys needs an explicit --insecure."""
 
 
+class LogFileHandler(logging.FileHandler):
+    """The server's log file: on a full disk a line is lost, with no traceback on stderr."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
+class RunsRefused(Exception):
+    """No new runs for now (the disk is nearly full): answered with ErrorCode.NO_SPACE."""
+
+
 @dataclass
 class WorkerHandle:
     wid: str
@@ -177,6 +193,9 @@ class Run:
     waiters: list[Waiter] = field(default_factory=list)
     #: per preview stream, the frame last sent to tcp watchers (newest wins)
     remote_previews: dict[tuple, zmq.MessageTracker] = field(default_factory=dict)
+    #: why the server ends this run as failed once its worker stops (its results could
+    #: not be stored); never retried
+    fail_reason: str | None = None
 
 
 class ExecutionServer:
@@ -195,6 +214,7 @@ class ExecutionServer:
         keep_days: float | None = None,
         max_store_gb: float | None = None,
         retention_interval: float = 600.0,
+        min_free_mb: float = DEFAULT_MIN_FREE_MB,
     ) -> None:
         if not is_loopback(host) and keys is None and not insecure:
             raise InsecureBindRefused(
@@ -215,6 +235,15 @@ class ExecutionServer:
         self.max_store_gb = max_store_gb
         self.retention_interval = retention_interval
         self._last_retention = time.monotonic()
+        self.min_free = max(0, int(min_free_mb * 1e6))
+        self.disk_free = free_bytes(self.data_dir)
+        self._space_ok = True
+        self.lock = local.DataDirLock(self.data_dir)
+        self._log_handler: logging.Handler | None = None
+        self._registered = False
+        #: finished runs whose final writes wait in the store's backlog (a full disk):
+        #: their status is answered from here until the disk takes them
+        self._unsaved: dict[str, Run] = {}
         self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
         self.runs: dict[str, Run] = {}
         self.queue: collections.deque[str] = collections.deque()
@@ -235,7 +264,7 @@ class ExecutionServer:
     def _setup_logging(self) -> None:
         # workers' stderr lands here too (C libraries, crashes): private like the store
         os.close(os.open(self.log_file, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
-        handler = logging.FileHandler(self.log_file)
+        handler = LogFileHandler(self.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("zmqruntime")
         root.addHandler(handler)
@@ -264,8 +293,11 @@ class ExecutionServer:
         for sock in (self.control, self.data, self.data_local):
             if self.security:
                 self.security.apply(sock)
-        self.control.bind(tcp_url(self.host, self.port))
-        self.data.bind(tcp_url(self.host, self.data_port))
+        for sock, port in ((self.control, self.port), (self.data, self.data_port)):
+            try:
+                sock.bind(tcp_url(self.host, port))
+            except zmq.ZMQError as exc:  # not an OSError in pyzmq 27: say what is wrong
+                raise self._bind_refused(port, exc) from None
         self.ipc_dir = Path(tempfile.mkdtemp(prefix="zmqr-"))
         self.data_local_url: str | None = None
         if zmq.has("ipc") and os.name != "nt":
@@ -292,8 +324,26 @@ class ExecutionServer:
             self.worker_ctl_url = f"tcp://127.0.0.1:{p1}"
             self.worker_events_url = f"tcp://127.0.0.1:{p2}"
 
+    def _bind_refused(self, port: int, exc: zmq.ZMQError) -> local.StartRefused:
+        which = "" if port == self.port else " (the data port, --port + 1)"
+        url = tcp_url(self.host, port)
+        if exc.errno != errno.EADDRINUSE:
+            return local.StartRefused(f"cannot listen on {url}{which}: {exc}")
+        holder = local.port_holder(port)
+        by = f" by {holder}" if holder else ""
+        return local.PortInUse(
+            f"cannot listen on {url}: port {port}{which} is in use{by}; "
+            "choose another --port (the server needs PORT and PORT+1 free)"
+        )
+
     def _recover(self) -> None:
-        """Bring back what a previous server on this data dir left: queue, interrupted runs."""
+        """Bring back what a previous server on this data dir left: queue, interrupted runs.
+
+        Works from memory, not from what the store shows after its writes: on a full disk
+        those writes wait in memory, and the runs must be queued (or failed) all the same.
+        """
+        queued: dict[str, dict[str, Any]] = {}
+        interrupted: list[dict[str, Any]] = []
         for exec_id in self.store.ids_in_state("running"):
             record = self.store.get(exec_id)
             assert record is not None
@@ -301,8 +351,7 @@ class ExecutionServer:
             n_results, n_logs = self.store.counts(exec_id)
             if record["attempts"] <= record["retries"]:
                 self.store.clear_results(exec_id)
-                self.store.update(
-                    exec_id,
+                fields: dict[str, Any] = dict(
                     state="queued",
                     started=None,
                     progress=None,
@@ -310,9 +359,9 @@ class ExecutionServer:
                     n_logs=n_logs,
                     message="requeued after a server restart",
                 )
+                queued[exec_id] = record
             else:
-                self.store.update(
-                    exec_id,
+                fields = dict(
                     state="failed",
                     finished=time.time(),
                     n_results=n_results,
@@ -320,24 +369,59 @@ class ExecutionServer:
                     error="interrupted: the server stopped while this run was running",
                     message="interrupted by a server restart",
                 )
+                interrupted.append(record)
+            self.store.update(exec_id, **fields)
+            record.update(fields)
         for exec_id in self.store.ids_in_state("queued"):
             record = self.store.get(exec_id)
             assert record is not None
-            record.pop("worker", None)
-            self.runs[exec_id] = Run(record=record)
-            self.queue.append(exec_id)
+            queued[exec_id] = record
+        for record in sorted(queued.values(), key=lambda r: r["created"]):
+            self.runs[record["id"]] = Run(record=record)
+            self.queue.append(record["id"])
         self.store.commit()
+        for record in interrupted:  # their final state waits for the disk: answer from here
+            if record["id"] in self.store.unsaved:
+                self._unsaved[record["id"]] = Run(record=record)
         if self.queue:
             log.info("recovered %d queued run(s) from %s", len(self.queue), self.data_dir)
 
     # ------------------------------------------------------------------ main loop
     def serve_forever(self, announce: bool = True) -> None:
-        self._setup_logging()
+        """Serve until a shutdown request, SIGTERM or SIGINT.
+
+        The order is what keeps a failed start harmless: the data dir's lock first (a
+        second server on it stops before reading or writing anything there), then the
+        ports (a taken port stops it before any recovery), then the store, and the
+        registry entry last. Raises ``local.StartRefused`` (DataDirInUse, PortInUse).
+        """
+        holder = {"pid": os.getpid(), "port": self.port, "host": self.host}
+        self.lock.acquire({**holder, "started": self._started})
+        try:
+            self._setup_logging()
+            try:
+                self._bind()
+                self._serve(announce)
+            except local.StartRefused as exc:
+                log.error("%s", exc)
+                raise
+            finally:
+                self._shutdown()
+                if self._registered:
+                    local.unregister(self.port, os.getpid())
+        finally:
+            if self._log_handler is not None:
+                logging.getLogger("zmqruntime").removeHandler(self._log_handler)
+                self._log_handler.close()
+                self._log_handler = None
+            self.lock.release()
+
+    def _serve(self, announce: bool) -> None:
         self.store = Store(self.data_dir)
         if self.keep_days is not None or self.max_store_gb is not None:
             self._apply_retention()
         self._recover()
-        self._bind()
+        self._refresh_space()
         entry = local.ServerEntry(
             port=self.port,
             host=self.host,
@@ -350,6 +434,7 @@ class ExecutionServer:
             started=self._started,
         )
         local.register(entry)
+        self._registered = True
         for _ in range(self.n_workers):
             self._spawn_worker()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -360,20 +445,24 @@ class ExecutionServer:
             self.n_workers,
             self.data_dir,
         )
+        problem = self._storage_problem()
+        if problem:
+            log.warning("%s", problem)
         if announce:
-            print(f"zmqruntime {__version__} server (pid {os.getpid()})", flush=True)
-            print(f"  control: {tcp_url(self.host, self.port)}", flush=True)
-            print(f"  data:    {tcp_url(self.host, self.data_port)}", flush=True)
-            print(f"  workers: {self.n_workers}", flush=True)
-            print(f"  data dir: {self.data_dir}", flush=True)
-            print(f"  log:     {self.log_file}", flush=True)
+            with contextlib.suppress(OSError):  # stdout may be a file on the full disk
+                print(f"zmqruntime {__version__} server (pid {os.getpid()})", flush=True)
+                print(f"  control: {tcp_url(self.host, self.port)}", flush=True)
+                print(f"  data:    {tcp_url(self.host, self.data_port)}", flush=True)
+                print(f"  workers: {self.n_workers}", flush=True)
+                print(f"  data dir: {self.data_dir}", flush=True)
+                print(f"  log:     {self.log_file}", flush=True)
+                if problem:
+                    print(f"  warning: {problem}", flush=True)
         try:
             self._loop()
         finally:
-            self._shutdown()
             for s, h in previous.items():
                 signal.signal(s, h)
-            local.unregister(self.port, os.getpid())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stopping = True
@@ -417,9 +506,16 @@ class ExecutionServer:
                     self._send_now(route, frames)
             now = time.monotonic()
             if now - last_tick >= TICK:
-                self._tick()
+                self._guarded(self._tick)
                 last_tick = now
-            self._announce_finished()
+            self._guarded(self._announce_finished)
+
+    def _guarded(self, step) -> None:
+        """Run a step of the loop; a failure is logged and costs that step, not the server."""
+        try:
+            step()
+        except Exception:
+            log.exception("error in %s; the server carries on", step.__name__)
 
     def _drain(self, sock: zmq.Socket, handler, limit: int, budget: float | None = None) -> None:
         """Handle up to ``limit`` waiting messages, or fewer once ``budget`` seconds pass."""
@@ -462,6 +558,8 @@ class ExecutionServer:
             )
         except UnknownExecution as exc:
             reply = protocol.error_reply(req, ErrorCode.UNKNOWN_EXECUTION, str(exc))
+        except RunsRefused as exc:  # not bad input: the request was fine, the disk is not
+            reply = protocol.error_reply(req, ErrorCode.NO_SPACE, str(exc))
         except (KeyError, TypeError, ValueError) as exc:
             self._note_bad_input(f"{type(exc).__name__}: {exc}")
             reply = protocol.error_reply(req, ErrorCode.BAD_REQUEST, _bad_request_message(exc))
@@ -518,6 +616,7 @@ class ExecutionServer:
             "data_local": self._data_local_info(),
             "cancel_grace": self.cancel_grace,
             "bad_messages": self.bad_messages,
+            "storage": self._storage_info(),
             "time": time.time(),
         }
 
@@ -525,6 +624,7 @@ class ExecutionServer:
         config = _optional(body, "config", dict)
         retries = _optional(body, "retries", int) or 0
         _check_run_fields(config, retries)
+        self._check_accepting()
         run = self._submit(
             _require(body, "pipeline_code", str),
             _optional(body, "config_code", str),
@@ -553,6 +653,7 @@ class ExecutionServer:
         for i, name in enumerate(names or []):
             if name is not None and not isinstance(name, str):
                 raise ProtocolError(f"names[{i}] must be str or nil")
+        self._check_accepting()
         ids = [
             self._submit(
                 pipeline_code, config_code, config, names[i] if names else None, retries
@@ -680,7 +781,10 @@ class ExecutionServer:
         if states is not None and not all(s in protocol.STATES for s in states):
             raise ProtocolError(f"field 'states' must list states among {protocol.STATES}")
         records = self.store.list(limit=limit, states=states)
-        live = {r["id"]: r for r in (run.record for run in self.runs.values())}
+        live = {
+            r["id"]: r
+            for r in (run.record for run in (*self.runs.values(), *self._unsaved.values()))
+        }
         out = [self._status(live.get(r["id"], r)) for r in records]
         return {"executions": out}
 
@@ -762,7 +866,7 @@ class ExecutionServer:
 
     # -- handler helpers
     def _record(self, exec_id: str) -> dict[str, Any]:
-        run = self.runs.get(exec_id)
+        run = self.runs.get(exec_id) or self._unsaved.get(exec_id)
         if run is not None:
             return run.record
         record = self.store.get(exec_id)
@@ -794,6 +898,89 @@ class ExecutionServer:
         if kind == "bytes":
             return (run_dir / entry["file"]).read_bytes()
         return entry.get("value")
+
+    # ------------------------------------------------------------------ disk space
+    def _refresh_space(self) -> bool:
+        """Whether the data dir has --min-free-mb free (one statvfs, about a microsecond:
+        read on every ping, execute and tick); when space is back, queued runs start."""
+        self.disk_free = free_bytes(self.data_dir)
+        ok = self.disk_free >= self.min_free
+        if ok != self._space_ok:
+            self._space_ok = ok
+            if ok:
+                log.info(
+                    "%s free on %s again: accepting new runs",
+                    fmt_bytes(self.disk_free),
+                    self.data_dir,
+                )
+                self._dispatch()
+            else:
+                log.warning("not accepting new runs: %s", self._low_space())
+        return self._space_ok
+
+    def _low_space(self) -> str:
+        return (
+            f"{fmt_bytes(self.disk_free)} free on {self.data_dir}, under this server's "
+            f"minimum of {fmt_bytes(self.min_free)} (--min-free-mb)"
+        )
+
+    def _accepting(self) -> bool:
+        """New runs are taken, and queued ones started: enough space, a store that writes."""
+        store = getattr(self, "store", None)
+        return self._space_ok and (store is None or (store.writable and not store.backlog))
+
+    def _storage_problem(self) -> str | None:
+        store = getattr(self, "store", None)
+        if store is not None and store.problem:
+            return store.problem
+        return None if self._space_ok else self._low_space()
+
+    def _check_accepting(self) -> None:
+        self._refresh_space()
+        if not self._accepting():
+            raise RunsRefused(
+                f"not accepting new runs: {self._storage_problem()}. Free space there: new "
+                "runs are accepted again as soon as it is back, without a restart"
+            )
+
+    def _storage_info(self) -> dict[str, Any]:
+        """For ping: free space, the threshold, and what (if anything) is wrong."""
+        self._refresh_space()
+        return {
+            "path": str(self.data_dir),
+            "free_bytes": self.disk_free,
+            "min_free_bytes": self.min_free,
+            "accepting_runs": self._accepting(),
+            "problem": self._storage_problem(),
+            "unsaved_writes": len(self.store.backlog),
+        }
+
+    def _on_store_failure(self) -> None:
+        """The store could not write: each running run with writes in its backlog fails
+        (a run never ends completed with a result missing); queued runs wait for space."""
+        for exec_id, what in list(self.store.unsaved.items()):
+            run = self.runs.get(exec_id)
+            if run is None or run.record["state"] != "running" or run.fail_reason is not None:
+                continue
+            error = self.store.last_error
+            reason = storage_failure(f"{what} of run {exec_id}", self.data_dir, error)
+            self._fail_run(run, reason)
+
+    def _fail_run(self, run: Run, reason: str) -> None:
+        """End a running run as failed for ``reason``: its worker is told to stop as on a
+        cancel (killed after the grace period), and the run ends failed, not retried."""
+        exec_id = run.record["id"]
+        run.fail_reason = reason
+        run.record["message"] = reason
+        log.error("run %s fails: %s", exec_id, reason)
+        if not run.cancel_requested:
+            run.cancel_requested = True
+            run.cancel_deadline = time.monotonic() + self.cancel_grace
+            if run.worker:
+                self._send_worker(run.worker, {"type": "cancel", "id": exec_id})
+        self._publish(
+            run, EventKind.PROGRESS, {"progress": run.record["progress"], "message": reason}
+        )
 
     # ------------------------------------------------------------------ workers
     def _spawn_worker(self) -> None:
@@ -955,18 +1142,21 @@ class ExecutionServer:
             if msg.get("retiring"):  # interrupted: it exits and a fresh worker replaces it
                 worker.ready, worker.retiring = False, True
         message = {"completed": "completed", "cancelled": "cancelled by request"}.get(state)
-        self._finish(
-            run,
-            state,
-            error=msg.get("error"),
-            traceback=msg.get("traceback"),
-            message=msg.get("message") or message or msg.get("error"),
-        )
+        if run.fail_reason is not None:  # stopped by the server: its results were not stored
+            self._finish(run, "failed", error=run.fail_reason, message=run.fail_reason)
+        else:
+            self._finish(
+                run,
+                state,
+                error=msg.get("error"),
+                traceback=msg.get("traceback"),
+                message=msg.get("message") or message or msg.get("error"),
+            )
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if self._stopping:
-            return
+        if self._stopping or not self._accepting():
+            return  # a nearly full disk: queued runs wait until there is room again
         idle = [
             w
             for w in self.workers.values()
@@ -999,6 +1189,7 @@ class ExecutionServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._refresh_space()  # queued runs start once a full disk has room again
         if self._respawn_due and min(self._respawn_due) <= now:
             self._respawn_due.remove(min(self._respawn_due))
             self._spawn_worker()
@@ -1038,12 +1229,15 @@ class ExecutionServer:
                         self.cancel_grace,
                         worker.wid,
                     )
-                    self._kill_worker(
-                        worker,
-                        f"cancelled: the pipeline did not stop within {self.cancel_grace:g} s, "
-                        "so its worker was killed",
-                        state="cancelled",
-                    )
+                    if run.fail_reason is not None:
+                        self._kill_worker(worker, run.fail_reason)
+                    else:
+                        self._kill_worker(
+                            worker,
+                            f"cancelled: the pipeline did not stop within "
+                            f"{self.cancel_grace:g} s, so its worker was killed",
+                            state="cancelled",
+                        )
             if run.waiters:
                 for waiter in run.waiters:
                     if now >= waiter.deadline:
@@ -1074,7 +1268,8 @@ class ExecutionServer:
             if reason is None:
                 reason = f"the worker process died ({describe_exit(code)})"
             record = run.record
-            if state == "failed" and record["attempts"] <= record["retries"]:
+            retry = run.fail_reason is None and record["attempts"] <= record["retries"]
+            if state == "failed" and retry:
                 log.info(
                     "run %s: %s; retrying (attempt %d of %d)",
                     record["id"],
@@ -1159,11 +1354,22 @@ class ExecutionServer:
     def _announce_finished(self) -> None:
         """Commit, then tell watchers and waiters: a final state is durable before anyone
         hears of it, and one commit serves every run that ended in this loop turn."""
-        self.store.commit()
+        waited = bool(self.store.backlog) or not self.store.writable
+        if not self.store.commit():
+            # a full disk: the runs whose writes wait fail, and the final states that wait
+            # are answered from memory (announced all the same: a client must hear that its
+            # run failed, even if a crash before the disk takes it would make it "interrupted")
+            self._on_store_failure()
+        elif waited:
+            self._unsaved.clear()
+            log.info("the store is writable again; accepting new runs")
+            self._dispatch()
         if not self._finished:
             return
         finished, self._finished = self._finished, []
         for run in finished:
+            if run.record["id"] in self.store.unsaved:
+                self._unsaved[run.record["id"]] = run
             self._publish_state(run)
             for waiter in run.waiters:
                 waiter.pending.discard(run.record["id"])
@@ -1195,7 +1401,17 @@ class ExecutionServer:
             log.info("retention removed %d finished run(s)", n)
 
     def _shutdown(self) -> None:
+        """Stop workers, end running runs, close the store and the sockets. Each step is
+        guarded: a failing one (a full disk) is logged and the rest still run. Copes with a
+        start that failed half-way (no store, some sockets)."""
         log.info("shutting down")
+        for step in (self._stop_workers, self._end_runs, self._close_store, self._close_sockets):
+            try:
+                step()
+            except Exception:
+                log.exception("shutting down: %s failed; carrying on", step.__name__)
+
+    def _stop_workers(self) -> None:
         for worker in self.workers.values():
             self._send_worker(worker.wid, {"type": "shutdown"})
         deadline = time.monotonic() + 2.0
@@ -1205,6 +1421,10 @@ class ExecutionServer:
             if worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
+
+    def _end_runs(self) -> None:
+        if not hasattr(self, "store"):
+            return
         for run in list(self.runs.values()):
             if run.record["state"] == "running":
                 self._finish(
@@ -1225,19 +1445,27 @@ class ExecutionServer:
                         req, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
                     ),
                 )
-        self.store.close()
-        for sock in (self.control, self.data, self.data_local, self.worker_ctl, self.worker_events):
-            sock.close(linger=0)
+
+    def _close_store(self) -> None:
+        if hasattr(self, "store"):
+            self.store.close()  # never raises for a full disk: it logs what is lost
+
+    def _close_sockets(self) -> None:
+        names = ("control", "data", "data_local", "worker_ctl", "worker_events")
+        for sock in (getattr(self, name, None) for name in names):
+            if sock is not None:
+                sock.close(linger=0)
         self.rings.close()
-        self.prefetch.close()
-        if self.probe is not None:
+        if hasattr(self, "prefetch"):
+            self.prefetch.close()
+        if getattr(self, "probe", None) is not None:
             self.probe.close()
         if self.security:
             self.security.stop()
-        self.zctx.term()
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
-        logging.getLogger("zmqruntime").removeHandler(self._log_handler)
-        self._log_handler.close()
+        if hasattr(self, "zctx"):
+            self.zctx.term()
+        if hasattr(self, "ipc_dir"):
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def describe_exit(code: int | None) -> str:
