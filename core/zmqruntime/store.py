@@ -199,7 +199,8 @@ class Store:
         Commits still in a -wal file left by a crash are not seen until the store reopens.
         """
         try:
-            db = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+            uri = f"{self.db_path.absolute().as_uri()}?immutable=1"  # --data-dir may be relative
+            db = sqlite3.connect(uri, uri=True)
             db.execute("SELECT 1 FROM executions LIMIT 1").fetchall()
             return db
         except sqlite3.Error:  # no store yet (or unreadable): an empty one in memory
