@@ -340,6 +340,38 @@ def test_progress_reports_files_seen_and_processed(tmp_path: Path) -> None:
     assert "3 files seen, 3 processed" in follower.stats.message()
 
 
+def test_a_tiff_cut_short_is_never_taken_for_complete(shared_data: Path, tmp_path: Path) -> None:
+    """What a reader sees of a TIFF written in place passes only once its pixels are all there
+    (bytes that no reader needs, such as unused padding at the very end, may still lack)."""
+    real = (shared_data / TIMELAPSE).read_bytes()
+    cuts = set()
+    with tifffile.TiffFile(shared_data / TIMELAPSE) as tif:
+        pages = list(tif.pages)
+        for page in pages[:2] + pages[-1:]:  # around the IFDs and data of some pages
+            for edge in (page.offset, *page.dataoffsets, page.dataoffsets[-1] + page.nbytes):
+                cuts.update(edge + d for d in (-1, 0, 1) if 0 <= edge + d < len(real))
+    single, stack = io.BytesIO(), io.BytesIO()
+    tifffile.imwrite(single, np.arange(4096, dtype=np.uint16).reshape(64, 64))
+    data = np.arange(3072, dtype=np.uint16).reshape(3, 32, 32)
+    tifffile.imwrite(stack, data, photometric="minisblack")  # its IFDs come after the data
+    path = tmp_path / "x.tif"
+    for raw, lengths in [
+        (real, sorted(cuts)),
+        (single.getvalue(), range(0, len(single.getvalue()), 5)),
+        (stack.getvalue(), [*range(0, 6390, 11), *range(6390, len(stack.getvalue()))]),
+    ]:
+        path.write_bytes(raw)
+        assert acquisition.tiff_problem(path)[0] is None
+        whole = tifffile.imread(path)
+        passed = []
+        for n in lengths:
+            path.write_bytes(raw[:n])
+            if acquisition.tiff_problem(path)[0] is None:
+                passed.append(n)
+                np.testing.assert_array_equal(tifffile.imread(path), whole, f"{n} bytes")
+        assert len(passed) <= 16, passed  # at most the unused tail
+
+
 def test_bad_arguments_fail_at_once(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no folder"):
         FolderFollower(tmp_path / "missing")

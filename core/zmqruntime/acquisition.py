@@ -27,6 +27,7 @@ import fnmatch
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,8 +131,8 @@ _quiet_filter = _QuietFilter()
 def tiff_problem(path: Path) -> tuple[str | None, int]:
     """(why the TIFF is not complete yet or None, number of pages).
 
-    Complete means: the file parses, and every page's data lies within the file (a
-    file written in place grows past each page's end only once that page is written).
+    Complete means: the file parses, and every page (its IFD, tag values and data) lies
+    within the file (a file written in place grows past each part only once it is written).
     tifffile's warnings (say, a next-page offset past the end) count as problems.
     """
     try:
@@ -150,12 +151,20 @@ def tiff_problem(path: Path) -> tuple[str | None, int]:
                 n = len(pages)
                 if n == 0:
                     return "no image in the file", 0
+                fmt, fhandle = tif.tiff, tif.filehandle
                 for i in range(n):
                     page = pages[i]
-                    ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
-                    end = max(ends, default=0)
-                    if end > size:
-                        return f"page {i}: its data ends at byte {end}, the file has {size}", n
+                    # the page's IFD (some writers put it after the data: last in the file)
+                    fhandle.seek(page.offset)
+                    head = fhandle.read(fmt.tagnosize)
+                    if len(head) < fmt.tagnosize:
+                        return f"page {i}: its IFD lies past the end of the file", n
+                    tags = struct.unpack(fmt.tagnoformat, head)[0]
+                    ends = [page.offset + fmt.tagnosize + tags * fmt.tagsize + fmt.offsetsize]
+                    ends += [t.valueoffset + t.valuebytecount for t in page.tags.values()]
+                    ends += [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
+                    if max(ends) > size:
+                        return f"page {i}: it ends at byte {max(ends)}, the file has {size}", n
         if notes:
             return notes[0], n
         return None, n
