@@ -184,10 +184,11 @@ def test_spawn_submit_watch_complete_and_stop(window, qtbot, tmp_path):
     panel.select(ep)
     assert panel.act_stop.isEnabled()
     panel.act_stop.trigger()
-    qtbot.waitUntil(lambda: server_row(window, ep).state == ServerState.DOWN, timeout=30_000)
+    qtbot.waitUntil(lambda: server_row(window, ep).state == ServerState.STOPPED, timeout=30_000)
     qtbot.waitUntil(lambda: local.find_server(port) is None, timeout=15_000)
     index = panel.model.index(panel.model.row_of(ep), 1)
-    assert panel.model.data(index) == "down"
+    assert panel.model.data(index) == "stopped"  # as asked: grey, not an alarm
+    assert "stopped" in window.statusBar().currentMessage()  # not "is stopping" any more
     screenshot(window, "05-server-down")
 
 

@@ -163,7 +163,10 @@ def test_a_killed_server_restarted_on_its_store_resolves_the_run(window, qtbot, 
     server.proc.wait()
     wait_lost(qtbot, window, key)
     assert_lost_on_screen(qtbot, window, key)
-    assert window.controller.servers[ep].state == ServerState.DOWN
+    # its process is gone (the registry knows): "exited", not "stopped" (nobody asked)
+    qtbot.waitUntil(
+        lambda: window.controller.servers[ep].state == ServerState.EXITED, timeout=10_000
+    )
 
     # the same server again (same port, same store): the run was interrupted
     make_server("store", port=server.port)

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 5555)",
     )
     p.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="the CURVE key directory for servers that have none of their own "
+        "(see 'zmqruntime keys generate'); a server's own one is set in Add remote",
+    )
+    p.add_argument(
         "--settings",
         type=Path,
         help="an INI file to keep the window's settings in (default: the user's settings)",
@@ -117,7 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     app = make_app([])
     from .main_window import DEMO_FRAMES, MainWindow
 
-    window = MainWindow()
+    connections = None
+    if args.keys is not None:
+        from . import net
+
+        problem = net.check_key_dir(args.keys)
+        if problem:
+            sys.exit(f"zmqruntime-gui: --keys: {problem}")
+        connections = net.Connections(keys=args.keys.expanduser())
+    window = MainWindow(connections=connections)
     window.demo_port = args.port
     window.demo_frames = args.demo_frames or DEMO_FRAMES
     window.show()

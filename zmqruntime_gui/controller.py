@@ -10,6 +10,7 @@ the actions; they never talk to the network themselves.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 from PySide6 import QtCore
 
-from zmqruntime import UnknownExecution, local
+from zmqruntime import AuthenticationFailed, UnknownExecution, local
 from zmqruntime.protocol import FINAL_STATES
 
 from . import net
@@ -37,7 +38,6 @@ SERVER_POLL_MS = 1000
 RUNS_POLL_MS = 500
 NEWS_MS = 33  # ~30 Hz: how often the followed run's news reach the tables
 SPAWN_GRACE = 60.0  # seconds a spawned server may take to answer before it counts as down
-FORGET_DOWN_LOCAL = 30.0  # a local server gone from the registry leaves the list after this
 RUN_LIST_LIMIT = 200
 
 
@@ -82,6 +82,14 @@ class Controller(QtCore.QObject):
             except ValueError:
                 continue
             self.servers[ep] = ServerRow(ep, "remote")
+        self.key_dirs: dict[Endpoint, str] = {}  # per server, remembered in the settings
+        for text, path in self._keys_setting().items():
+            try:
+                ep = Endpoint.parse(text)
+            except ValueError:
+                continue
+            self.key_dirs[ep] = path
+            self.conns.set_keys(ep, path)  # nothing connected yet: closes nothing
 
         self.server_timer = QtCore.QTimer(self)
         self.server_timer.setInterval(SERVER_POLL_MS)
@@ -127,7 +135,34 @@ class Controller(QtCore.QObject):
     def _save_remotes(self) -> None:
         remotes = [ep.key for ep, row in self.servers.items() if row.origin == "remote"]
         self.settings.setValue("servers/remote", remotes)
+        self.settings.setValue(
+            "servers/key_dirs", json.dumps({ep.key: d for ep, d in self.key_dirs.items()})
+        )
         self.settings.sync()
+
+    def _keys_setting(self) -> dict[str, str]:
+        try:
+            value = json.loads(str(self.settings.value("servers/key_dirs", "") or "{}"))
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    def key_dir(self, ep: Endpoint) -> str | None:
+        """The key directory used for ``ep`` (its own, else ``--keys``), as text."""
+        keys = self.key_dirs.get(ep) or self.conns.keys
+        return str(keys) if keys else None
+
+    def set_key_dir(self, ep: Endpoint, path: str | None) -> None:
+        """Reach ``ep`` with the keys in ``path`` (None: the default); remembered."""
+        if path:
+            self.key_dirs[ep] = path
+        else:
+            self.key_dirs.pop(ep, None)
+        self._save_remotes()
+        if self.box is not None and self.box.key.server == ep.key:
+            self.follow(None)  # its subscription goes with the old client
+        # closing the old clients may wait for a request in flight: not on this thread
+        self.runner.submit(lambda: self.conns.set_keys(ep, path or None), lambda _: self._probe(ep))
 
     def server_rows(self) -> list[ServerRow]:
         return sorted(self.servers.values(), key=lambda r: (r.origin != "local", r.endpoint))
@@ -135,12 +170,26 @@ class Controller(QtCore.QObject):
     def alive_servers(self) -> list[Endpoint]:
         return [ep for ep, row in self.servers.items() if row.state == ServerState.ALIVE]
 
-    def add_remote(self, ep: Endpoint) -> bool:
-        """Watch a server this window did not start (it is remembered in the settings)."""
+    def add_remote(self, ep: Endpoint, keys: str | None = None) -> bool:
+        """Watch a server this window did not start, reached with the key directory
+        ``keys`` if given (both remembered in the settings). For a server already in
+        the list, only its keys change."""
         if ep in self.servers:
+            if keys is not None and (keys or None) != self.key_dirs.get(ep):
+                self.set_key_dir(ep, keys or None)
+                self.sigMessage.emit(
+                    f"{ep.key} is reached with the keys in {keys} now"
+                    if keys
+                    else f"{ep.key} is reached without keys of its own now"
+                )
+                return False
             self.sigMessage.emit(f"{ep.key} is already in the list")
             return False
         self.servers[ep] = ServerRow(ep, "remote")
+        if keys:
+            self.set_key_dir(ep, keys)
+            self.sigServersChanged.emit()
+            return True
         self._save_remotes()
         self.sigServersChanged.emit()
         self._probe(ep)
@@ -165,7 +214,9 @@ class Controller(QtCore.QObject):
         if self.box is not None and self.box.key.server == ep.key:
             self.follow(None)
         self.runs.drop_server(ep.key)
-        if row.origin == "remote":
+        if ep in self.key_dirs:
+            self.set_key_dir(ep, None)
+        elif row.origin == "remote":
             self._save_remotes()
         self.sigServersChanged.emit()
 
@@ -192,19 +243,14 @@ class Controller(QtCore.QObject):
             elif row.origin == "remote" and ep.is_local:
                 row.origin = "local"  # a remembered loopback endpoint that we now know
                 changed = True
-        now = time.time()
-        for ep, row in list(self.servers.items()):
-            gone = (
-                row.origin == "local"
-                and ep not in entries
-                and ep not in self.spawned
-                and row.state == ServerState.DOWN
-                and now - (row.last_ok or 0) > FORGET_DOWN_LOCAL
-            )
-            if gone:
-                del self.servers[ep]
-                self.runs.drop_server(ep.key)
-                changed = True
+        # a local server whose process is gone stays listed (with its runs) until the user
+        # removes it: "stopped" if we asked, "exited" otherwise
+        for ep, row in self.servers.items():
+            if row.state == ServerState.DOWN and ep not in entries:
+                state = self._why_down(ep, row)
+                if state != row.state:
+                    row.state = state
+                    changed = True
         if changed:
             self.sigServersChanged.emit()
 
@@ -224,6 +270,8 @@ class Controller(QtCore.QObject):
         if row is None:
             return
         first_answer = row.last_ok is None
+        if row.state == ServerState.STOPPED:
+            self.stopping.discard(ep)  # it stopped and is back (started again)
         row.apply_ping(info)
         if ep in self.stopping:
             row.state = ServerState.STOPPING
@@ -253,10 +301,16 @@ class Controller(QtCore.QObject):
             row.apply_failure(message + (f": {output.splitlines()[-1]}" if output else ""))
             self.spawned.pop(ep, None)
             self.sigError.emit("Server did not start", f"{message}.\n\n{output[-2000:]}")
+        elif isinstance(exc, (AuthenticationFailed, FileNotFoundError)):
+            # refused keys, or a key directory without the files: the client's advice shows
+            row.apply_failure(str(exc), auth=True)
         else:
+            before = row.state
             row.apply_failure(str(exc), starting=starting or registered_recently)
-        if row.state == ServerState.DOWN:
-            self.stopping.discard(ep)
+            if row.state == ServerState.DOWN:
+                row.state = self._why_down(ep, row)
+            if row.state == ServerState.STOPPED and before != ServerState.STOPPED:
+                self.sigMessage.emit(f"server {ep.key} stopped")
         lost = self.runs.mark_lost(ep.key, time.time())
         if lost:
             if self.box is not None and self.box.key in lost:
@@ -267,6 +321,14 @@ class Controller(QtCore.QObject):
             )
             self.sigContactChanged.emit(ep)
         self.sigServersChanged.emit()
+
+    def _why_down(self, ep: Endpoint, row: ServerRow) -> ServerState:
+        """A server that does not answer: stopped as asked, exited, or just down."""
+        if ep in self.stopping:
+            return ServerState.STOPPED  # it did what we asked (Stop, Force kill)
+        if row.origin == "local" and self._registry_polled and ep not in self.registry:
+            return ServerState.EXITED  # its process is gone (the registry knows it)
+        return ServerState.DOWN
 
     def _resolve_lost(self, ep: Endpoint) -> None:
         """The server answers again: ask it what became of each run out of contact."""
@@ -300,7 +362,7 @@ class Controller(QtCore.QObject):
     def _reap_spawned(self) -> None:
         for ep, (proc, _) in list(self.spawned.items()):
             row = self.servers.get(ep)
-            if net.has_exited(proc) and (row is None or row.state == ServerState.DOWN):
+            if net.has_exited(proc) and (row is None or row.state in ServerState.gone()):
                 del self.spawned[ep]
 
     def spawn_server(

@@ -68,7 +68,7 @@ class MainWindow(QtWidgets.QMainWindow):
         #: where File > Run the demo acquisition runs (``--port``, default 5555)
         self.demo_port = DEFAULT_PORT
         self.demo_frames = DEMO_FRAMES
-        self.setWindowTitle("zmqruntime — runs, servers and live preview")
+        self.setWindowTitle("runs, servers and live preview")
         self.setWindowIcon(icon("app"))
         self.runner = TaskRunner(parent=self)
         self.controller = Controller(self.settings, self.runner, connections, self)
@@ -221,8 +221,9 @@ class MainWindow(QtWidgets.QMainWindow):
         state = self.settings.value("window/state")
         if isinstance(geometry, QtCore.QByteArray) and not geometry.isEmpty():
             self.restoreGeometry(geometry)
-        else:
-            self.resize(1500, 940)
+        else:  # first start: a comfortable size that fits the screen
+            screen = self.screen().availableGeometry()
+            self.resize(min(1500, screen.width()), min(940, screen.height()))
         if isinstance(state, QtCore.QByteArray) and not state.isEmpty():
             self.restoreState(state, STATE_VERSION)
         self._default_state = None
@@ -416,20 +417,27 @@ class MainWindow(QtWidgets.QMainWindow):
         rows = self.controller.servers.values()
         alive = sum(1 for r in rows if r.state == ServerState.ALIVE)
         down = sum(1 for r in rows if r.state == ServerState.DOWN)
+        exited = sum(1 for r in rows if r.state == ServerState.EXITED)
+        refused = sum(1 for r in rows if r.state == ServerState.AUTH_FAILED)
         states = [r.display_state for r in self.controller.runs.rows.values()]
         running, queued = states.count("running"), states.count("queued")
         lost = states.count(CONNECTION_LOST)
         parts = [f"{alive} server{'s' if alive != 1 else ''} up"]
         if down:
             parts.append(f"<span style='color:#e06c75'>{down} down</span>")
+        if exited:
+            parts.append(f"<span style='color:#be5046'>{exited} exited</span>")
+        if refused:
+            parts.append(f"<span style='color:#c678dd'>{refused} refused our keys</span>")
         parts.append(f"{running} running")
         if queued:
             parts.append(f"{queued} queued")
         if lost:
             parts.append(f"<span style='color:#d19a66'>{lost} {CONNECTION_LOST}</span>")
         self.summary.setText("  ·  ".join(parts) + "  ")
-        # the title says it too (task bars, and tools that read window names)
-        plain = [f"{alive} up", f"{running} running"]
+        # the title says it too (task bars, and tools that read window names); Qt adds
+        # " — zmqruntime", the application's display name
+        plain = [f"{alive} server{'s' if alive != 1 else ''} up", f"{running} running"]
         if lost:
             plain.append(f"{lost} {CONNECTION_LOST}")
-        self.setWindowTitle(f"zmqruntime — {', '.join(plain)}")
+        self.setWindowTitle(", ".join(plain))

@@ -93,14 +93,29 @@ class ServerState(str, enum.Enum):
     ALIVE = "alive"
     STARTING = "starting"
     STOPPING = "stopping"
+    #: we asked it to stop (or Force kill) and it did: expected, not an alarm
+    STOPPED = "stopped"
+    #: a server of this machine whose process is gone, without our asking
+    EXITED = "exited"
+    #: it does not answer (a remote one, or a local process that hangs)
     DOWN = "down"
+    #: it answers, but refused this window's CURVE keys (or the keys are missing)
+    AUTH_FAILED = "authentication failed"
+
+    @classmethod
+    def gone(cls) -> tuple[ServerState, ...]:
+        """The states of a server that does not answer (runs there are out of contact)."""
+        return (cls.DOWN, cls.EXITED, cls.STOPPED)
 
 
 SERVER_STATE_COLOURS = {
     ServerState.ALIVE: "#98c379",
     ServerState.STARTING: "#e5c07b",
     ServerState.STOPPING: "#e5c07b",
+    ServerState.STOPPED: "#7f848e",
+    ServerState.EXITED: "#be5046",
     ServerState.DOWN: "#e06c75",
+    ServerState.AUTH_FAILED: "#c678dd",
 }
 
 
@@ -137,8 +152,11 @@ class ServerRow:
         self.error = None
         self.last_ok = time.time()
 
-    def apply_failure(self, error: str, starting: bool = False) -> None:
-        self.state = ServerState.STARTING if starting else ServerState.DOWN
+    def apply_failure(self, error: str, starting: bool = False, auth: bool = False) -> None:
+        if auth:
+            self.state = ServerState.AUTH_FAILED
+        else:
+            self.state = ServerState.STARTING if starting else ServerState.DOWN
         self.ping_ms = None
         self.workers_busy = None
         self.queued = None
@@ -154,12 +172,18 @@ class ServerRow:
     def ping_text(self) -> str:
         if self.ping_ms is not None:
             return f"{self.ping_ms:.1f} ms"
-        if self.state == ServerState.DOWN and self.error:
+        if self.state == ServerState.AUTH_FAILED:
+            return "keys refused"
+        if self.state in (ServerState.DOWN, ServerState.EXITED) and self.error:
             if "refused" in self.error:
                 return "refused"
             if "no reply" in self.error:
                 return "timeout"
         return "–"
+
+    @property
+    def answers(self) -> bool:
+        return self.state in (ServerState.ALIVE, ServerState.STOPPING)
 
     @property
     def queued_text(self) -> str:

@@ -37,7 +37,8 @@ class Connections:
     ) -> None:
         self.probe_timeout = probe_timeout
         self.work_timeout = work_timeout
-        self.keys = keys
+        self.keys = keys  # the default key directory (``zmqruntime-gui --keys DIR``)
+        self._keys: dict[Endpoint, str | Path | None] = {}  # per server, from the settings
         self._lock = threading.Lock()
         self._probe: dict[Endpoint, ExecutionClient] = {}
         self._work: dict[Endpoint, ExecutionClient] = {}
@@ -50,10 +51,24 @@ class Connections:
             client = table.get(ep)
             if client is None:
                 client = ExecutionClient(
-                    port=ep.port, host=ep.host, auto_spawn=False, timeout=timeout, keys=self.keys
+                    port=ep.port,
+                    host=ep.host,
+                    auto_spawn=False,
+                    timeout=timeout,
+                    keys=self.keys_for(ep),
                 )
                 table[ep] = client
             return client
+
+    def keys_for(self, ep: Endpoint) -> str | Path | None:
+        """The key directory the clients of ``ep`` use: its own, else the default."""
+        return self._keys.get(ep) or self.keys
+
+    def set_keys(self, ep: Endpoint, keys: str | Path | None) -> None:
+        """Use ``keys`` for ``ep`` from now on (its clients are made anew)."""
+        with self._lock:
+            self._keys[ep] = keys
+        self.forget(ep)
 
     def client(self, ep: Endpoint) -> ExecutionClient:
         """The work client of ``ep`` (requests with the normal timeout)."""
@@ -96,6 +111,20 @@ class Connections:
                 c.close()
 
 
+def check_key_dir(path: str | Path) -> str | None:
+    """Why ``path`` cannot serve as a client key directory, or None if it can."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        return f"{directory} is not a folder"
+    missing = [n for n in ("client.key_secret", "server.key") if not (directory / n).is_file()]
+    if missing:
+        return (
+            f"{directory} lacks {' and '.join(missing)}: it needs this machine's client key "
+            "pair and the server's public key (see 'zmqruntime keys generate')"
+        )
+    return None
+
+
 def local_endpoint(entry: local.ServerEntry) -> Endpoint:
     """Where to reach a server of this machine's registry (a wildcard bind -> loopback)."""
     host = entry.host if entry.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -108,9 +137,14 @@ def registry() -> dict[Endpoint, local.ServerEntry]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a server could bind ``port`` and its data port ``port + 1`` right now."""
+    """Whether a server could bind ``port`` and its data port ``port + 1`` right now.
+
+    With SO_REUSEADDR, as ZeroMQ binds: connections of a server that just died (in
+    TIME_WAIT) do not make its port look taken.
+    """
     for p in (port, port + 1):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, p))
             except OSError:

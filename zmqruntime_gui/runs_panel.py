@@ -308,7 +308,7 @@ class RunsPanel(QtWidgets.QWidget):
             return []
         if len(keys) == 1:
             row = rows[keys[0]]
-            where = f" ({row.progress_text})" if row.progress_text else ""
+            where = f" at {row.progress_text}" if row.progress_text else ""
             text = f"Cancel {row.name} ({row.key.exec_id}) on {row.key.server}{where}?"
         else:
             text = f"Cancel these {len(keys)} runs?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
@@ -20,6 +21,11 @@ from .widgets import (
 )
 
 COLUMNS = ("Server", "Status", "Ping", "Workers", "Queued", "Uptime")
+ALARM_BACKGROUNDS = {
+    ServerState.DOWN: "#3b2428",
+    ServerState.EXITED: "#3b2428",
+    ServerState.AUTH_FAILED: "#33263b",
+}
 
 
 class ServersModel(KeyedTableModel):
@@ -64,8 +70,9 @@ class ServersModel(KeyedTableModel):
             return icon("computer" if row.origin == "local" else "globe")
         elif role == Role.ForegroundRole and col == 1:
             return QtGui.QBrush(QtGui.QColor(SERVER_STATE_COLOURS[row.state]))
-        elif role == Role.BackgroundRole and row.state == ServerState.DOWN:
-            return QtGui.QBrush(QtGui.QColor("#3b2428"))  # a dead server's row turns red
+        elif role == Role.BackgroundRole and row.state in ALARM_BACKGROUNDS:
+            # a server that died or refuses our keys stands out; one we stopped does not
+            return QtGui.QBrush(QtGui.QColor(ALARM_BACKGROUNDS[row.state]))
         elif role == Role.FontRole and col == 1:
             font = QtGui.QFont()
             font.setBold(True)
@@ -125,6 +132,80 @@ class SpawnDialog(QtWidgets.QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
+
+
+class AddRemoteDialog(QtWidgets.QDialog):
+    """A server's address and the key directory to reach it with (CURVE)."""
+
+    def __init__(self, parent: QtWidgets.QWidget | None = None, keys: str | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Add a server")
+        self.endpoint: Endpoint | None = None
+        self.key_dir: str | None = None
+        form = QtWidgets.QFormLayout(self)
+        self.address = QtWidgets.QLineEdit(objectName="remote_address")
+        self.address.setPlaceholderText("myscope.lab:5555")
+        self.keys = QtWidgets.QLineEdit(objectName="remote_keys")
+        self.keys.setPlaceholderText("a folder with client.key_secret and server.key")
+        self.keys.setText(keys or "")
+        browse = make_button(
+            "remote_keys_browse", "Browse…", self._browse, icon_name="folder",
+            tip="Choose the key directory",
+        )  # fmt: skip
+        keys_row = QtWidgets.QHBoxLayout()
+        keys_row.addWidget(self.keys, 1)
+        keys_row.addWidget(browse)
+        note = QtWidgets.QLabel(
+            "A server reachable from the network runs with CURVE keys: give the folder that "
+            "holds this machine's client key pair and the server's public key (made with "
+            "'zmqruntime keys generate', its client.key listed in the server's "
+            "authorized_clients). Leave it empty for a server started with --insecure.",
+            objectName="hint",
+        )
+        note.setWordWrap(True)
+        self.error = QtWidgets.QLabel(objectName="error")
+        self.error.setWordWrap(True)
+        form.addRow("Address", self.address)
+        form.addRow("Key directory", keys_row)
+        form.addRow(note)
+        form.addRow(self.error)
+        buttons = QtWidgets.QDialogButtonBox(
+            QtWidgets.QDialogButtonBox.StandardButton.Ok
+            | QtWidgets.QDialogButtonBox.StandardButton.Cancel
+        )
+        ok = buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Ok)
+        ok.setText("Add")
+        ok.setObjectName("remote_ok")
+        buttons.button(QtWidgets.QDialogButtonBox.StandardButton.Cancel).setObjectName(
+            "remote_cancel"
+        )
+        buttons.accepted.connect(self._accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+        self.resize(560, self.sizeHint().height())
+
+    def _browse(self) -> None:
+        path = QtWidgets.QFileDialog.getExistingDirectory(
+            self, "Key directory", self.keys.text() or str(Path.home())
+        )
+        if path:
+            self.keys.setText(path)
+
+    def _accept(self) -> None:
+        try:
+            self.endpoint = Endpoint.parse(self.address.text())
+        except ValueError as exc:
+            self.error.setText(str(exc))
+            return
+        keys = self.keys.text().strip()
+        if keys:
+            problem = net.check_key_dir(keys)
+            if problem:
+                self.error.setText(problem)
+                return
+            keys = str(Path(keys).expanduser())
+        self.key_dir = keys or None
+        self.accept()
 
 
 class LogDialog(QtWidgets.QDialog):
@@ -326,21 +407,22 @@ class ServersPanel(QtWidgets.QWidget):
         self.controller.spawn_server(port, workers)
 
     def add_remote(self) -> Endpoint | None:
-        """Ask for a server's address and add it to the list (remembered)."""
-        text, ok = QtWidgets.QInputDialog.getText(
-            self,
-            "Add a server",
-            "Address of a zmqruntime server (host:port):",
-            text="myscope.lab:5555",
-        )
-        if not ok:
-            return None
+        """Ask for a server's address and key directory; add it (both remembered)."""
+        sel = self.selected()
+        dialog = AddRemoteDialog(self, self.controller.key_dir(sel[0]) if sel else None)
+        if sel and not sel[0].is_local:
+            dialog.address.setText(sel[0].key)  # the selected server: change its keys
+        self.add_dialog = dialog
         try:
-            ep = Endpoint.parse(text)
-        except ValueError as exc:
-            QtWidgets.QMessageBox.warning(self, "Not an address", str(exc))
+            if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
+                return None
+            ep, keys = dialog.endpoint, dialog.key_dir
+        finally:
+            self.add_dialog = None
+            dialog.deleteLater()
+        if ep is None:
             return None
-        self.controller.add_remote(ep)
+        self.controller.add_remote(ep, keys or "")
         return ep
 
     def stop_selected(self) -> None:
