@@ -86,6 +86,8 @@ class RunFollower(QtCore.QThread):
             box.put_progress(
                 event.get("progress"), event.get("message"), event.get("done"), event.get("total")
             )
+        elif kind == EventKind.LOG.value and event.get("partial"):
+            pass  # a line still being redrawn (a progress bar): its last version comes stored
         elif kind == EventKind.LOG.value:
             box.put_log(event.get("index"), str(event.get("text", "")))
         elif kind == EventKind.RESULT.value:

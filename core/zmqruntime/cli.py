@@ -33,11 +33,13 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_UNKNOWN_ID = 4
 EXIT_CANCELLED = 5
+EXIT_OUTPUT = 6  # the run is fine, but its results could not be written where asked
 
 EPILOG = """\
 exit codes: 0 ok, 1 the run failed (or an error), 2 bad usage, 3 no server answered
 (serve: its data dir or port is taken by another server or program),
-4 unknown execution id, 5 the run was cancelled.
+4 unknown execution id, 5 the run was cancelled, 6 the results could not be written (disk
+full, no permission: the run and its stored results are unchanged).
 
 examples:
   zmqruntime demo                          simulated acquisition, results in ./zmqruntime-demo-*
@@ -194,6 +196,8 @@ def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
                 )
             elif kind == "progress" and event.get("message"):  # no fraction: a folder followed
                 progress.update(task, message=event["message"])
+            elif kind == "log" and event.get("partial"):  # a progress bar being redrawn
+                progress.update(task, message=event["text"].strip()[-60:])
             elif kind == "log" and show_logs:
                 for line in event["text"].splitlines():
                     progress.console.print(f"[dim]│[/] {line}", markup=True, highlight=False)
@@ -336,6 +340,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
             results = client.get_results(args.id, directory=args.out)
+        except OSError as exc:
+            err.print(f"zmqruntime: could not write the results to {args.out}: {exc}", markup=False)
+            return EXIT_OUTPUT
         except ExecutionFailed as exc:
             err.print(str(exc), markup=False)
             return EXIT_RUN_FAILED

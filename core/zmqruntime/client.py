@@ -454,9 +454,12 @@ class ExecutionClient:
         with self._lock:
             if self._closed:
                 raise ServerUnavailable("this client is closed")
-            sock = self._socket()
             req = next(self._req_ids)
-            sock.send_multipart(protocol.request(msg_type, req, body), copy=False)
+            frames = protocol.request(msg_type, req, body)
+            # checked here, where it is clear, rather than by a server that drops the frame
+            protocol.check_request_size(sum(memoryview(f).nbytes for f in frames))
+            sock = self._socket()
+            sock.send_multipart(frames, copy=False)
             deadline = time.monotonic() + timeout
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
@@ -550,6 +553,10 @@ def _remote_error(body: dict[str, Any]) -> Exception:
     code, message = body.get("code", "internal"), body.get("message", "error")
     if code == ErrorCode.UNKNOWN_EXECUTION.value:
         return UnknownExecution(message)
-    if code in (ErrorCode.PROTOCOL_VERSION.value, ErrorCode.UNKNOWN_TYPE.value):
+    if code in (
+        ErrorCode.PROTOCOL_VERSION.value,
+        ErrorCode.UNKNOWN_TYPE.value,
+        ErrorCode.TOO_LARGE.value,
+    ):
         return ProtocolError(message, code=code)
     return RemoteError(code, message)

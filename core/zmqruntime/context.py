@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from . import protocol, shm
-from .errors import ExecutionCancelled
-from .resultfile import NPY_DATA_OFFSET, aligned_copy, write_npy
+from .errors import ExecutionCancelled, RunEnded
+from .resultfile import NPY_DATA_OFFSET, VALUE_FILE_SUFFIX, aligned_copy, write_npy
 from .store import StorageFailed, storage_failure
 
 #: bytes results larger than this are written to a file instead of the index
 INLINE_BYTES_LIMIT = 1 << 20
+#: other values whose encoding is larger than this, or that hold arrays, go to a file too
+INLINE_VALUE_LIMIT = 64 * 1024
+#: a log line that grows past this without a newline is cut and stored in pieces
+MAX_LOG_LINE_CHARS = 16 * 1024
 #: at most this many progress events per second leave a worker (the last one always does)
 PROGRESS_RATE_HZ = 50.0
 #: a print loop cannot push more than this much log text per flush
@@ -216,6 +220,11 @@ class Context:
         self._log_buffer: list[str] = []
         self._log_chars = 0
         self._log_dropped = 0
+        self._closed = False
+        self._emit_lock = threading.Lock()
+        #: the line a pipeline is writing without a newline yet (tqdm's \r updates)
+        self.live_line: Callable[[], str | None] | None = None
+        self._live_line_sent: str | None = None
 
     # -- cancellation
     @property
@@ -279,37 +288,54 @@ class Context:
         return self._n_results
 
     def emit(self, name: str, value: Any, *, copy: bool = True) -> None:
-        """Store a result (array, bytes, or msgpack-able value) and stream it to watchers.
+        """Store a result and stream it to watchers.
 
-        Arrays are copied once, so the pipeline may reuse its buffer right away; the copy
-        (in shared memory for large arrays, where watchers on this host read it) is
-        streamed at once and written to disk behind the stream. ``copy=False`` sends and
-        writes the array itself through the sockets: then it must not change afterwards,
-        and on one host it is slower than the copy.
+        ``value`` is a numpy array, bytes, or any msgpack-able structure holding arrays at
+        any depth, tuples, dicts with non-str keys, complex numbers, None (see README,
+        "What comes back"). One the codec cannot carry raises TypeError here, naming the
+        result. Arrays are copied once, so the pipeline may reuse its buffer right away;
+        the copy (in shared memory for large arrays, where watchers on this host read it)
+        is streamed at once and written to disk behind the stream. ``copy=False`` sends
+        and writes a top-level array itself through the sockets: then it must not change
+        afterwards, and on one host it is slower than the copy.
         """
         if not isinstance(name, str) or not name:
             raise TypeError("a result name must be a non-empty str")
-        index = self._n_results
-        meta, wire_value, path, nbytes = self._prepare_result(index, value, copy)
-        self._n_results += 1
-        self.flush_logs()
-        self._send(
-            protocol.EventKind.RESULT.value,
-            {"name": name, "index": index, "value": wire_value},
-            True,
-        )
-        self._writer.submit(index, name, meta, path, wire_value if path else None, nbytes)
+        with self._emit_lock:  # a thread the run left behind cannot slip in after close()
+            self._check_open("emit")
+            index = self._n_results
+            meta, wire_value, path, to_write, nbytes = self._prepare_result(
+                index, name, value, copy
+            )
+            self._n_results += 1
+            self.flush_logs()
+            self._send(
+                protocol.EventKind.RESULT.value,
+                {"name": name, "index": index, "value": wire_value},
+                True,
+            )
+            self._writer.submit(index, name, meta, path, to_write, nbytes)
+
+    def close(self) -> None:
+        """The run has ended: from now on every method refuses (RunEnded), so that a
+        thread the pipeline left running can never file a value under another run."""
+        with self._emit_lock:
+            self._closed = True
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RunEnded(
+                f"run {self.execution_id} has ended: its ctx refuses {what}() "
+                "(a thread of the pipeline outlived run(); nothing was stored)"
+            )
 
     def _prepare_result(
-        self, index: int, value: Any, copy: bool = True
-    ) -> tuple[dict, Any, Path | None, int]:
-        if isinstance(value, (np.generic, complex)):
-            # numpy scalars become plain numbers, except complex ones (msgpack has none)
-            is_complex = isinstance(value, complex) or value.dtype.kind == "c"
-            value = np.asarray(value) if is_complex else value.item()
+        self, index: int, name: str, value: Any, copy: bool = True
+    ) -> tuple[dict, Any, Path | None, Any, int]:
+        """``(index entry, value to stream, file, what the file gets, bytes waiting)``."""
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
-                raise TypeError("arrays of Python objects cannot be results")
+                raise TypeError(f"result {name!r}: arrays of Python objects cannot be results")
             room = None
             if copy and self._ring is not None and value.nbytes >= shm.MIN_BYTES:
                 room = self._ring.alloc(value.nbytes, wait=True)  # None if it cannot fit
@@ -324,18 +350,25 @@ class Context:
                 "nbytes": int(value.nbytes),
                 "offset": NPY_DATA_OFFSET,  # the server maps the data without reading the file
             }
-            return meta, data, path, int(value.nbytes)
+            return meta, data, path, data, int(value.nbytes)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > INLINE_BYTES_LIMIT:
             data = bytes(value)
             path = self._file(f"{index}.bin")
-            return {"kind": "bytes", "file": path.name, "nbytes": len(data)}, data, path, len(data)
-        try:
-            protocol.pack(value)
-        except TypeError as exc:
-            raise TypeError(f"result {index}: {exc}") from None
-        if isinstance(value, (bytearray, memoryview)):
+            meta = {"kind": "bytes", "file": path.name, "nbytes": len(data)}
+            return meta, data, path, data, len(data)
+        packed, buffers = protocol.check_value(value, f"result {name!r} (index {index})")
+        if buffers or len(packed) > INLINE_VALUE_LIMIT:
+            # arrays inside a structure: one self-contained file; what streams is decoded
+            # from its bytes, so the pipeline may change its arrays once emit returns
+            blob = protocol.blob(packed, buffers)
+            path = self._file(f"{index}{VALUE_FILE_SUFFIX}")
+            meta = {"kind": "value", "file": path.name, "nbytes": len(blob)}
+            return meta, protocol.loads(blob), path, blob, len(blob)
+        if isinstance(value, np.generic):
+            value = protocol.unpack(packed, buffers)  # the plain Python scalar it travels as
+        elif isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
-        return {"kind": "value", "value": value}, value, None, 0
+        return {"kind": "value", "value": value}, value, None, None, 0
 
     def _file(self, name: str) -> Path:
         self._results_dir.mkdir(parents=True, exist_ok=True)
@@ -344,11 +377,13 @@ class Context:
     # -- live only
     def preview(self, name: str, array: np.ndarray) -> None:
         """Show a frame live; never stored, and dropped when watchers lag (newest wins)."""
+        self._check_open("preview")
         array = np.asarray(array)
         self._send(protocol.EventKind.PREVIEW.value, {"name": name, "value": array}, False)
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress as ``done`` of ``total`` (or a fraction 0..1 when total is None)."""
+        self._check_open("progress")
         fraction = float(done) / float(total) if total else float(done)
         fraction = min(max(fraction, 0.0), 1.0)
         now = time.monotonic()
@@ -364,6 +399,7 @@ class Context:
     # -- logs
     def log(self, text: str) -> None:
         """Add a log line; lines are coalesced and sent a few times per second."""
+        self._check_open("log")
         self._append_log(str(text).rstrip("\n"))
 
     def _append_log(self, text: str) -> None:
@@ -375,36 +411,82 @@ class Context:
             self._log_chars += len(text)
 
     def flush_logs(self) -> None:
+        """Send the coalesced lines (stored), then the line being written, if it changed
+        (``partial``: shown live, never stored; its last version is stored once it ends)."""
         with self._log_lock:
-            if not self._log_buffer and not self._log_dropped:
-                return
             lines = self._log_buffer
             if self._log_dropped:
                 lines.append(
                     f"[zmqruntime: {self._log_dropped} log lines dropped: too much output]"
                 )
             self._log_buffer, self._log_chars, self._log_dropped = [], 0, 0
-        self._send(protocol.EventKind.LOG.value, {"text": "\n".join(lines)}, True)
+        if lines:
+            self._live_line_sent = None
+            self._send(protocol.EventKind.LOG.value, {"text": "\n".join(lines)}, True)
+        live = self.live_line() if self.live_line is not None else None
+        if live and live != self._live_line_sent:
+            self._live_line_sent = live
+            self._send(protocol.EventKind.LOG.value, {"text": live, "partial": True}, False)
 
 
 class LogWriter(io.TextIOBase):
-    """A stdout/stderr stand-in that turns print() into log lines of the run."""
+    """A stdout/stderr stand-in that turns print() into log lines of the run.
+
+    Each write costs time in proportion to its own length (a progress bar's many small
+    writes stay linear). A ``\r`` starts the current line over, as on a terminal: the
+    newest version is shown live (see :meth:`Context.flush_logs`) and the last one is
+    stored when the line ends. A line longer than MAX_LOG_LINE_CHARS is stored in pieces.
+    """
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._partial = ""
+        self._lock = threading.Lock()
+        self._chunks: list[str] = []
+        self._chars = 0
+        ctx.live_line = self.current_line
 
     def writable(self) -> bool:
         return True
 
     def write(self, s: str) -> int:
-        data = self._partial + s
-        *lines, self._partial = data.split("\n")
-        for line in lines:
-            self._ctx._append_log(line)
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        pieces = s.split("\n")
+        with self._lock:
+            for i, piece in enumerate(pieces):
+                if i:
+                    self._end_line()
+                if i < len(pieces) - 1 and piece.endswith("\r"):
+                    piece = piece[:-1]  # "\r\n" ends a line, it does not clear it
+                cut = piece.rfind("\r")
+                if cut >= 0:
+                    self._chunks, self._chars = [], 0
+                    piece = piece[cut + 1 :]
+                if piece:
+                    self._chunks.append(piece)
+                    self._chars += len(piece)
+                    if self._chars >= MAX_LOG_LINE_CHARS:
+                        self._end_line()
         return len(s)
 
+    def _end_line(self) -> None:
+        self._ctx._append_log("".join(self._chunks))
+        self._chunks, self._chars = [], 0
+
+    def current_line(self) -> str | None:
+        """The line being written (no newline yet), or None."""
+        with self._lock:
+            if not self._chunks:
+                return None
+            if len(self._chunks) > 1:
+                self._chunks = ["".join(self._chunks)]
+            return self._chunks[0]
+
     def flush(self) -> None:
-        if self._partial:
-            self._ctx._append_log(self._partial)
-            self._partial = ""
+        """Called when the run ends (and by print(flush=True)): nothing is stored until then."""
+
+    def close_run(self) -> None:
+        """The run ended: store the unfinished line's last version."""
+        with self._lock:
+            if self._chunks:
+                self._end_line()

@@ -49,9 +49,17 @@ class ExecutionFailed(ZmqRuntimeError):
 class ExecutionCancelled(ZmqRuntimeError):
     """The execution was cancelled before it completed."""
 
-    def __init__(self, message: str, *, status: Any = None):
+    # raised by class (no arguments) when a worker interrupts a pipeline: then the
+    # default message is what the run's status says
+    def __init__(
+        self, message: str = "cancelled: the pipeline was interrupted", *, status: Any = None
+    ):
         super().__init__(message)
         self.status = status
+
+
+class RunEnded(ZmqRuntimeError, RuntimeError):
+    """A pipeline's ``ctx`` was used after its run ended (e.g. by a thread left running)."""
 
 
 class RemoteError(ZmqRuntimeError):

@@ -10,6 +10,7 @@ is the prose twin of this module.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,9 @@ SIGNATURE = SIGNATURE_PREFIX + str(PROTOCOL_VERSION).encode()
 #: msgpack ext code of an array reference: ext payload = msgpack [buffer index, dtype, shape, order]
 EXT_NDARRAY = 1
 
-#: Largest control request the server accepts (ZMQ_MAXMSGSIZE on the control socket).
+#: Largest control request the server accepts, all frames together: a larger one gets a
+#: ``too_large`` error reply. ZMQ_MAXMSGSIZE on the control socket drops (with the
+#: connection) a single frame larger than this before it is even read.
 MAX_CONTROL_MESSAGE = 64 * 1024 * 1024
 
 
@@ -150,6 +153,20 @@ def buffer_to_array(buf: Any, dtype: Any, shape: Sequence[int], order: str) -> n
 
 # --------------------------------------------------------------------------- codec
 
+#: msgpack ext code of a tuple: ext payload = msgpack array of its items (packed the same way)
+EXT_TUPLE = 2
+#: msgpack ext code of a complex number: ext payload = real, imag as little-endian float64
+EXT_COMPLEX = 3
+_COMPLEX = struct.Struct("<dd")
+
+
+def _pack_with(packer: _Packer, obj: Any) -> bytes:
+    # strict types: tuples and subclasses of dict/list/int/... reach ``default``, so that
+    # tuples come back as tuples (and can be dict keys) instead of as lists
+    return msgpack.packb(
+        obj, default=packer.default, use_bin_type=True, datetime=False, strict_types=True
+    )
+
 
 @dataclass
 class _Packer:
@@ -161,47 +178,152 @@ class _Packer:
             self.buffers.append(buf)
             meta = [len(self.buffers) - 1, dtype_to_wire(obj.dtype), list(obj.shape), order]
             return msgpack.ExtType(EXT_NDARRAY, msgpack.packb(meta))
-        if isinstance(obj, complex) or (isinstance(obj, np.generic) and obj.dtype.kind == "c"):
-            return self.default(np.asarray(obj))  # msgpack has no complex: a 0-d array
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, (set, frozenset, tuple)):
+        if isinstance(obj, np.generic):  # numpy scalars travel as the Python scalar
+            if obj.dtype.kind == "c":
+                return self.default(complex(obj))
+            if obj.dtype.kind in "biuUS" or (obj.dtype.kind == "f" and obj.itemsize <= 8):
+                return obj.item()
+            return self.default(np.asarray(obj))  # datetime, void...: a 0-d array
+        if isinstance(obj, complex):
+            return msgpack.ExtType(EXT_COMPLEX, _COMPLEX.pack(obj.real, obj.imag))
+        if isinstance(obj, tuple):  # named tuples too: they come back as plain tuples
+            return msgpack.ExtType(EXT_TUPLE, _pack_with(self, list(obj)))
+        for base in (bool, int, float, str, bytes, dict, list):  # subclasses: their base
+            if isinstance(obj, base):
+                return base(obj)
+        if isinstance(obj, (set, frozenset)):
             return list(obj)
         raise TypeError(
             f"cannot send a value of type {type(obj).__name__}: use numpy arrays, bytes, "
-            "str, numbers, bool, None, and lists or dicts of these"
+            "str, numbers, bool, None, and lists, tuples or dicts of these"
         )
 
 
 def pack(obj: Any) -> tuple[bytes, list[Any]]:
-    """msgpack bytes of ``obj`` plus the raw buffers of the arrays it contains."""
+    """msgpack bytes of ``obj`` plus the raw buffers of the arrays it contains.
+
+    Raises TypeError (or ValueError / OverflowError for an int beyond 64 bits) for a value
+    this codec cannot carry.
+    """
     packer = _Packer()
-    data = msgpack.packb(obj, default=packer.default, use_bin_type=True, datetime=False)
-    return data, packer.buffers
+    return _pack_with(packer, obj), packer.buffers
 
 
 def unpack(data: Any, buffers: Sequence[Any] | None = ()) -> Any:
     """Inverse of :func:`pack`; arrays are views on ``buffers`` (no copy).
 
-    With ``buffers=None`` array references stay msgpack ExtType values, so that a relay
-    (the server) can re-pack a header and forward the original buffer frames untouched.
+    With ``buffers=None`` every extension value (arrays, tuples, complex numbers) stays a
+    msgpack ExtType, so that a relay (the server) can store or re-pack a value byte for
+    byte and forward the original buffer frames untouched, without understanding it.
     """
-
-    def ext_hook(code: int, payload: bytes) -> Any:
-        if code != EXT_NDARRAY or buffers is None:
-            return msgpack.ExtType(code, payload)
-        try:
-            index, dtype, shape, order = msgpack.unpackb(payload, raw=False)
-            return buffer_to_array(buffers[index], dtype, shape, order)
-        except (ValueError, TypeError, IndexError) as exc:
-            raise ProtocolError(f"bad array reference: {exc}") from exc
-
     try:
-        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        return _unpackb(data, _ExtHook(buffers))
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"undecodable msgpack header: {exc}") from exc
+
+
+class _ExtHook:
+    """Decodes ext values; an object rather than a closure that calls itself, because such a
+    closure is a reference cycle that would keep ``buffers`` (whole frames) alive until the
+    cyclic garbage collector happens to run."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers: Sequence[Any] | None) -> None:
+        self.buffers = buffers
+
+    def __call__(self, code: int, payload: bytes) -> Any:
+        buffers = self.buffers
+        if buffers is None:
+            return msgpack.ExtType(code, payload)
+        try:
+            if code == EXT_NDARRAY:
+                index, dtype, shape, order = msgpack.unpackb(payload, raw=False)
+                return buffer_to_array(buffers[index], dtype, shape, order)
+            if code == EXT_TUPLE:
+                return tuple(_unpackb(payload, self))
+            if code == EXT_COMPLEX:
+                return complex(*_COMPLEX.unpack(payload))
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, IndexError, struct.error) as exc:
+            what = "array reference" if code == EXT_NDARRAY else f"extension value (code {code})"
+            raise ProtocolError(f"bad {what}: {exc}") from exc
+        return msgpack.ExtType(code, payload)
+
+
+def _unpackb(data: Any, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+
+
+def check_value(obj: Any, what: str) -> tuple[bytes, list[Any]]:
+    """``pack(obj)``, but a value the codec cannot carry raises TypeError naming ``what``.
+
+    The value is also decoded once, so that what cannot come back (a set used as a dict
+    key turns into an unhashable list) fails here, in the caller, not at the receiver.
+    """
+    try:
+        data, buffers = pack(obj)
+        unpack(data, buffers)
+    except (TypeError, ValueError, OverflowError, RecursionError, ProtocolError) as exc:
+        raise TypeError(f"{what} cannot be sent or stored: {exc}") from None
+    return data, buffers
+
+
+# A self-contained byte string of one value (arrays included): how values with arrays are
+# kept in files and in the store. Layout: magic, u32 number of buffers, u64 header length,
+# u64 length of each buffer, the msgpack header, then each buffer at a 64-byte boundary.
+BLOB_MAGIC = b"ZMQV\x01\x00\x00\x00"
+_BLOB_ALIGN = 64
+
+
+def dumps(obj: Any) -> bytes:
+    """One value, arrays and all, as a self-contained byte string (see :func:`loads`)."""
+    return blob(*pack(obj))
+
+
+def blob(data: bytes, buffers: Sequence[Any]) -> bytes:
+    """The self-contained byte string of a value already packed by :func:`pack`."""
+    sizes = [memoryview(b).nbytes for b in buffers]
+    head = BLOB_MAGIC + struct.pack(f"<IQ{len(sizes)}Q", len(sizes), len(data), *sizes)
+    parts = [head, data]
+    pos = len(head) + len(data)
+    for buf, size in zip(buffers, sizes):
+        pad = -pos % _BLOB_ALIGN
+        parts += [b"\0" * pad, memoryview(buf).cast("B") if size else b""]
+        pos += pad + size
+    return b"".join(parts)
+
+
+def loads(blob: Any) -> Any:
+    """Inverse of :func:`dumps`; arrays are read-only views on ``blob``.
+
+    A byte string without the magic is read as plain msgpack (what older stores hold).
+    """
+    mv = memoryview(blob).cast("B")
+    if bytes(mv[: len(BLOB_MAGIC)]) != BLOB_MAGIC:
+        return unpack(mv, [])
+    try:
+        at = len(BLOB_MAGIC)
+        (n,) = struct.unpack_from("<I", mv, at)
+        if n > mv.nbytes // 8:
+            raise ProtocolError(f"corrupt value: it claims {n} buffers")
+        header_len, *sizes = struct.unpack_from(f"<Q{n}Q", mv, at + 4)
+        pos = at + 4 + 8 * (n + 1)
+        data = mv[pos : pos + header_len]
+        pos += header_len
+        buffers = []
+        for size in sizes:
+            pos += -pos % _BLOB_ALIGN
+            buffers.append(mv[pos : pos + size])
+            pos += size
+        if pos > mv.nbytes:
+            raise ProtocolError(f"truncated value: {mv.nbytes} bytes, needs {pos}")
+    except struct.error as exc:
+        raise ProtocolError(f"truncated value: {exc}") from None
+    return unpack(data, buffers)
 
 
 def encode(header: dict[str, Any]) -> list[Any]:
@@ -255,6 +377,17 @@ def error_reply(req: Any, code: ErrorCode, message: str) -> list:
     return encode({"type": ReplyType.ERROR.value, "req": req, "body": body})
 
 
+def check_request_size(nbytes: int) -> None:
+    """Raise ProtocolError(code too_large) for a request over MAX_CONTROL_MESSAGE bytes."""
+    if nbytes > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(
+            f"request too large: {nbytes:,} bytes; a server accepts at most "
+            f"{MAX_CONTROL_MESSAGE:,} bytes per request (send large data as files, or "
+            "split it over several runs)",
+            code=ErrorCode.TOO_LARGE,
+        )
+
+
 def parse_request(frames: Sequence[Any]) -> tuple[ControlMessageType, Any, dict[str, Any]]:
     """Validate a control request; raises ProtocolError naming what is wrong."""
     header = decode(frames)
@@ -284,13 +417,24 @@ def parse_request(frames: Sequence[Any]) -> tuple[ControlMessageType, Any, dict[
 def _array_refs(data: Any) -> set[int]:
     """Buffer indices that a (successfully decoded) header's arrays refer to."""
     refs: set[int] = set()
-
-    def ext_hook(code: int, payload: bytes) -> None:
-        if code == EXT_NDARRAY:
-            refs.add(msgpack.unpackb(payload)[0])
-
-    msgpack.unpackb(_as_buffer(data), ext_hook=ext_hook, raw=False, strict_map_key=False)
+    _unpackb(_as_buffer(data), _RefCollector(refs))
     return refs
+
+
+class _RefCollector:
+    """The buffer indices of arrays, inside tuples too (see _ExtHook for why a class)."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self, refs: set[int]) -> None:
+        self.refs = refs
+
+    def __call__(self, code: int, payload: bytes) -> Any:
+        if code == EXT_NDARRAY:
+            self.refs.add(msgpack.unpackb(payload)[0])
+        elif code == EXT_TUPLE:
+            return tuple(_unpackb(payload, self))
+        return msgpack.ExtType(code, payload)  # hashable: ext values may be dict keys
 
 
 def event(exec_id: str, kind: EventKind, seq: int, body: dict[str, Any]) -> list[Any]:
@@ -305,7 +449,7 @@ def relay_event(header: dict[str, Any], buffers: Sequence[Any]) -> list[Any]:
     ``header`` was decoded with ``resolve_arrays=False``; its array references still
     point at ``buffers``, which are forwarded as received (zero-copy).
     """
-    data = msgpack.packb(header, use_bin_type=True)
+    data = msgpack.packb(header, use_bin_type=True)  # its ExtType values: byte for byte
     return [header["id"].encode(), SIGNATURE, data, *buffers]
 
 

@@ -20,6 +20,13 @@ BLOCK = 4096
 #: where the array data starts in every .npy file written here (the header fills one block)
 NPY_DATA_OFFSET = BLOCK
 _MAGIC = b"\x93NUMPY\x01\x00"
+#: a non-array result that holds arrays (or is large) is one file of protocol.dumps bytes
+VALUE_FILE_SUFFIX = ".zmqv"
+
+
+def read_value(path: Path) -> object:
+    """A value result stored in a ``.zmqv`` file (arrays are read-only views on its bytes)."""
+    return protocol.loads(Path(path).read_bytes())
 
 
 def _round_up(n: int) -> int:

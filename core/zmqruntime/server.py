@@ -44,7 +44,7 @@ from . import __version__, local, protocol, shm
 from .errors import ProtocolError, UnknownExecution
 from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
-from .resultfile import aligned_empty
+from .resultfile import aligned_empty, read_value
 from .store import Store, fmt_bytes, free_bytes, storage_failure
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
@@ -546,6 +546,7 @@ class ExecutionServer:
         req = None
         try:
             msg_type, req, body = protocol.parse_request(rest)
+            protocol.check_request_size(sum(len(f) for f in rest))  # frames are not copied
             self._current_route, self._current_req = route, req
             result = msg_type.dispatch(self, body)
             if result is NO_REPLY:
@@ -897,6 +898,8 @@ class ExecutionServer:
             return np.load(path, mmap_mode="r")  # sent straight from the page cache
         if kind == "bytes":
             return (run_dir / entry["file"]).read_bytes()
+        if "file" in entry:  # a value holding arrays: decoded here, re-packed in the reply
+            return read_value(run_dir / entry["file"])
         return entry.get("value")
 
     # ------------------------------------------------------------------ disk space
@@ -1045,7 +1048,9 @@ class ExecutionServer:
             record["n_results"] = index + 1
             return
         kind = msg.get("kind")
-        if kind == EventKind.LOG.value:
+        if kind == EventKind.LOG.value and msg.get("partial"):
+            msg["index"] = None  # a line still being written: live only, stored once it ends
+        elif kind == EventKind.LOG.value:
             run.log_bytes += len(msg["text"])
             if run.log_bytes > MAX_LOG_BYTES_PER_RUN:
                 if run.log_bytes - len(msg["text"]) <= MAX_LOG_BYTES_PER_RUN:
@@ -1300,7 +1305,11 @@ class ExecutionServer:
                     run, state, error=reason if state == "failed" else None, message=reason
                 )
         elif worker.retiring:
-            log.info("worker %s retired after an interrupted run; starting a fresh one", worker.wid)
+            log.info(
+                "worker %s retired after its run (interrupted, or threads left running); "
+                "starting a fresh one",
+                worker.wid,
+            )
         elif reason is None and not self._stopping and worker.ready:
             log.warning("worker %s exited (%s)", worker.wid, describe_exit(code))
         if self._stopping:
@@ -1489,7 +1498,7 @@ def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
     for key in ("dtype", "shape", "nbytes"):
         if key in entry:
             out[key] = entry[key]
-    if out["kind"] == "value":
+    if out["kind"] == "value" and "file" not in entry:
         packed, _ = protocol.pack(entry.get("value"))
         out["nbytes"] = len(packed)
         if len(packed) <= SUMMARY_VALUE_BYTES:
@@ -1506,6 +1515,8 @@ def _require(body: dict, key: str, types: Any) -> Any:
 def _optional(body: dict, key: str, types: Any) -> Any:
     value = body.get(key)
     allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, tuple) and list in allowed:  # tuples travel as tuples
+        value = body[key] = list(value)
     if value is not None and (
         not isinstance(value, types) or isinstance(value, bool) and bool not in allowed
     ):

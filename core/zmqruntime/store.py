@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from . import protocol
+
 log = logging.getLogger("zmqruntime.store")
 
 #: seconds between two attempts to write what a full disk refused
@@ -330,7 +332,7 @@ class Store:
                 record["retries"],
                 pipeline_code,
                 config_code,
-                msgpack.packb(config, use_bin_type=True) if config is not None else None,
+                protocol.dumps(config) if config is not None else None,
             ),
             record["id"],
             "the record",
@@ -353,7 +355,7 @@ class Store:
         pipeline, config_code, config = self.db.execute(
             "SELECT pipeline_code, config_code, config FROM executions WHERE id=?", (exec_id,)
         ).fetchone()
-        return pipeline, config_code, (msgpack.unpackb(config, raw=False) if config else None)
+        return pipeline, config_code, (protocol.loads(config) if config else None)
 
     def list(self, limit: int = 200, states: Iterable[str] | None = None) -> list[dict]:
         sql = f"SELECT {', '.join(STATUS_FIELDS)} FROM executions"
@@ -377,7 +379,7 @@ class Store:
     def add_result(self, exec_id: str, idx: int, name: str, meta: dict, nbytes: int) -> None:
         self._write(
             "INSERT OR REPLACE INTO results (exec_id, idx, name, meta, nbytes) VALUES (?,?,?,?,?)",
-            (exec_id, idx, name, msgpack.packb(meta, use_bin_type=True), nbytes),
+            (exec_id, idx, name, _pack_meta(meta), nbytes),
             exec_id,
             f"result {idx}",
         )
@@ -388,7 +390,7 @@ class Store:
             (exec_id, start, limit),
         )
         for idx, name, meta in rows:
-            yield {"index": idx, "name": name, **msgpack.unpackb(meta, raw=False)}
+            yield {"index": idx, "name": name, **_unpack_meta(meta)}
 
     def clear_results(self, exec_id: str) -> None:
         """Forget a run's results (index and files): a retried run starts from nothing."""
@@ -454,3 +456,14 @@ class Store:
         for table, col in (("results", "exec_id"), ("logs", "exec_id"), ("executions", "id")):
             self._write(f"DELETE FROM {table} WHERE {col}=?", (exec_id,), None, "a removal")
         self._doomed.append(self.run_dir(exec_id))
+
+
+def _pack_meta(meta: dict[str, Any]) -> bytes:
+    """A result's index entry. Its inline ``value`` arrived undecoded (tuples and complex
+    numbers as msgpack ExtType values) and is kept byte for byte, never interpreted here."""
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def _unpack_meta(blob: bytes) -> dict[str, Any]:
+    # no ext_hook: ExtType values stay opaque; keys of a stored value may be any type
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)

@@ -9,8 +9,10 @@ store), live progress/logs/previews, then the final state, then the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import zmq
 
 from . import protocol, shm
 from .protocol import FINAL_STATES, EventKind
-from .resultfile import aligned_copy, write_npy
+from .resultfile import VALUE_FILE_SUFFIX, aligned_copy, read_value, write_npy
 
 log = logging.getLogger("zmqruntime.stream")
 
@@ -172,9 +174,13 @@ class MemorySink:
 class DirectorySink:
     """Results written to disk as they arrive; nothing stays in memory.
 
-    Layout: ``DIR/<index>-<name>.npy`` for arrays, ``DIR/<index>-<name>.bin`` for bytes,
-    and ``DIR/index.json``: ``{"execution": id, "results": [{"index", "name", "kind",
-    "file" | "value", "dtype", "shape"}]}``. Small values live in the index itself.
+    Layout: ``DIR/<index>-<name>.npy`` for arrays, ``.bin`` for large bytes, ``.zmqv`` for
+    values that JSON cannot hold exactly (arrays inside, tuples, non-str keys, bytes,
+    complex numbers; read one with :func:`zmqruntime.resultfile.read_value`), and
+    ``DIR/index.json``: ``{"execution": id, "results": [{"index", "name", "kind", "file" |
+    "value", "dtype", "shape"}]}``; values JSON holds exactly live in the index itself.
+    ``<name>`` is the result's name made safe for any filesystem: other characters become
+    ``_`` and a long name is cut, with a hash of the whole name so that names stay distinct.
     """
 
     def __init__(self, directory: Path, exec_id: str) -> None:
@@ -185,23 +191,28 @@ class DirectorySink:
         self.results: dict[str, list[Any]] = {}
 
     def add(self, index: int, name: str, value: Any) -> None:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        stem = f"{index:06d}-{safe_file_stem(name)}"
         entry: dict[str, Any] = {"index": index, "name": name}
         if isinstance(value, np.ndarray):
-            path = self.directory / f"{index:06d}-{safe}.npy"
+            path = self.directory / f"{stem}.npy"
             write_npy(path, aligned_copy(value))  # O_DIRECT where possible: little CPU
             entry.update(
                 kind="array", file=path.name, dtype=str(value.dtype), shape=list(value.shape)
             )
             out: Any = path
         elif isinstance(value, (bytes, bytearray, memoryview)):
-            path = self.directory / f"{index:06d}-{safe}.bin"
+            path = self.directory / f"{stem}.bin"
             path.write_bytes(value)
             entry.update(kind="bytes", file=path.name)
             out = path
-        else:
+        elif _json_exact(value):
             entry.update(kind="value", value=value)
             out = value
+        else:
+            path = self.directory / f"{stem}{VALUE_FILE_SUFFIX}"
+            path.write_bytes(protocol.dumps(value))
+            entry.update(kind="value", file=path.name)
+            out = path
         self.entries.append(entry)
         self.results.setdefault(name, []).append(out)
         if len(self.entries) % 100 == 0:
@@ -209,11 +220,7 @@ class DirectorySink:
 
     def _write_index(self) -> None:
         tmp = self.directory / "index.json.tmp"
-        tmp.write_text(
-            json.dumps(
-                {"execution": self.exec_id, "results": self.entries}, indent=1, default=_jsonable
-            )
-        )
+        tmp.write_text(json.dumps({"execution": self.exec_id, "results": self.entries}, indent=1))
         os.replace(tmp, self.directory / "index.json")
 
     def close(self) -> dict[str, list[Any]]:
@@ -221,12 +228,37 @@ class DirectorySink:
         return self.results
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
+#: the longest file name stem written for a result name (well under every filesystem's 255)
+MAX_STEM = 100
+
+
+def safe_file_stem(name: str) -> str:
+    """A file name stem for a result name: portable characters only, at most MAX_STEM long.
+
+    A name that had to be changed gets a hash of the original, so that two names never
+    share a file ("a/b" and "a_b" stay apart).
+    """
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)
+    safe = safe.lstrip(".") or "_"
+    if safe == name and len(safe) <= MAX_STEM:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[: MAX_STEM - 13]}-{digest}"
+
+
+def _json_exact(value: Any) -> bool:
+    """Whether JSON gives this value back exactly (str keys, lists, finite numbers...)."""
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if type(value) is list:
+        return all(_json_exact(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) and _json_exact(v) for k, v in value.items())
+    return False
 
 
 def load_directory(directory: Path) -> dict[str, list[Any]]:
@@ -239,6 +271,8 @@ def load_directory(directory: Path) -> dict[str, list[Any]]:
             value: Any = np.load(directory / entry["file"], mmap_mode="r")
         elif entry["kind"] == "bytes":
             value = (directory / entry["file"]).read_bytes()
+        elif "file" in entry:
+            value = read_value(directory / entry["file"])
         else:
             value = entry["value"]
         out.setdefault(entry["name"], []).append(value)

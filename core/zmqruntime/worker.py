@@ -85,6 +85,7 @@ class Worker:
         self.interruptible = False  # the main thread runs pipeline code (guarded by the lock)
         self.interrupt_at: float | None = None
         self.interrupted = False
+        self.recycle = False  # a run left threads behind: retire after it, like an interrupt
         self.tasks: queue.Queue[dict | None] = queue.Queue()
         self.cancel_event = threading.Event()
         self.current: str | None = None
@@ -235,7 +236,7 @@ class Worker:
         with self.events_lock:
             self.events.close()  # lingers until the last message (a "done") is sent
         self.zctx.term()
-        if self.interrupted:
+        if self.interrupted or self.recycle:
             sys.exit(EXIT_RECYCLE)
 
     def execute(self, task: dict[str, Any]) -> None:
@@ -263,6 +264,7 @@ class Worker:
         self.current_ctx = ctx
         state, error, tb = "completed", None, None
         writer = LogWriter(ctx)
+        threads_before = set(threading.enumerate())
         try:
             with self.pipeline_code():
                 config = build_config(task.get("config_code"), task.get("config"), self.codes)
@@ -286,8 +288,10 @@ class Worker:
             tb = _pipeline_traceback(exc)
         finally:
             self.leave_pipeline_code()  # also when the interrupt landed in the region's exit
-            writer.flush()
+            ctx.close()  # from now on the run's ctx refuses: nothing more is filed under it
+            writer.close_run()
             self.current_ctx = None
+            self._note_threads_left(ctx, threads_before)
             ctx.flush_logs()
         try:
             self.writer.flush()  # every result is on disk and indexed before "done"
@@ -305,14 +309,29 @@ class Worker:
         }
         if self.interrupted:
             done["message"] = "cancelled: the pipeline was interrupted"
+        if self.interrupted or self.recycle:
             done["retiring"] = True
         with self.events_lock:
             self.events.send_multipart(protocol.encode(done))
-        if self.interrupted:
+        if self.interrupted or self.recycle:
             # an exception thrown into arbitrary code may leave its state unclean: this
             # worker retires (its "done" is sent first) and the server starts a fresh one
             self.stop.set()
             self.tasks.put(None)
+
+    def _note_threads_left(self, ctx: Context, before: set[threading.Thread]) -> None:
+        """Threads a run started and left running can no longer emit (its ctx is closed),
+        but they may hold memory, CPU or files: say so in the run's log, and retire this
+        worker after the run so that the next run starts in a clean process."""
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left:
+            return
+        names = ", ".join(t.name for t in left[:5]) + (" ..." if len(left) > 5 else "")
+        ctx._append_log(
+            f"[zmqruntime: {len(left)} thread(s) started by this run still run after it "
+            f"ended ({names}); they can no longer emit, and this worker is replaced]"
+        )
+        self.recycle = True
 
 
 def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
