@@ -115,6 +115,17 @@ def test_submit_then_watch(server, pipeline, tmp_path):
     assert "completed" in watched.stdout and "step 2" in watched.stdout
 
 
+def test_watch_of_a_run_that_already_ended_shows_its_whole_log_once(server, pipeline, tmp_path):
+    port = str(server.port)
+    c = server.client()
+    exec_id = c.execute(pipeline.read_text(), config={"n": 5, "delay": 0})
+    c.wait(exec_id, timeout=60)
+    watched = cli("watch", exec_id, "--port", port).stdout
+    assert [line.split("│ ")[1] for line in watched.splitlines() if "│ " in line] == [
+        f"step {i}" for i in range(5)
+    ]
+
+
 def test_failed_run_exit_code_and_traceback(server, tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def run(ctx, config):\n    raise RuntimeError('broken pipeline')\n")

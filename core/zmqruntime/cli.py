@@ -175,7 +175,11 @@ def _print_final(status: dict[str, Any]) -> None:
 
 
 def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
-    """Show a live progress bar and log lines until the run ends; return its final status."""
+    """Show a live progress bar and log lines until the run ends; return its final status.
+
+    Every stored log line is shown once and in order, also those written before this watch
+    began or dropped on the way (fetched from the server, as stream() does for results).
+    """
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -186,9 +190,32 @@ def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
         transient=False,
     )
     final: dict[str, Any] | None = None
+    next_log: int | None = None  # None: the stored lines before this watch not shown yet
+
+    def show(text: str) -> None:
+        for line in text.splitlines():
+            progress.console.print(f"[dim]│[/] {line}", markup=True, highlight=False)
+
+    def catch_up(upto: int | None) -> None:
+        """Show stored lines from ``next_log`` up to (not including) ``upto``."""
+        nonlocal next_log
+        start = next_log or 0
+        while upto is None or start < upto:
+            batch = [
+                e for e in client.get_logs(exec_id, start) if upto is None or e["index"] < upto
+            ]
+            if not batch:
+                break
+            for entry in batch:
+                show(entry["text"])
+                start = entry["index"] + 1
+        next_log = start
+
     with progress:
         task = progress.add_task(exec_id, total=1.0, message="")
-        for event in client.stream(exec_id, previews=False):
+        for event in client.stream(exec_id, previews=False):  # subscribed before the 1st
+            if show_logs and next_log is None:
+                catch_up(None)
             kind = event["kind"]
             if kind == "progress" and event.get("progress") is not None:
                 progress.update(
@@ -199,12 +226,19 @@ def follow_run(client, exec_id: str, show_logs: bool = True) -> dict[str, Any]:
             elif kind == "log" and event.get("partial"):  # a progress bar being redrawn
                 progress.update(task, message=event["text"].strip()[-60:])
             elif kind == "log" and show_logs:
-                for line in event["text"].splitlines():
-                    progress.console.print(f"[dim]│[/] {line}", markup=True, highlight=False)
+                index = event.get("index")
+                if index is None:  # live only (the run's stored log is full)
+                    show(event["text"])
+                elif index >= (next_log or 0):
+                    catch_up(index)  # lines dropped on the way, if any
+                    show(event["text"])
+                    next_log = index + 1
             elif kind == "state":
                 status = event["status"]
                 progress.update(task, description=f"{exec_id} {status['state']}")
                 if status["state"] in FINAL_STATES:
+                    if show_logs:
+                        catch_up(None)
                     if status["state"] == "completed":
                         progress.update(task, completed=1.0)
                     final = status
