@@ -448,3 +448,29 @@ def test_ping_and_servers_show_the_free_space_threshold(make_server):
         env={**os.environ, "COLUMNS": "300"},
     )
     assert "disk free / min" in out.stdout and "/ 500.0 kB" in out.stdout, out.stdout
+
+
+def test_a_client_whose_spawned_server_exits_says_why(server):
+    from zmqruntime import ExecutionClient, ServerUnavailable
+    from zmqruntime.transport import free_port
+
+    # auto-spawn a second server on the data dir the fixture's server holds: it exits 3
+    client = ExecutionClient(port=free_port(), data_dir=server.data_dir, spawn_timeout=30)
+    try:
+        with pytest.raises(ServerUnavailable) as info:
+            client.ping()
+    finally:
+        client.close()
+    message = str(info.value)
+    assert "exited at once" in message and str(server.proc.pid) in message, message
+
+
+def test_result_files_are_private_also_without_o_direct(tmp_path):
+    from zmqruntime.resultfile import write_bytes, write_npy
+
+    odd = np.arange(10, dtype=np.uint8)[1:]  # not block-aligned: the buffered path
+    write_npy(tmp_path / "a.npy", odd)
+    write_bytes(tmp_path / "b.zmqv", b"x")
+    for name in ("a.npy", "b.zmqv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), odd)

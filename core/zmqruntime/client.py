@@ -428,9 +428,11 @@ class ExecutionClient:
             while time.monotonic() < deadline:
                 if not _running(proc):
                     log_dir = self.data_dir or local.default_data_dir(self.port)
+                    said = local.last_words(log_dir / "spawn.out")
                     raise ServerUnavailable(
-                        f"the server spawned on port {self.port} exited at once; "
-                        f"see {log_dir / 'spawn.out'}"
+                        f"the server spawned on port {self.port} exited at once"
+                        + (f": {said}" if said else "")
+                        + f" (see {log_dir / 'spawn.out'})"
                     )
                 if port_accepts_tcp(self.host, self.port):
                     self.spawned = proc

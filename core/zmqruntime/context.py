@@ -15,7 +15,13 @@ import numpy as np
 
 from . import protocol, shm
 from .errors import ExecutionCancelled, RunEnded
-from .resultfile import NPY_DATA_OFFSET, VALUE_FILE_SUFFIX, aligned_copy, write_npy
+from .resultfile import (
+    NPY_DATA_OFFSET,
+    VALUE_FILE_SUFFIX,
+    aligned_copy,
+    write_bytes,
+    write_npy,
+)
 from .store import StorageFailed, storage_failure
 
 #: bytes results larger than this are written to a file instead of the index
@@ -102,7 +108,7 @@ class ResultWriter:
                     if isinstance(value, np.ndarray):
                         write_npy(path, value)
                     else:
-                        path.write_bytes(value)
+                        write_bytes(path, value)
                 if self.error is None:
                     self._stored(index, name, meta)
             except BaseException as exc:  # a full disk fails the run, not the worker
@@ -371,7 +377,7 @@ class Context:
         return {"kind": "value", "value": value}, value, None, None, 0
 
     def _file(self, name: str) -> Path:
-        self._results_dir.mkdir(parents=True, exist_ok=True)
+        self._results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self._results_dir / name
 
     # -- live only

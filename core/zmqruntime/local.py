@@ -258,6 +258,25 @@ print(p.pid)
 """
 
 
+def last_words(out_file: Path, max_chars: int = 500) -> str:
+    """The last paragraph a spawned server wrote (why it exited), or ""."""
+    try:
+        with open(out_file, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    # the last paragraph: a message may be wrapped over several lines
+    block: list[str] = []
+    for line in reversed(tail.splitlines()):
+        if line.strip():
+            block.insert(0, line.strip())
+        elif block:
+            break
+    return " ".join(block)[-max_chars:]
+
+
 def spawn_server(
     port: int,
     host: str = "127.0.0.1",

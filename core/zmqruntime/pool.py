@@ -710,8 +710,8 @@ class ExecutionPool:
                 self._confirm_down(target, exc)
                 continue
             except RemoteError as exc:
-                if exc.code == ErrorCode.SHUTTING_DOWN.value:
-                    continue
+                if exc.code in (ErrorCode.SHUTTING_DOWN.value, ErrorCode.NO_SPACE.value):
+                    continue  # that server takes no runs now: another one may
                 raise
             with self._cond:
                 run.id = f"{target.key}/{sid}"

@@ -124,8 +124,14 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
         with contextlib.suppress(OSError):
             _write_direct(path, header, data, arr)
             return
-    with open(path, "wb") as fh:
-        fh.write(header)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(header)  # readable by this user only, like the O_DIRECT path's files
+        fh.write(data)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a bytes or value result file, readable by this user only (as .npy files are)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
         fh.write(data)
 
 
