@@ -248,7 +248,7 @@ class ExecutionClient:
         if items is None:
             items = self._fetch_results(exec_id, 0, status["n_results"])
         for item in items:
-            sink.add(item["index"], item["name"], item["value"])
+            sink.add(item["index"], item["name"], item["value"], item.get("meta"))
         return sink.close()
 
     def cancel(self, exec_id: str) -> dict[str, Any]:
@@ -280,6 +280,28 @@ class ExecutionClient:
         """
         body = {"id": exec_id, "start": start, "limit": limit, "values": False}
         return self._request(ControlMessageType.RESULTS, body)["results"]
+
+    def get_result_meta(self, exec_id: str, index: int) -> dict[str, Any] | None:
+        """The image metadata the pipeline stated for stored result ``index`` (or None).
+
+        A dict as ``zmqruntime.imagemeta.ImageMeta.to_dict`` gives it: ``axes``, and
+        where known ``scale``, ``units``, ``channels``, ``kind``; ``ImageMeta.from_dict``
+        reads it. ``list_results`` entries carry the same dict as ``meta``.
+        """
+        batch = self.list_results(exec_id, index, 1)
+        if not batch or batch[0]["index"] != index:
+            raise IndexError(f"execution {exec_id} has no stored result {index}")
+        return batch[0].get("meta")
+
+    def _listing(self, exec_id: str, n_results: int) -> Iterator[dict[str, Any]]:
+        """The listing of results ``0 .. n_results-1``, fetched in batches."""
+        index = 0
+        while index < n_results:
+            batch = self.list_results(exec_id, index, RESULTS_BATCH)
+            if not batch:
+                raise ProtocolError(f"the server lists no result {index} of {exec_id}")
+            yield from batch
+            index = batch[-1]["index"] + 1
 
     def get_result(self, exec_id: str, index: int) -> Any:
         """The value of one stored result, by index (running runs included)."""

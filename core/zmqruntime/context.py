@@ -7,7 +7,7 @@ import io
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from . import protocol, shm
 from .errors import ExecutionCancelled, RunEnded
+from .imagemeta import meta_for
 from .resultfile import (
     NPY_DATA_OFFSET,
     VALUE_FILE_SUFFIX,
@@ -293,7 +294,18 @@ class Context:
     def n_results(self) -> int:
         return self._n_results
 
-    def emit(self, name: str, value: Any, *, copy: bool = True) -> None:
+    def emit(
+        self,
+        name: str,
+        value: Any,
+        *,
+        copy: bool = True,
+        axes: str | None = None,
+        scale: Mapping[str, float] | Sequence[float] | None = None,
+        units: str | Mapping[str, str] | None = None,
+        channels: Sequence[str | Mapping[str, Any]] | None = None,
+        kind: str | None = None,
+    ) -> None:
         """Store a result and stream it to watchers.
 
         ``value`` is a numpy array, bytes, or any msgpack-able structure holding arrays at
@@ -304,22 +316,29 @@ class Context:
         is streamed at once and written to disk behind the stream. ``copy=False`` sends
         and writes a top-level array itself through the sockets: then it must not change
         afterwards, and on one host it is slower than the copy.
+
+        An array may say what it is physically (``zmqruntime.imagemeta``): ``axes`` over
+        ``tczyx`` (default: ``yx`` for 2-D, then ``zyx``, ``czyx``, ``tczyx``), ``scale``
+        (pixel size per axis: ``{"y": 0.65, "x": 0.65}`` or one number per axis),
+        ``units`` (default micrometer and second), ``channels`` (names, or ``{"name",
+        "color"}`` dicts, one per index of axis ``c``) and ``kind`` (``"labels"`` for
+        segmentation masks). Metadata that does not fit the array raises ValueError here.
         """
         if not isinstance(name, str) or not name:
             raise TypeError("a result name must be a non-empty str")
+        image = meta_for(value, axes=axes, scale=scale, units=units, channels=channels, kind=kind)
         with self._emit_lock:  # a thread the run left behind cannot slip in after close()
             self._check_open("emit")
             index = self._n_results
             meta, wire_value, path, to_write, nbytes = self._prepare_result(
                 index, name, value, copy
             )
+            body = {"name": name, "index": index, "value": wire_value}
+            if image is not None:
+                meta["meta"] = body["meta"] = image
             self._n_results += 1
             self.flush_logs()
-            self._send(
-                protocol.EventKind.RESULT.value,
-                {"name": name, "index": index, "value": wire_value},
-                True,
-            )
+            self._send(protocol.EventKind.RESULT.value, body, True)
             self._writer.submit(index, name, meta, path, to_write, nbytes)
 
     def close(self) -> None:
@@ -381,11 +400,27 @@ class Context:
         return self._results_dir / name
 
     # -- live only
-    def preview(self, name: str, array: np.ndarray) -> None:
-        """Show a frame live; never stored, and dropped when watchers lag (newest wins)."""
+    def preview(
+        self,
+        name: str,
+        array: np.ndarray,
+        *,
+        axes: str | None = None,
+        scale: Mapping[str, float] | Sequence[float] | None = None,
+        units: str | Mapping[str, str] | None = None,
+        channels: Sequence[str | Mapping[str, Any]] | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Show a frame live; never stored, and dropped when watchers lag (newest wins).
+
+        Takes the image metadata keywords of :meth:`emit` (checked the same way)."""
         self._check_open("preview")
         array = np.asarray(array)
-        self._send(protocol.EventKind.PREVIEW.value, {"name": name, "value": array}, False)
+        body: dict[str, Any] = {"name": name, "value": array}
+        image = meta_for(array, axes=axes, scale=scale, units=units, channels=channels, kind=kind)
+        if image is not None:
+            body["meta"] = image
+        self._send(protocol.EventKind.PREVIEW.value, body, False)
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress as ``done`` of ``total`` (or a fraction 0..1 when total is None)."""

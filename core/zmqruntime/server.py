@@ -760,7 +760,14 @@ class ExecutionServer:
                 budget -= size
                 run_dir = self.store.run_dir(status["id"])
                 results[status["id"]] = [
-                    {"index": e["index"], "name": e["name"], "value": self._load_result(run_dir, e)}
+                    _with_meta(
+                        {
+                            "index": e["index"],
+                            "name": e["name"],
+                            "value": self._load_result(run_dir, e),
+                        },
+                        e,
+                    )
                     for e in entries
                 ]
             if waiter.single:
@@ -836,7 +843,9 @@ class ExecutionServer:
         out, total_bytes = [], 0
         for entry in self.store.results(exec_id, start, limit):
             value = self._load_result(run_dir, entry)
-            out.append({"index": entry["index"], "name": entry["name"], "value": value})
+            out.append(
+                _with_meta({"index": entry["index"], "name": entry["name"], "value": value}, entry)
+            )
             total_bytes += int(entry.get("nbytes", 0))
             if total_bytes >= max_bytes:
                 break
@@ -1495,7 +1504,7 @@ SUMMARY_VALUE_BYTES = 4096
 def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
     """Index, name and kind of a stored result, with dtype/shape/nbytes; small values inline."""
     out = {"index": entry["index"], "name": entry["name"], "kind": entry.get("kind", "value")}
-    for key in ("dtype", "shape", "nbytes"):
+    for key in ("dtype", "shape", "nbytes", "meta"):
         if key in entry:
             out[key] = entry[key]
     if out["kind"] == "value" and "file" not in entry:
@@ -1504,6 +1513,13 @@ def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
         if len(packed) <= SUMMARY_VALUE_BYTES:
             out["value"] = entry.get("value")
     return out
+
+
+def _with_meta(item: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A result item with the image metadata its pipeline stated (protocol.md §4.2), if any."""
+    if "meta" in entry:
+        item["meta"] = entry["meta"]
+    return item
 
 
 def _require(body: dict, key: str, types: Any) -> Any:

@@ -164,7 +164,7 @@ class MemorySink:
     def __init__(self) -> None:
         self.results: dict[str, list[Any]] = {}
 
-    def add(self, index: int, name: str, value: Any) -> None:
+    def add(self, index: int, name: str, value: Any, meta: dict | None = None) -> None:
         self.results.setdefault(name, []).append(value)
 
     def close(self) -> dict[str, list[Any]]:
@@ -178,7 +178,8 @@ class DirectorySink:
     values that JSON cannot hold exactly (arrays inside, tuples, non-str keys, bytes,
     complex numbers; read one with :func:`zmqruntime.resultfile.read_value`), and
     ``DIR/index.json``: ``{"execution": id, "results": [{"index", "name", "kind", "file" |
-    "value", "dtype", "shape"}]}``; values JSON holds exactly live in the index itself.
+    "value", "dtype", "shape", "meta"}]}``; values JSON holds exactly live in the index
+    itself; ``meta`` (only where stated) is the result's image metadata (imagemeta).
     ``<name>`` is the result's name made safe for any filesystem: other characters become
     ``_`` and a long name is cut, with a hash of the whole name so that names stay distinct.
     """
@@ -190,9 +191,11 @@ class DirectorySink:
         self.entries: list[dict[str, Any]] = []
         self.results: dict[str, list[Any]] = {}
 
-    def add(self, index: int, name: str, value: Any) -> None:
+    def add(self, index: int, name: str, value: Any, meta: dict | None = None) -> None:
         stem = f"{index:06d}-{safe_file_stem(name)}"
         entry: dict[str, Any] = {"index": index, "name": name}
+        if meta is not None:  # the image metadata the pipeline stated (imagemeta)
+            entry["meta"] = meta
         if isinstance(value, np.ndarray):
             path = self.directory / f"{stem}.npy"
             write_npy(path, aligned_copy(value))  # O_DIRECT where possible: little CPU
