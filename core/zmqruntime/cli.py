@@ -24,6 +24,7 @@ from .errors import (
     UnknownExecution,
     ZmqRuntimeError,
 )
+from .export import FORMATS
 from .protocol import FINAL_STATES
 from .stream import load_directory
 
@@ -373,7 +374,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
-            results = client.get_results(args.id, directory=args.out)
+            results = client.get_results(args.id, directory=args.out, format=args.format)
         except OSError as exc:
             err.print(f"zmqruntime: could not write the results to {args.out}: {exc}", markup=False)
             return EXIT_OUTPUT
@@ -384,9 +385,15 @@ def cmd_results(args: argparse.Namespace) -> int:
             err.print(str(exc), markup=False)
             return EXIT_CANCELLED
     n = sum(len(v) for v in results.values())
-    console.print(
-        f"{n} result(s) of {args.id} written to {args.out} (index: {Path(args.out) / 'index.json'})"
-    )
+    if args.format == "npy":
+        index = Path(args.out) / "index.json"
+        console.print(f"{n} result(s) of {args.id} written to {args.out} (index: {index})")
+    else:
+        index = Path(args.out) / "manifest.json"
+        console.print(
+            f"{args.format} export of {args.id} written to {args.out} (manifest: {index})"
+        )
+        console.print("images, or values, per result name:")
     for name, values in results.items():
         console.print(f"  {name}: {len(values)}", markup=False)
     return EXIT_OK
@@ -709,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="write a run's results to a directory")
     p.add_argument("id")
     p.add_argument("--out", type=Path, required=True, help="directory (created if needed)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="npy",
+        help="npy: one file per result + index.json; ome-zarr / ome-tiff: one image per array "
+        "result name (same-shaped results stacked along t), values in values.csv, manifest.json",
+    )
     _connection_args(p)
     p.set_defaults(func=cmd_results)
 

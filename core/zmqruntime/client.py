@@ -29,6 +29,7 @@ from .errors import (
     ServerUnavailable,
     UnknownExecution,
 )
+from .export import FORMATS, export_run
 from .protocol import FINAL_STATES, ControlMessageType, ErrorCode
 from .stream import DirectorySink, MemorySink, Subscription, follow
 from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_tcp, tcp_url
@@ -231,13 +232,33 @@ class ExecutionClient:
         timeout: float | None = None,
         *,
         directory: str | Path | None = None,
+        format: str = "npy",
     ) -> dict[str, list[Any]]:
         """Wait for the run, then return ``{name: [value, ...]}`` in emit order.
 
         With ``directory``, each result is written there as it arrives (arrays as .npy,
         plus index.json) and the dict holds file paths instead of arrays. Arrays returned
         in memory are read-only views on the received buffers (``.copy()`` to modify).
+
+        ``format="ome-zarr"`` or ``"ome-tiff"`` (with ``directory``) writes images instead
+        (``zmqruntime.export``): one per array result name, a name's same-shaped results
+        stacked along ``t``, values in values.csv/values.json, all listed in manifest.json;
+        the dict then holds each image's path for array names.
         """
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+        if format != "npy":
+            if directory is None:
+                raise ValueError(f"format={format!r} writes files: give directory=")
+            status = self.wait(exec_id, timeout)
+            raise_for_status(status)
+            return export_run(
+                directory,
+                exec_id,
+                self._listing(exec_id, status["n_results"]),
+                lambda index: self.get_result(exec_id, index),
+                format,
+            )
         # in memory, small results come with the final status: one request fewer
         status = self.wait(exec_id, timeout, _with_results=directory is None)
         raise_for_status(status)
