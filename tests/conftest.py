@@ -101,11 +101,16 @@ def start_server(
     extra: list[str] | None = None,
     timeout: float = 30.0,
     keys: Path | None = None,
+    executor: str = "native",
 ) -> ServerProcess:
-    """Start ``zmqruntime serve`` and wait for its workers; ``keys`` serves with CURVE."""
+    """Start ``zmqruntime serve`` and wait for its workers; ``keys`` serves with CURVE;
+    ``executor="dask"`` runs the runs on a local Dask cluster of ``workers`` processes."""
     port = port or free_port()
     if keys is not None:
         extra = [*(extra or []), "--keys", str(keys)]
+    if executor == "dask":
+        extra = [*(extra or []), "--dask", f"local:{workers}"]
+        timeout = max(timeout, 90.0)  # a Dask cluster starts its processes one by one
     cmd = [
         sys.executable,
         "-m",
@@ -154,6 +159,36 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 @pytest.fixture
 def client(server: ServerProcess) -> ExecutionClient:
     return server.client()
+
+
+#: the public contract holds on native workers and on a Dask cluster (serve --dask local:N):
+#: tests that take ``any_server``, ``any_client`` or ``make_any_server`` run on both
+EXECUTORS = ("native", "dask")
+
+
+@pytest.fixture(params=EXECUTORS)
+def executor(request: pytest.FixtureRequest) -> str:
+    if request.param == "dask":
+        pytest.importorskip("distributed", reason="pip install 'zmqruntime[dask]' for Dask")
+    return request.param
+
+
+@pytest.fixture
+def any_server(tmp_path: Path, executor: str) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path / "server", executor=executor)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def any_client(any_server: ServerProcess) -> ExecutionClient:
+    return any_server.client()
+
+
+@pytest.fixture
+def make_any_server(make_server, executor: str):
+    """make_server on the test's executor."""
+    return lambda name="s", **kwargs: make_server(name, executor=executor, **kwargs)
 
 
 @pytest.fixture

@@ -75,8 +75,12 @@ def _crash(kind: str, client, tmp_path) -> str:
         ("segfault", "killed by signal SIGSEGV"),
     ],
 )
-def test_a_dying_worker_fails_its_run_and_is_replaced(make_server, tmp_path, kind, expected):
-    s = make_server(kind, workers=2)
+def test_a_dying_worker_fails_its_run_and_is_replaced(
+    make_any_server, executor, tmp_path, kind, expected
+):
+    if executor == "dask" and kind != "exit":
+        pytest.skip("on Dask every death of a worker process takes the path of case 'exit'")
+    s = make_any_server(kind, workers=2)
     c = s.client()
     before = _worker_pids(s)
     # a run on the other worker must not notice anything
@@ -86,7 +90,11 @@ def test_a_dying_worker_fails_its_run_and_is_replaced(make_server, tmp_path, kin
     victim = _crash(kind, c, tmp_path)
     status = c.wait(victim, timeout=30)
     assert status["state"] == "failed"
-    assert status["error"] == f"the worker process died ({expected})"
+    if executor == "dask":  # Dask tells that its worker was lost, not how it ended
+        assert status["error"].startswith("the worker process died (Dask worker tcp://")
+        assert "lost: KilledWorker" in status["error"]
+    else:
+        assert status["error"] == f"the worker process died ({expected})"
     assert status["attempts"] == 1
     if kind == "exit":
         assert [line["text"] for line in c.get_logs(victim)] == ["exiting hard"]
@@ -94,15 +102,16 @@ def test_a_dying_worker_fails_its_run_and_is_replaced(make_server, tmp_path, kin
     assert c.wait(bystander, timeout=30)["state"] == "completed"
     assert s.proc.poll() is None, "the server died with its worker"
     wait_for(lambda: c.ping()["workers_ready"] == 2, what="a replacement worker")
-    after = _worker_pids(s)
-    assert len(after) == 2 and len(after - before) == 1, (before, after)
+    if executor == "native":  # Dask's worker processes are its nannies' children
+        after = _worker_pids(s)
+        assert len(after) == 2 and len(after - before) == 1, (before, after)
     # the pool works as before: two runs at once, both complete
     ids = [c.execute(QUICK, config={"value": i}) for i in range(2)]
     assert [c.get_results(i, timeout=30) for i in ids] == [{"return": [0]}, {"return": [1]}]
 
 
-def test_retries_resubmit_a_run_whose_worker_died(make_server, tmp_path):
-    s = make_server("retries", workers=1)
+def test_retries_resubmit_a_run_whose_worker_died(make_any_server, tmp_path):
+    s = make_any_server("retries", workers=1)
     c = s.client()
     lucky = c.execute(
         CRASH_N_TIMES, config={"counter": str(tmp_path / "a"), "crashes": 2}, retries=2
@@ -118,7 +127,8 @@ def test_retries_resubmit_a_run_whose_worker_died(make_server, tmp_path):
     status = c.wait(unlucky, timeout=60)
     assert status["state"] == "failed"
     assert status["attempts"] == 2
-    assert status["error"] == "the worker process died (exit code 7)"
+    assert status["error"].startswith("the worker process died (")
+    assert "exit code 7" in status["error"] or "KilledWorker" in status["error"]
     assert (tmp_path / "b").read_text() == "xx"  # exactly two attempts ran
 
     # a pipeline that merely raises is not retried: retries are for dead workers

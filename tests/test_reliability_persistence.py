@@ -143,14 +143,14 @@ def test_restart_after_sigkill_keeps_finished_runs_and_resumes_the_queue(make_se
         db.close()
 
 
-def test_restart_after_sigterm_also_fails_the_running_run_as_interrupted(make_server, tmp_path):
-    s = make_server("graceful", workers=1)
+def test_restart_after_sigterm_also_fails_the_running_run_as_interrupted(make_any_server, tmp_path):
+    s = make_any_server("graceful", workers=1)
     c = s.client()
     running = c.execute(BLOCKING, config={"pid_file": str(tmp_path / "pid")})
     read_pid(tmp_path / "pid")
     queued = c.execute(QUICK, config={"value": "after"})
     s.stop()  # SIGTERM: a graceful shutdown
-    s2 = make_server("graceful", workers=1, port=s.port)
+    s2 = make_any_server("graceful", workers=1, port=s.port)
     c2 = s2.client()
     status = c2.get_status(running)
     assert status["state"] == "failed" and "interrupted" in status["error"]

@@ -71,7 +71,8 @@ def test_execute_returns_before_the_run_finishes(client):
     assert client.get_results(exec_id, timeout=30)["return"] == [2.0]
 
 
-def test_status_has_the_contract_fields(client):
+def test_status_has_the_contract_fields(any_client):
+    client = any_client
     exec_id = client.execute(SLEEP, config={"seconds": 0.0}, name="quick")
     status = client.wait(exec_id, timeout=30)
     for key in (
@@ -106,7 +107,8 @@ ARRAYS = code("""
 """)
 
 
-def test_arrays_come_back_equal(client):
+def test_arrays_come_back_equal(any_client):
+    client = any_client
     results = client.get_results(client.execute(ARRAYS), timeout=30)
     expected = [
         np.arange(12, dtype=np.uint16).reshape(3, 4),
@@ -197,8 +199,8 @@ def test_print_and_log_and_progress_are_captured(client):
     assert text.splitlines() == ["line 0", "line 1", "line 2", "done"]
 
 
-def test_cancel_a_queued_run(make_server):
-    server = make_server(workers=1)
+def test_cancel_a_queued_run(make_any_server):
+    server = make_any_server(workers=1)
     client = server.client()
     blocker = client.execute(SLEEP, config={"seconds": 3.0})
     queued = client.execute(SLEEP, config={"seconds": 0.0})
@@ -211,7 +213,8 @@ def test_cancel_a_queued_run(make_server):
     client.cancel(blocker)
 
 
-def test_cancel_a_cooperative_run(client):
+def test_cancel_a_cooperative_run(any_client):
+    client = any_client
     exec_id = client.execute(COOPERATIVE)
     wait_for_state(client, exec_id, "running")
     time.sleep(0.2)
@@ -230,7 +233,8 @@ def _pool_is_whole(client, n=2):
         time.sleep(0.05)
 
 
-def test_cancel_interrupts_a_busy_loop_and_replaces_the_worker(client):
+def test_cancel_interrupts_a_busy_loop_and_replaces_the_worker(any_client):
+    client = any_client
     exec_id = client.execute(BUSY)
     wait_for_state(client, exec_id, "running")
     time.sleep(0.2)
@@ -246,7 +250,8 @@ def test_cancel_interrupts_a_busy_loop_and_replaces_the_worker(client):
     ] == [0]
 
 
-def test_cancel_kills_a_worker_stuck_in_c_after_the_grace_period(client):
+def test_cancel_kills_a_worker_stuck_in_c_after_the_grace_period(any_client):
+    client = any_client
     stuck = code("""
         import time
         def run(ctx, config):

@@ -107,7 +107,8 @@ def test_two_watchers_both_receive_everything(server):
     assert got["a"] == got["b"] == list(range(100))
 
 
-def test_a_client_that_connects_after_the_end_gets_every_result(server):
+def test_a_client_that_connects_after_the_end_gets_every_result(any_server):
+    server = any_server
     exec_id = server.client().execute(FRAMES, config={"n": 20, "delay": 0})
     server.client().wait(exec_id, timeout=30)
     late = server.client()

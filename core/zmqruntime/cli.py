@@ -258,6 +258,19 @@ def _short(value: Any, width: int = 70) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ExecutionServer, InsecureBindRefused
 
+    executor = None
+    if args.dask is not None or args.dask_adapt is not None:
+        from .dask_executor import DaskExecutor, ExecutorUnavailable, parse_adapt
+
+        try:
+            if args.dask is None:
+                raise ExecutorUnavailable("--dask-adapt needs --dask")
+            executor = DaskExecutor(
+                args.dask, parse_adapt(args.dask_adapt), args.dask_host, args.dask_contact
+            )
+        except ExecutorUnavailable as exc:
+            err.print(f"zmqruntime serve: {exc}", markup=False)
+            return EXIT_USAGE
     try:
         server = ExecutionServer(
             port=args.port,
@@ -272,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_store_gb=args.max_store_gb,
             retention_interval=args.retention_interval,
             min_free_mb=args.min_free_mb,
+            executor=executor,
         )
     except (InsecureBindRefused, FileNotFoundError) as exc:
         err.print(f"zmqruntime serve: {exc}", markup=False)
@@ -417,16 +431,26 @@ def cmd_servers(args: argparse.Namespace) -> int:
         console.print("no local zmqruntime servers running (start one with 'zmqruntime serve')")
         return EXIT_OK
     table = Table(title="local zmqruntime servers")
-    columns = ("port", "pid", "workers busy/total", "queued", "disk free / min", "uptime", "log")
+    columns = (
+        "port",
+        "pid",
+        "executor",
+        "workers busy/total",
+        "queued",
+        "disk free / min",
+        "uptime",
+        "log",
+    )
     for col in columns:
         table.add_column(col)
     problems = []
     for e in entries:
-        busy, queued, disk = "?", "?", "?"
+        busy, queued, disk, executor = "?", "?", "?", "?"
         try:
             with ExecutionClient(port=e.port, host=e.host, auto_spawn=False, timeout=1.0) as c:
                 info = c.ping()
             busy, queued = f"{info['workers_busy']}/{info['workers']}", str(info["queued"])
+            executor = _executor_cell(info.get("executor"))
             disk, problem = _disk_cell(info.get("storage"))
             if problem:
                 problems.append(f"port {e.port}: {problem}")
@@ -435,6 +459,7 @@ def cmd_servers(args: argparse.Namespace) -> int:
         table.add_row(
             str(e.port),
             str(e.pid),
+            executor,
             busy,
             queued,
             disk,
@@ -445,6 +470,26 @@ def cmd_servers(args: argparse.Namespace) -> int:
     for problem in problems:
         err.print(f"[red]{escape(problem)}[/]")
     return EXIT_OK
+
+
+def _executor_cell(executor: dict[str, Any] | None) -> str:
+    """``native``, or ``dask local (2 workers, 2 threads)`` with pending jobs, the problem
+    and the dashboard link, for ``servers``."""
+    if not executor or executor.get("kind") != "dask":
+        return "native"
+    lines = [f"dask {executor.get('cluster') or executor.get('spec')}"]
+    if executor.get("problem"):
+        lines.append(f"[red]{escape(executor['problem'])}[/]")
+    elif not executor.get("ready"):
+        lines.append("connecting")
+    else:
+        figures = f"{executor.get('workers', 0)} workers, {executor.get('threads', 0)} threads"
+        if executor.get("pending_jobs") is not None:
+            figures += f", {executor['pending_jobs']} jobs pending"
+        lines.append(figures)
+    if executor.get("dashboard"):
+        lines.append(escape(executor["dashboard"]))
+    return "\n".join(lines)
 
 
 def _disk_cell(storage: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -678,6 +723,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="refuse new runs (queued ones wait) while the data dir has less free space "
         "than this; accepted again once space is back (default 100, 0: never refuse)",
+    )
+    p.add_argument(
+        "--dask",
+        metavar="SPEC",
+        help="run the runs on a Dask cluster instead of worker processes: a scheduler "
+        "ADDRESS (tcp://head:8786), local:N (a local cluster of N worker processes), or "
+        "slurm|pbs|lsf|sge|htcondor (dask-jobqueue, configured by jobqueue.yaml or "
+        "DASK_JOBQUEUE__... variables); needs pip install 'zmqruntime[dask]'",
+    )
+    p.add_argument(
+        "--dask-adapt",
+        metavar="MIN:MAX",
+        help="adaptive scaling of the cluster --dask starts, in workers (jobs for a job "
+        "queue; default 0:1 there)",
+    )
+    p.add_argument(
+        "--dask-host",
+        metavar="HOST",
+        help="address the Dask tasks' report sockets bind (CURVE always; default --host)",
+    )
+    p.add_argument(
+        "--dask-contact",
+        metavar="NAME",
+        help="host name Dask workers reach those sockets by (default --dask-host; the "
+        "machine's name for a wildcard)",
     )
     p.set_defaults(func=cmd_serve)
 

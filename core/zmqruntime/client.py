@@ -111,8 +111,13 @@ class ExecutionClient:
         config: dict[str, Any] | None = None,
         name: str | None = None,
         retries: int = 0,
+        resources: dict[str, float] | None = None,
     ) -> str:
-        """Queue a run and return its id at once. ``pipeline_code`` defines run(ctx, config)."""
+        """Queue a run and return its id at once. ``pipeline_code`` defines run(ctx, config).
+
+        ``resources`` (e.g. ``{"GPU": 1}``): Dask worker resources the run needs, on a
+        server started with ``--dask``; the run waits for a worker that has them.
+        """
         if not isinstance(pipeline_code, str):
             raise TypeError("pipeline_code must be Python source code (a str)")
         body = {
@@ -122,6 +127,8 @@ class ExecutionClient:
             "name": name,
             "retries": int(retries),
         }
+        if resources:
+            body["resources"] = dict(resources)
         return self._request(ControlMessageType.EXECUTE, body)["id"]
 
     def execute_many(

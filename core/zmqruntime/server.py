@@ -196,6 +196,8 @@ class Run:
     #: why the server ends this run as failed once its worker stops (its results could
     #: not be stored); never retried
     fail_reason: str | None = None
+    #: Dask worker resources the run needs (``execute(..., resources=)``); Dask executor only
+    resources: dict[str, float] | None = None
 
 
 class ExecutionServer:
@@ -215,6 +217,7 @@ class ExecutionServer:
         max_store_gb: float | None = None,
         retention_interval: float = 600.0,
         min_free_mb: float = DEFAULT_MIN_FREE_MB,
+        executor: Any = None,
     ) -> None:
         if not is_loopback(host) and keys is None and not insecure:
             raise InsecureBindRefused(
@@ -254,11 +257,15 @@ class ExecutionServer:
         self._respawn_due: list[float] = []  # monotonic times at which to start a worker
         self._stopping = False
         self._started = time.time()
+        self.store_token: str | None = None  # set with the data dir's lock (serve)
         self._bad_input_logged: set[str] = set()
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
         self._reads_for_reply: list = []  # stored arrays the reply being built needs read
         self._tcp_queued = 0  # TCP events waiting in the prefetch thread (kept in order)
+        #: runs go to this instead of native workers (zmqruntime.dask_executor.DaskExecutor)
+        self.executor = executor
+        self._executor_sockets: list[tuple[zmq.Socket, Any]] = []
 
     # ------------------------------------------------------------------ setup
     def _setup_logging(self) -> None:
@@ -396,7 +403,10 @@ class ExecutionServer:
         registry entry last. Raises ``local.StartRefused`` (DataDirInUse, PortInUse).
         """
         holder = {"pid": os.getpid(), "port": self.port, "host": self.host}
-        self.lock.acquire({**holder, "started": self._started})
+        # a client that finds this token in the lock file sees this server's very files
+        # (same host, or a shared filesystem): it may read finished results from them
+        self.store_token = secrets.token_hex(16)
+        self.lock.acquire({**holder, "started": self._started, "token": self.store_token})
         try:
             self._setup_logging()
             try:
@@ -435,8 +445,12 @@ class ExecutionServer:
         )
         local.register(entry)
         self._registered = True
-        for _ in range(self.n_workers):
-            self._spawn_worker()
+        if self.executor is not None:
+            self._executor_sockets = self.executor.start(self)
+            self._dispatch()  # runs recovered from the store go to Dask at once
+        else:
+            for _ in range(self.n_workers):
+                self._spawn_worker()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info(
             "serving on %s (data %s), %d workers, data dir %s",
@@ -453,7 +467,10 @@ class ExecutionServer:
                 print(f"zmqruntime {__version__} server (pid {os.getpid()})", flush=True)
                 print(f"  control: {tcp_url(self.host, self.port)}", flush=True)
                 print(f"  data:    {tcp_url(self.host, self.data_port)}", flush=True)
-                print(f"  workers: {self.n_workers}", flush=True)
+                if self.executor is not None:
+                    print(f"  executor: Dask ({self.executor.spec})", flush=True)
+                else:
+                    print(f"  workers: {self.n_workers}", flush=True)
                 print(f"  data dir: {self.data_dir}", flush=True)
                 print(f"  log:     {self.log_file}", flush=True)
                 if problem:
@@ -479,6 +496,7 @@ class ExecutionServer:
             self.data,
             self.data_local,
             self.prefetch.done,
+            *(sock for sock, _ in self._executor_sockets),
         ):
             poller.register(sock, zmq.POLLIN)
         last_tick = 0.0
@@ -490,6 +508,9 @@ class ExecutionServer:
                 self._drain(self.worker_ctl, self._on_worker_ctl, 200)
             if self.worker_events in ready:
                 self._drain(self.worker_events, self._on_worker_event, 100, WORKER_EVENTS_BUDGET)
+            for sock, handler in self._executor_sockets:
+                if sock in ready:
+                    self._drain(sock, handler, 100, WORKER_EVENTS_BUDGET)
             if self.data in ready:
                 self.tcp_watch.update()
             if self.data_local in ready:
@@ -597,6 +618,17 @@ class ExecutionServer:
     # -- handlers: one per ControlMessageType member
     def handle_ping(self, body: dict) -> dict:
         busy = sum(1 for w in self.workers.values() if w.current)
+        workers, ready, queued = (
+            self.n_workers,
+            sum(1 for w in self.workers.values() if w.ready),
+            len(self.queue),
+        )
+        executor: dict[str, Any] = {"kind": "native", "workers": workers}
+        if self.executor is not None:  # the cluster's workers; runs submitted, not started
+            executor = self.executor.info()
+            workers = ready = executor.get("workers", 0)
+            states = [r.record["state"] for r in self.runs.values()]
+            busy, queued = states.count("running"), states.count("queued")
         return {
             "server": "zmqruntime",
             "version": __version__,
@@ -605,13 +637,15 @@ class ExecutionServer:
             "host": self.host,
             "port": self.port,
             "data_port": self.data_port,
-            "workers": self.n_workers,
-            "workers_ready": sum(1 for w in self.workers.values() if w.ready),
+            "workers": workers,
+            "workers_ready": ready,
             "workers_busy": busy,
-            "queued": len(self.queue),
+            "executor": executor,
+            "queued": queued,
             "running": busy,
             "uptime": time.time() - self._started,
             "data_dir": str(self.data_dir),
+            "store_token": self.store_token,
             "log_file": str(self.log_file),
             "secure": self.security is not None,
             "data_local": self._data_local_info(),
@@ -625,6 +659,7 @@ class ExecutionServer:
         config = _optional(body, "config", dict)
         retries = _optional(body, "retries", int) or 0
         _check_run_fields(config, retries)
+        resources = self._check_resources(_optional(body, "resources", dict))
         self._check_accepting()
         run = self._submit(
             _require(body, "pipeline_code", str),
@@ -633,6 +668,7 @@ class ExecutionServer:
             _optional(body, "name", str),
             retries,
         )
+        run.resources = resources
         self._dispatch()
         return {"id": run.record["id"], "status": self._status(run.record)}
 
@@ -663,6 +699,22 @@ class ExecutionServer:
         ]
         self._dispatch()
         return {"ids": ids}
+
+    def _check_resources(self, resources: dict | None) -> dict[str, float] | None:
+        """``resources`` of an execute request: Dask worker resources, e.g. {"GPU": 1}."""
+        if not resources:
+            return None
+        if not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in resources.items()
+        ) or not all(0 < v < math.inf for v in resources.values()):
+            raise ProtocolError("field 'resources' must map names (str) to positive numbers")
+        if self.executor is None:
+            raise ProtocolError(
+                "field 'resources' needs a server whose runs execute on Dask "
+                "(zmqruntime serve --dask ...); this server runs them on its own workers"
+            )
+        return dict(resources)
 
     def _submit(
         self,
@@ -809,13 +861,14 @@ class ExecutionServer:
         if record["state"] == "queued":
             with contextlib.suppress(ValueError):
                 self.queue.remove(exec_id)
+            if self.executor is not None:  # submitted to Dask, not started: withdrawn
+                self.executor.cancel(run)
             self._finish(run, "cancelled", message="cancelled while queued")
             return {"cancelled": True, "state": "cancelled", "message": "cancelled while queued"}
         if not run.cancel_requested:
             run.cancel_requested = True
             run.cancel_deadline = time.monotonic() + self.cancel_grace
-            if run.worker:
-                self._send_worker(run.worker, {"type": "cancel", "id": exec_id})
+            self._cancel_on_worker(run)
             run.record["message"] = "cancel requested"
             self._publish(
                 run,
@@ -988,8 +1041,7 @@ class ExecutionServer:
         if not run.cancel_requested:
             run.cancel_requested = True
             run.cancel_deadline = time.monotonic() + self.cancel_grace
-            if run.worker:
-                self._send_worker(run.worker, {"type": "cancel", "id": exec_id})
+            self._cancel_on_worker(run)
         self._publish(
             run, EventKind.PROGRESS, {"progress": run.record["progress"], "message": reason}
         )
@@ -1014,6 +1066,13 @@ class ExecutionServer:
         with open(self.log_file, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         self.workers[wid] = WorkerHandle(wid, proc, time.monotonic(), last_seen=time.monotonic())
+
+    def _cancel_on_worker(self, run: Run) -> None:
+        """Ask the run's worker (or Dask task) to stop: cooperative, then an interrupt."""
+        if self.executor is not None:
+            self.executor.cancel(run)
+        elif run.worker:
+            self._send_worker(run.worker, {"type": "cancel", "id": run.record["id"]})
 
     def _send_worker(self, wid: str, msg: dict[str, Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -1171,6 +1230,14 @@ class ExecutionServer:
     def _dispatch(self) -> None:
         if self._stopping or not self._accepting():
             return  # a nearly full disk: queued runs wait until there is room again
+        if self.executor is not None:
+            # Dask places and scales: every queued run is submitted (an adaptive cluster
+            # grows with them); each stays "queued" until its task starts (_mark_running)
+            while self.queue:
+                run = self.runs[self.queue.popleft()]
+                self.executor.submit(run, run.task or self._task_from_store(run.record["id"]))
+                run.task = None
+            return
         idle = [
             w
             for w in self.workers.values()
@@ -1184,26 +1251,35 @@ class ExecutionServer:
                 continue
             exec_id = self.queue.popleft()
             run = self.runs[exec_id]
-            task = run.task
-            if task is None:  # recovered after a restart: the code is in the store
-                pipeline, config_code, config = self.store.code_of(exec_id)
-                task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
+            task = run.task or self._task_from_store(exec_id)  # None: recovered after a restart
             worker.current = exec_id
             run.worker = worker.wid
-            record = run.record
-            record.update(
-                state="running", started=time.time(), attempts=record["attempts"] + 1, message=None
-            )
-            self.store.update(
-                exec_id, state="running", started=record["started"], attempts=record["attempts"]
-            )
+            self._mark_running(run, publish=False)
             self._send_worker(worker.wid, {"type": "task", "id": exec_id, **task})
             run.task = None
+            self._publish_state(run)
+
+    def _task_from_store(self, exec_id: str) -> dict[str, Any]:
+        pipeline, config_code, config = self.store.code_of(exec_id)
+        return {"pipeline_code": pipeline, "config_code": config_code, "config": config}
+
+    def _mark_running(self, run: Run, publish: bool = True) -> None:
+        """A run's attempt starts on a worker: state, start time and attempt count."""
+        record = run.record
+        record.update(
+            state="running", started=time.time(), attempts=record["attempts"] + 1, message=None
+        )
+        self.store.update(
+            record["id"], state="running", started=record["started"], attempts=record["attempts"]
+        )
+        if publish:
             self._publish_state(run)
 
     def _tick(self) -> None:
         now = time.monotonic()
         self._refresh_space()  # queued runs start once a full disk has room again
+        if self.executor is not None:
+            self.executor.tick()
         if self._respawn_due and min(self._respawn_due) <= now:
             self._respawn_due.remove(min(self._respawn_due))
             self._spawn_worker()
@@ -1236,7 +1312,21 @@ class ExecutionServer:
         for run in list(self.runs.values()):
             if run.cancel_deadline is not None and now > run.cancel_deadline:
                 worker = self.workers.get(run.worker or "")
-                if run.record["state"] == "running" and worker is not None:
+                if self.executor is not None and run.record["state"] == "running":
+                    run.cancel_deadline = None
+                    log.info(
+                        "run %s ignored cancel for %.1f s", run.record["id"], self.cancel_grace
+                    )
+                    if run.fail_reason is not None:
+                        self.executor.hard_cancel(run, run.fail_reason, "failed")
+                    else:
+                        self.executor.hard_cancel(
+                            run,
+                            f"cancelled: the pipeline did not stop within "
+                            f"{self.cancel_grace:g} s, so its worker was killed",
+                            "cancelled",
+                        )
+                elif run.record["state"] == "running" and worker is not None:
                     log.info(
                         "run %s ignored cancel for %.1f s: killing worker %s",
                         run.record["id"],
@@ -1281,38 +1371,7 @@ class ExecutionServer:
         if run is not None and run.record["state"] == "running" and run.worker == worker.wid:
             if reason is None:
                 reason = f"the worker process died ({describe_exit(code)})"
-            record = run.record
-            retry = run.fail_reason is None and record["attempts"] <= record["retries"]
-            if state == "failed" and retry:
-                log.info(
-                    "run %s: %s; retrying (attempt %d of %d)",
-                    record["id"],
-                    reason,
-                    record["attempts"] + 1,
-                    record["retries"] + 1,
-                )
-                # the next attempt starts from nothing: the dead one's results are dropped
-                record.update(
-                    state="queued", message=f"retrying: {reason}", n_results=0, progress=None
-                )
-                self.store.clear_results(record["id"])
-                self.store.update(
-                    record["id"],
-                    state="queued",
-                    message=record["message"],
-                    n_results=0,
-                    progress=None,
-                    n_logs=record["n_logs"],
-                    attempts=record["attempts"],
-                )
-                pipeline, config_code, config = self.store.code_of(record["id"])
-                run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
-                self.queue.appendleft(record["id"])
-                self._publish_state(run)
-            else:
-                self._finish(
-                    run, state, error=reason if state == "failed" else None, message=reason
-                )
+            self._run_lost(run, reason, state)
         elif worker.retiring:
             log.info(
                 "worker %s retired after its run (interrupted, or threads left running); "
@@ -1337,6 +1396,38 @@ class ExecutionServer:
             delay,
         )
         self._respawn_due.append(time.monotonic() + delay)
+
+    def _run_lost(self, run: Run, reason: str, state: str = "failed") -> None:
+        """A running run's worker (or Dask task) died or was killed: retried from nothing
+        while its retries allow (never for a server-made failure), else it ends."""
+        record = run.record
+        retry = run.fail_reason is None and record["attempts"] <= record["retries"]
+        if state == "failed" and retry:
+            log.info(
+                "run %s: %s; retrying (attempt %d of %d)",
+                record["id"],
+                reason,
+                record["attempts"] + 1,
+                record["retries"] + 1,
+            )
+            # the next attempt starts from nothing: the dead one's results are dropped
+            record.update(state="queued", message=f"retrying: {reason}", n_results=0, progress=None)
+            self.store.clear_results(record["id"])
+            self.store.update(
+                record["id"],
+                state="queued",
+                message=record["message"],
+                n_results=0,
+                progress=None,
+                n_logs=record["n_logs"],
+                attempts=record["attempts"],
+            )
+            pipeline, config_code, config = self.store.code_of(record["id"])
+            run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
+            self.queue.appendleft(record["id"])
+            self._publish_state(run)
+        else:
+            self._finish(run, state, error=reason if state == "failed" else None, message=reason)
 
     # ------------------------------------------------------------------ state changes
     def _finish(
@@ -1430,6 +1521,8 @@ class ExecutionServer:
                 log.exception("shutting down: %s failed; carrying on", step.__name__)
 
     def _stop_workers(self) -> None:
+        if self.executor is not None and self._executor_sockets:
+            self.executor.shutdown()  # cancels its tasks; a cluster it started is closed
         for worker in self.workers.values():
             self._send_worker(worker.wid, {"type": "shutdown"})
         deadline = time.monotonic() + 2.0

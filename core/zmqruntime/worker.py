@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,145 @@ class CodeCache:
         return code
 
 
-class Worker:
+class PipelineRunner:
+    """Runs one pipeline at a time in the calling thread: the config, the code, ``ctx``,
+    the captured output, the cooperative cancel and the interrupt (an ExecutionCancelled
+    raised in that thread). Native workers and Dask tasks (:mod:`zmqruntime.dask_task`)
+    share it: they differ only in how events and results leave (``send``, the writer).
+    """
+
+    def __init__(self, codes: CodeCache | None = None) -> None:
+        self.main_thread = threading.get_ident()  # the thread that runs pipelines
+        self.interrupt_lock = threading.Lock()
+        self.interruptible = False  # that thread runs pipeline code (guarded by the lock)
+        self.interrupted = False
+        self.recycle = False  # a run left threads behind: retire after it, like an interrupt
+        self.cancel_event = threading.Event()
+        self.current: str | None = None
+        self.current_ctx: Context | None = None
+        self.codes = codes or CodeCache()
+
+    def interrupt(self) -> None:
+        """Raise ExecutionCancelled in the pipeline's thread, if it still runs pipeline code."""
+        ctx = self.current_ctx
+        if ctx is not None and ctx.cancel_observed:
+            return  # it saw the cancel and is winding down: leave it the grace period
+        with self.interrupt_lock:
+            if self.interruptible and self.cancel_event.is_set():
+                self.interrupted = True
+                _async_raise(self.main_thread, ExecutionCancelled)
+
+    @contextlib.contextmanager
+    def pipeline_code(self):
+        """The region where an interrupt may land: the user's code, nothing of ours."""
+        with self.interrupt_lock:
+            self.interruptible = True
+        try:
+            yield
+        finally:
+            self.leave_pipeline_code()
+
+    def leave_pipeline_code(self) -> None:
+        with self.interrupt_lock:
+            self.interruptible = False
+            _async_raise(self.main_thread, None)  # drop an interrupt not yet delivered
+
+    def run_pipeline(
+        self,
+        exec_id: str,
+        task: dict[str, Any],
+        send: Callable[[str, dict[str, Any], bool], None],
+        writer: Any,
+        results_dir: Path,
+        ring: shm.Ring | None = None,
+        capture: Callable[[LogWriter], contextlib.AbstractContextManager] | None = None,
+        check_threads: bool = True,
+    ) -> dict[str, Any]:
+        """Run one task in this thread; return its "done" message (not sent).
+
+        ``writer`` is a :class:`ResultWriter` (or one with its methods) already started
+        for this run; every result is stored (``flush``) before this returns. ``capture``
+        redirects print() to the run's log (default: this process's stdout and stderr).
+        """
+        self.main_thread = threading.get_ident()
+        self.cancel_event.clear()
+        self.current = exec_id
+        ctx = Context(exec_id, send, results_dir, self.cancel_event, writer, ring)
+        self.current_ctx = ctx
+        state, error, tb = "completed", None, None
+        log_writer = LogWriter(ctx)
+        threads_before = set(threading.enumerate())
+        try:
+            with self.pipeline_code():
+                config = build_config(task.get("config_code"), task.get("config"), self.codes)
+                ns: dict[str, Any] = {"__name__": "__zmqruntime_pipeline__"}
+                exec(self.codes(task["pipeline_code"], "<pipeline>"), ns)
+                run = ns.get("run")
+                if not callable(run):
+                    raise TypeError("pipeline_code must define a function run(ctx, config)")
+                with (capture or _capture_process_output)(log_writer):
+                    value = run(ctx, config)
+                if value is not None:
+                    ctx.emit("return", value)
+            if ctx.cancelled:
+                state = "cancelled"
+        except ExecutionCancelled:
+            state = "cancelled"
+        except BaseException as exc:  # the pipeline's failure is the run's, not the worker's
+            state = "cancelled" if ctx.cancelled else "failed"
+            # a result the disk refused: the reason says it all ("disk full while ...")
+            error = str(exc) if isinstance(exc, StorageFailed) else f"{type(exc).__name__}: {exc}"
+            tb = _pipeline_traceback(exc)
+        finally:
+            self.leave_pipeline_code()  # also when the interrupt landed in the region's exit
+            ctx.close()  # from now on the run's ctx refuses: nothing more is filed under it
+            log_writer.close_run()
+            self.current_ctx = None
+            if check_threads:
+                self._note_threads_left(ctx, threads_before)
+            ctx.flush_logs()
+        try:
+            writer.flush()  # every result is on disk and indexed before "done"
+        except OSError as exc:
+            if state != "failed":
+                state, error, tb = "failed", str(exc), None
+        self.current = None
+        done = {
+            "type": "done",
+            "id": exec_id,
+            "state": state,
+            "error": error,
+            "traceback": tb,
+            "n_results": ctx.n_results,
+        }
+        if self.interrupted:
+            done["message"] = "cancelled: the pipeline was interrupted"
+        return done
+
+    def _note_threads_left(self, ctx: Context, before: set[threading.Thread]) -> None:
+        """Threads a run started and left running can no longer emit (its ctx is closed),
+        but they may hold memory, CPU or files: say so in the run's log, and retire this
+        worker after the run so that the next run starts in a clean process."""
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left:
+            return
+        names = ", ".join(t.name for t in left[:5]) + (" ..." if len(left) > 5 else "")
+        ctx._append_log(
+            f"[zmqruntime: {len(left)} thread(s) started by this run still run after it "
+            f"ended ({names}); they can no longer emit, and this worker is replaced]"
+        )
+        self.recycle = True
+
+
+@contextlib.contextmanager
+def _capture_process_output(writer: LogWriter):
+    with contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
+        yield
+
+
+class Worker(PipelineRunner):
     def __init__(self, worker_id: str, control: str, events: str, data_dir: Path) -> None:
+        super().__init__()
         self.worker_id = worker_id
         self.data_dir = Path(data_dir)
         self.zctx = zmq.Context()
@@ -80,17 +218,8 @@ class Worker:
         self.events.connect(events)
         self.events_lock = threading.Lock()
         self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
-        self.main_thread = threading.get_ident()
-        self.interrupt_lock = threading.Lock()
-        self.interruptible = False  # the main thread runs pipeline code (guarded by the lock)
         self.interrupt_at: float | None = None
-        self.interrupted = False
-        self.recycle = False  # a run left threads behind: retire after it, like an interrupt
         self.tasks: queue.Queue[dict | None] = queue.Queue()
-        self.cancel_event = threading.Event()
-        self.current: str | None = None
-        self.current_ctx: Context | None = None
-        self.codes = CodeCache()
         # large arrays go through shared memory; a result's room is freed once on disk
         self.ring = shm.try_ring()
         release = self.ring.free if self.ring is not None else None
@@ -195,31 +324,6 @@ class Worker:
             self.stop.set()
             self.tasks.put(None)
 
-    def interrupt(self) -> None:
-        """Raise ExecutionCancelled in the pipeline's thread, if it still runs pipeline code."""
-        ctx = self.current_ctx
-        if ctx is not None and ctx.cancel_observed:
-            return  # it saw the cancel and is winding down: leave it the grace period
-        with self.interrupt_lock:
-            if self.interruptible and self.cancel_event.is_set():
-                self.interrupted = True
-                _async_raise(self.main_thread, ExecutionCancelled)
-
-    @contextlib.contextmanager
-    def pipeline_code(self):
-        """The region where an interrupt may land: the user's code, nothing of ours."""
-        with self.interrupt_lock:
-            self.interruptible = True
-        try:
-            yield
-        finally:
-            self.leave_pipeline_code()
-
-    def leave_pipeline_code(self) -> None:
-        with self.interrupt_lock:
-            self.interruptible = False
-            _async_raise(self.main_thread, None)  # drop an interrupt not yet delivered
-
     # -- main thread
     def run(self) -> None:
         io = threading.Thread(target=self.io_loop, name="worker-io", daemon=True)
@@ -241,8 +345,6 @@ class Worker:
 
     def execute(self, task: dict[str, Any]) -> None:
         exec_id = task["id"]
-        self.cancel_event.clear()
-        self.current = exec_id
 
         def send(kind: str, body: dict[str, Any], reliable: bool) -> None:
             self.send_event(exec_id, kind, body, reliable)
@@ -253,62 +355,9 @@ class Worker:
                 self.events.send_multipart(protocol.encode(msg))
 
         self.writer.start_run(stored)
-        ctx = Context(
-            exec_id,
-            send,
-            self.data_dir / "results" / exec_id,
-            self.cancel_event,
-            self.writer,
-            self.ring,
+        done = self.run_pipeline(
+            exec_id, task, send, self.writer, self.data_dir / "results" / exec_id, self.ring
         )
-        self.current_ctx = ctx
-        state, error, tb = "completed", None, None
-        writer = LogWriter(ctx)
-        threads_before = set(threading.enumerate())
-        try:
-            with self.pipeline_code():
-                config = build_config(task.get("config_code"), task.get("config"), self.codes)
-                ns: dict[str, Any] = {"__name__": "__zmqruntime_pipeline__"}
-                exec(self.codes(task["pipeline_code"], "<pipeline>"), ns)
-                run = ns.get("run")
-                if not callable(run):
-                    raise TypeError("pipeline_code must define a function run(ctx, config)")
-                with contextlib.redirect_stdout(writer), contextlib.redirect_stderr(writer):
-                    value = run(ctx, config)
-                if value is not None:
-                    ctx.emit("return", value)
-            if ctx.cancelled:
-                state = "cancelled"
-        except ExecutionCancelled:
-            state = "cancelled"
-        except BaseException as exc:  # the pipeline's failure is the run's, not the worker's
-            state = "cancelled" if ctx.cancelled else "failed"
-            # a result the disk refused: the reason says it all ("disk full while ...")
-            error = str(exc) if isinstance(exc, StorageFailed) else f"{type(exc).__name__}: {exc}"
-            tb = _pipeline_traceback(exc)
-        finally:
-            self.leave_pipeline_code()  # also when the interrupt landed in the region's exit
-            ctx.close()  # from now on the run's ctx refuses: nothing more is filed under it
-            writer.close_run()
-            self.current_ctx = None
-            self._note_threads_left(ctx, threads_before)
-            ctx.flush_logs()
-        try:
-            self.writer.flush()  # every result is on disk and indexed before "done"
-        except OSError as exc:
-            if state != "failed":
-                state, error, tb = "failed", str(exc), None
-        self.current = None
-        done = {
-            "type": "done",
-            "id": exec_id,
-            "state": state,
-            "error": error,
-            "traceback": tb,
-            "n_results": ctx.n_results,
-        }
-        if self.interrupted:
-            done["message"] = "cancelled: the pipeline was interrupted"
         if self.interrupted or self.recycle:
             done["retiring"] = True
         with self.events_lock:
@@ -318,20 +367,6 @@ class Worker:
             # worker retires (its "done" is sent first) and the server starts a fresh one
             self.stop.set()
             self.tasks.put(None)
-
-    def _note_threads_left(self, ctx: Context, before: set[threading.Thread]) -> None:
-        """Threads a run started and left running can no longer emit (its ctx is closed),
-        but they may hold memory, CPU or files: say so in the run's log, and retire this
-        worker after the run so that the next run starts in a clean process."""
-        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not left:
-            return
-        names = ", ".join(t.name for t in left[:5]) + (" ..." if len(left) > 5 else "")
-        ctx._append_log(
-            f"[zmqruntime: {len(left)} thread(s) started by this run still run after it "
-            f"ended ({names}); they can no longer emit, and this worker is replaced]"
-        )
-        self.recycle = True
 
 
 def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:

@@ -1,0 +1,278 @@
+"""One run attempt as a Dask task: the side that executes inside a Dask worker.
+
+:func:`run_task` is what the server submits (see :mod:`zmqruntime.dask_executor`). It
+runs the pipeline with the same ``ctx`` as a native worker (:class:`~zmqruntime.worker.
+PipelineRunner`) and talks to the server over two TCP connections, always CURVE with keys
+the server made for its tasks (a task never holds a key of the server's users):
+
+* a DEALER for control: ``hello`` (the server answers ``go``, or ``abort`` for an attempt
+  it no longer wants), heartbeats (answered ``ack``), and ``cancel`` from the server;
+* a PUSH for everything the run produces, in order: events, ``stored`` messages that
+  carry the result's bytes (the server writes the file: a Dask worker need not share the
+  server's disk), and ``done`` last.
+
+Every frame list starts with this execution's identity (``TOKEN.NONCE``): the server takes
+messages only from the execution it said ``go`` to, so a dead attempt's late messages are
+never mixed with the next attempt's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol
+from .context import LogWriter
+from .transport import ClientSecurity
+from .worker import EVENT_HWM, INTERRUPT_DELAY, LOG_FLUSH_INTERVAL, CodeCache, PipelineRunner
+
+#: the ZAP domain of the server's task sockets: only the task key is accepted there
+TASK_DOMAIN = "zmqruntime-tasks"
+HEARTBEAT_INTERVAL = 0.5
+#: a server that answered nothing (no ``ack``) for this long is gone: the run is cancelled
+SERVER_TIMEOUT = 15.0
+HELLO_TIMEOUT = 60.0
+#: a reliable send (a result) that the server does not take for this long fails the run
+SEND_TIMEOUT_MS = 120_000
+
+_codes = CodeCache()  # per Dask worker process: a repeated pipeline compiles once
+
+
+def run_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one attempt of a run (the Dask task); returns its "done" message.
+
+    ``spec``: ``id``, ``token``, ``ctl`` and ``events`` (the server's task endpoints),
+    ``keys`` (``server``, ``public``, ``secret``: z85 CURVE keys) and ``task`` (the code
+    and config). A second execution of the same attempt (Dask re-ran it after its worker
+    died) is told ``abort`` by the server and returns without running anything.
+    """
+    session = TaskSession(spec)
+    try:
+        return session.run()
+    finally:
+        session.close()
+
+
+class TaskSession:
+    """The two sockets of one execution, an io thread, and the runner."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.exec_id: str = spec["id"]
+        self.identity = f"{spec['token']}.{secrets.token_hex(4)}".encode()
+        self.task = spec["task"]
+        keys = spec["keys"]
+        security = ClientSecurity(keys["public"], keys["secret"], keys["server"])
+        self.zctx = zmq.Context()
+        self.ctl = self.zctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.IDENTITY, self.identity)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        security.apply(self.ctl)
+        self.ctl.connect(spec["ctl"])
+        self.events = self.zctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.SNDHWM, EVENT_HWM)
+        self.events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        self.events.setsockopt(zmq.LINGER, SEND_TIMEOUT_MS)
+        security.apply(self.events)
+        self.events.connect(spec["events"])
+        self.events_lock = threading.Lock()
+        self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
+        self.runner = PipelineRunner(_codes)
+        self.stop = threading.Event()
+        self.interrupt_at: float | None = None
+        self.server_lost = False
+        self.results_dir: Path | None = None
+
+    # -- the task's thread
+    def run(self) -> dict[str, Any]:
+        reply = self._hello()
+        if reply.get("type") != "go":
+            return {"type": "aborted", "id": self.exec_id, "reason": reply.get("reason")}
+        io_thread = threading.Thread(target=self._io_loop, name="zmqruntime-task-io", daemon=True)
+        io_thread.start()
+        self.results_dir = Path(tempfile.mkdtemp(prefix="zmqr-task-"))  # ctx names files here
+        try:
+            done = self.runner.run_pipeline(
+                self.exec_id,
+                self.task,
+                self._send,
+                RemoteResultWriter(self),
+                self.results_dir,
+                capture=_capture_thread_output,
+                check_threads=False,  # a Dask worker runs threads of its own
+            )
+            if self.server_lost:
+                done.update(state="failed", error="the zmqruntime server stopped answering")
+            self._send_frames(protocol.encode(done))
+        finally:
+            self.stop.set()
+            io_thread.join(timeout=5)
+        return done
+
+    def _hello(self) -> dict[str, Any]:
+        from distributed import get_worker
+
+        try:
+            worker = get_worker().address
+        except ValueError:  # not in a Dask worker (a test calling run_task directly)
+            worker = None
+        hello = {"type": "hello", "id": self.exec_id, "worker": worker, "pid": os.getpid()}
+        self.ctl.send_multipart(protocol.encode(hello))
+        if not self.ctl.poll(int(HELLO_TIMEOUT * 1000)):
+            return {"type": "abort", "reason": "the zmqruntime server did not answer"}
+        return protocol.decode(self.ctl.recv_multipart())
+
+    def _send(self, kind: str, body: dict[str, Any], reliable: bool) -> None:
+        if kind == "preview":  # newest wins at the source, as in a native worker
+            tracker = self.previews_in_flight.get(body["name"])
+            if tracker is not None and not tracker.done:
+                return
+        frames = protocol.encode({"type": "event", "id": self.exec_id, "kind": kind, **body})
+        if reliable:
+            self._send_frames(frames)
+            return
+        with self.events_lock, contextlib.suppress(zmq.Again):
+            msg = [self.identity, *frames]
+            if kind == "preview":
+                self.previews_in_flight[body["name"]] = self.events.send_multipart(
+                    msg, copy=False, flags=zmq.NOBLOCK, track=True
+                )
+            else:
+                self.events.send_multipart(msg, copy=False, flags=zmq.NOBLOCK)
+
+    def _send_frames(self, frames: list[Any]) -> None:
+        """A reliable send: blocks while the server is behind, fails after SEND_TIMEOUT_MS."""
+        with self.events_lock:
+            try:
+                self.events.send_multipart([self.identity, *frames], copy=False)
+            except zmq.Again:
+                raise OSError(
+                    f"the zmqruntime server took nothing for {SEND_TIMEOUT_MS / 1000:g} s"
+                ) from None
+
+    # -- io thread
+    def _io_loop(self) -> None:
+        last_beat = last_flush = last_heard = time.monotonic()
+        while not self.stop.is_set():
+            wait = LOG_FLUSH_INTERVAL
+            if self.interrupt_at is not None:
+                wait = max(0.0, min(wait, self.interrupt_at - time.monotonic()))
+            if self.ctl.poll(int(wait * 1000)):
+                with contextlib.suppress(protocol.ProtocolError):
+                    msg = protocol.decode(self.ctl.recv_multipart())
+                    last_heard = time.monotonic()
+                    if msg.get("type") == "cancel":
+                        self._cancel()
+            now = time.monotonic()
+            if self.interrupt_at is not None and now >= self.interrupt_at:
+                self.interrupt_at = None
+                self.runner.interrupt()
+            if now - last_flush >= LOG_FLUSH_INTERVAL:
+                ctx = self.runner.current_ctx
+                if ctx is not None and not self.events_lock.locked():
+                    ctx.flush_logs()
+                last_flush = now
+            if now - last_beat >= HEARTBEAT_INTERVAL:
+                self.ctl.send_multipart(protocol.encode({"type": "heartbeat"}))
+                last_beat = now
+            if now - last_heard > SERVER_TIMEOUT and not self.server_lost:
+                self.server_lost = True  # nobody would store what this run makes: stop it
+                self._cancel()
+
+    def _cancel(self) -> None:
+        if not self.runner.cancel_event.is_set():
+            self.runner.cancel_event.set()
+            self.interrupt_at = time.monotonic() + INTERRUPT_DELAY
+
+    def close(self) -> None:
+        linger = 0 if self.server_lost else SEND_TIMEOUT_MS
+        self.ctl.close(linger=0)
+        self.events.close(linger=linger)  # the "done" leaves before the context ends
+        self.zctx.term()
+        if self.results_dir is not None:
+            shutil.rmtree(self.results_dir, ignore_errors=True)
+
+
+class RemoteResultWriter:
+    """What a native worker's ResultWriter does, over the wire: each result's bytes go to
+    the server in a ``stored`` message (the server writes the file, then indexes it).
+
+    Sends block while the server is behind (the socket's high-water mark), so memory stays
+    bounded; everything is sent once ``submit`` returns, hence ``flush`` has nothing to do.
+    """
+
+    def __init__(self, session: TaskSession) -> None:
+        self._session = session
+
+    def submit(
+        self, index: int, name: str, meta: dict, path: Path | None, value: Any, nbytes: int
+    ) -> None:
+        s = self._session
+        msg = {"type": "stored", "id": s.exec_id, "index": index, "name": name, "meta": meta}
+        frames = protocol.encode(msg)
+        if path is not None:
+            if isinstance(value, np.ndarray):
+                payload = protocol.array_to_buffer(value)[0] if value.nbytes else b""
+            else:
+                payload = value
+            frames.append(payload)
+        s._send_frames(frames)
+
+    def flush(self) -> None:
+        """Nothing waits here: each result left in ``submit``."""
+
+
+class _ThreadRoutedOutput(io.TextIOBase):
+    """sys.stdout/stderr in a Dask worker: each thread that runs a pipeline writes to its
+    run's log, every other thread to the original stream (a worker with several threads
+    runs several pipelines at once; a process-wide redirect would mix their output)."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.targets: dict[int, LogWriter] = {}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        target = self.targets.get(threading.get_ident())
+        return (target or self.original).write(s)
+
+    def flush(self) -> None:
+        if threading.get_ident() not in self.targets:
+            with contextlib.suppress(Exception):
+                self.original.flush()
+
+
+_install_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _capture_thread_output(writer: LogWriter):
+    with _install_lock:
+        routed = []
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _ThreadRoutedOutput):
+                stream = _ThreadRoutedOutput(stream)
+                setattr(sys, name, stream)
+            routed.append(stream)
+    me = threading.get_ident()
+    for stream in routed:
+        stream.targets[me] = writer
+    try:
+        yield
+    finally:
+        for stream in routed:
+            stream.targets.pop(me, None)
