@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from scipy import stats
 
 from zmqruntime import ExecutionClient, local, resources
@@ -286,7 +287,10 @@ def test_nuclei_counts_agree_with_ground_truth(make_server, images: Images, tmp_
 
     server = make_server(workers=1)
     events, status = watch(
-        server, tmp_path / "release", "nuclei", {"input_dir": str(folder / "images")}
+        server,
+        tmp_path / "release",
+        "nuclei",
+        {"input_dir": str(folder / "images"), "pixel_size": 0.5},
     )
     rows = results_of(events)["counts"]
     assert [r["image"] for r in rows] == sorted(truth)  # one row per image, in name order
@@ -306,12 +310,21 @@ def test_nuclei_counts_agree_with_ground_truth(make_server, images: Images, tmp_
 
     previews = kinds(events, "preview")
     assert len(previews) == n, f"{len(previews)} previews of {n} images"
-    for event, row in zip(previews, rows):
-        overlay = event["value"]
-        assert event["name"] == "nuclei"
-        assert overlay.dtype == np.uint8 and overlay.shape == (row["height"], row["width"], 3)
-        outline = (overlay == (0, 255, 0)).all(axis=2)
-        assert outline.any() == (row["count"] > 0)  # the mask is drawn on the image
+    calibrated = {"y": 0.5, "x": 0.5}
+    stored = kinds(events, "result")
+    images_out = [e for e in stored if e["name"] == "image"]
+    labels_out = [e for e in stored if e["name"] == "labels"]
+    for event, image, labels, row in zip(previews, images_out, labels_out, rows):
+        # the raw image and its labels, each at the config's pixel size: no picture of them
+        assert event["name"] == "nuclei" and event["meta"]["scale"] == calibrated
+        assert event["value"].shape == (row["height"], row["width"])
+        np.testing.assert_array_equal(event["value"], image["value"])
+        assert image["meta"]["scale"] == calibrated
+        assert labels["meta"] == {**image["meta"], "kind": "labels"}
+        label = labels["value"]
+        assert label.dtype == np.int32 and label.shape == image["value"].shape
+        assert len(np.unique(label[label > 0])) == row["count"]
+    assert len(images_out) == len(labels_out) == n
     check_progress(events, n)
     assert results_of(events)["return"][0]["images"] == n
 
@@ -330,7 +343,10 @@ def test_plate_row_wells_fields_and_previews_in_order(
 
     server = make_server(workers=1)
     events, status = watch(
-        server, tmp_path / "release", "plate", {"input_dir": str(folder), "field_interval": 0.03}
+        server,
+        tmp_path / "release",
+        "plate",
+        {"input_dir": str(folder), "field_interval": 0.03, "pixel_size": 0.3},
     )
     results = results_of(events)
     fields, wells = results["fields"], results["wells"]
@@ -355,24 +371,17 @@ def test_plate_row_wells_fields_and_previews_in_order(
     assert flat.shape == (512, 512) and flat.mean() == pytest.approx(1.0, rel=1e-3)
     assert flat.min() < 0.7 < 1.2 < flat.max()  # the vignetting of these images
 
-    # every field is previewed, in acquisition order: match each preview to its field by
-    # the pixels shown in grey and not clipped (fixed levels saturate the bright wells),
-    # which are a linear function of the flat-field corrected field
+    # every field is previewed, in acquisition order, as the flat-field corrected field
+    # itself (float32, at the config's pixel size): no picture rendered on the server
     previews = kinds(events, "preview")
     assert len(previews) == n, f"{len(previews)} previews of {n} fields"
-    corrected = (raw / flat).reshape(n, -1)
-    rng = np.random.default_rng(0)
-    order = []
-    for event in previews:
-        rgb = event["value"]
-        assert rgb.shape == (512, 512, 3) and rgb.dtype == np.uint8
-        grey = rgb[..., 0].ravel()
-        shown = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])
-        shown = np.flatnonzero(shown.ravel() & (grey > 0) & (grey < 255))
-        assert len(shown) > 1000, "the preview is all clipped"
-        pick = rng.choice(shown, size=min(len(shown), 5000), replace=False)
-        order.append(int(np.argmax([np.corrcoef(grey[pick], c[pick])[0, 1] for c in corrected])))
-    assert order == list(range(n))
+    corrected = raw / flat
+    for i, event in enumerate(previews):
+        field = event["value"]
+        assert field.shape == (512, 512) and field.dtype == np.float32
+        assert event["meta"]["scale"] == {"y": 0.3, "x": 0.3}
+        np.testing.assert_allclose(field, corrected[i], rtol=1e-5)
+    assert results["illumination"][0].shape == (512, 512)
     check_progress(events, 2 * n)
 
 
@@ -393,7 +402,7 @@ def test_timelapse_frames_previewed_counted_and_projected(
         server,
         tmp_path / "release",
         "timelapse",
-        {"input_dir": str(folder), "acquisition_rate": rate},
+        {"input_dir": str(folder), "acquisition_rate": rate, "pixel_size": 0.65},
     )
     previews = kinds(events, "preview")
     assert len(previews) == n, f"{len(previews)} previews of {n} frames"
@@ -415,6 +424,26 @@ def test_timelapse_frames_previewed_counted_and_projected(
     # frames come at the acquisition rate: n - 1 intervals of 1/rate at least
     assert status["finished"] - status["started"] >= (n - 1) / rate
     check_progress(events, n)
+
+    # exported as OME-Zarr, the frames are one time series at the config's pixel size,
+    # and so are their labels
+    out = tmp_path / "export"
+    client = server.client()
+    written = client.get_results(status["id"], directory=out, format="ome-zarr")
+    assert written["movie"] == [out / "movie.ome.zarr"]
+    movie_zarr = zarr.open_group(str(out / "movie.ome.zarr"), mode="r")
+    multiscale = movie_zarr.attrs["multiscales"][0]
+    assert [a["name"] for a in multiscale["axes"]] == ["t", "y", "x"]
+    assert [a.get("unit") for a in multiscale["axes"]] == [None, "micrometer", "micrometer"]
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.65, 0.65]
+    np.testing.assert_array_equal(movie_zarr["0"][...], movie)
+    labels = zarr.open_group(str(out / "nuclei.ome.zarr"), mode="r")
+    assert labels["0"].shape == movie.shape and labels.attrs["zmqruntime"]["kind"] == "labels"
+    manifest = (out / "manifest.json").read_text()
+    assert '"table": "values.csv"' in manifest
+    with open(out / "values.csv", newline="") as f:
+        table = [r for r in csv.DictReader(f) if r["name"] == "frames"]
+    assert [int(r["nuclei"]) for r in table] == counts
 
 
 # ---------------------------------------------------------------------- shared behaviour

@@ -11,6 +11,10 @@ recursive = False  # also follow sub-folders (one per position, say)
 poll = None  # seconds between listings to poll instead of file events (None: automatic)
 skip_existing = False  # True: only files that appear after the start
 
+# micrometres per pixel of the camera (None: unknown). When set, previews and results carry
+# it (zmqruntime image metadata): scale bars, exports (OME-Zarr/OME-TIFF) and napari use it.
+pixel_size = None
+
 # nucleus segmentation, as in the nuclei example
 smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
 background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide

@@ -55,6 +55,7 @@ def run(ctx, config):
 
     projection = None
     counts = []
+    calibrated = _support.calibration(config)  # the pixel size, if the config gives one
     start = time.monotonic()
     files = ctx.follow_folder(
         folder,
@@ -70,8 +71,8 @@ def run(ctx, config):
             labels = segment_nuclei(frame.astype(np.float32), config)
             areas = np.bincount(labels.ravel())[1:]
             areas = areas[areas > 0]
-            ctx.preview("camera", frame)
-            ctx.preview("outlines", outlined(frame, labels))
+            ctx.preview("camera", frame, **calibrated)
+            ctx.preview("outlines", outlined(frame, labels), **calibrated)
             row = {
                 "file": path.name,
                 "frame": len(counts),
@@ -85,6 +86,6 @@ def run(ctx, config):
             projection = frame.copy() if projection is None else np.maximum(projection, frame)
 
     if projection is not None:
-        ctx.emit("max_projection", projection)
+        ctx.emit("max_projection", projection, **calibrated)
     print(f"{len(counts)} frames, {min(counts or [0])} to {max(counts or [0])} nuclei per frame")
     return {"frames": len(counts), "mean_nuclei": float(np.mean(counts)) if counts else 0.0}

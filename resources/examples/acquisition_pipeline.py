@@ -88,6 +88,8 @@ def run(ctx, config):
     rng = np.random.default_rng(config.get("seed", 0))
     scene = Scene(size, n_cells, rng)
     ctx.log(f"acquiring {frames} frames of {size}x{size} uint16, {n_cells} cells")
+    pixel = config.get("pixel_size")  # micrometres per pixel: the frames' physical scale
+    calibrated = {"scale": {"y": float(pixel), "x": float(pixel)}} if pixel else {}
 
     projection = np.zeros((size, size), dtype=np.float32)
     table = {"frame": [], "cells": [], "cells_visible": [], "mean_intensity": [], "background": []}
@@ -97,7 +99,7 @@ def run(ctx, config):
             ctx.log(f"cancelled after {i} frames")
             break
         frame, visible = scene.render()
-        ctx.preview("camera", frame)
+        ctx.preview("camera", frame, **calibrated)
         background = box_blur(frame, 24)
         foreground = frame.astype(np.float32) - background
         noise = 1.4826 * float(np.median(np.abs(foreground)))
@@ -117,6 +119,6 @@ def run(ctx, config):
         if delay > 0:
             ctx.wait(delay)  # a cancel-aware sleep: returns at once on cancel
 
-    ctx.emit("max_projection", np.clip(projection, 0, 65535).astype(np.uint16))
+    ctx.emit("max_projection", np.clip(projection, 0, 65535).astype(np.uint16), **calibrated)
     ctx.emit("counts", table)
     return {"frames": len(table["frame"]), "mean_cells": float(np.mean(table["cells"] or [0]))}

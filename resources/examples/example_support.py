@@ -71,6 +71,13 @@ def resolve_input_dir(value, example=None):
     return path.resolve()
 
 
+def calibration(config):
+    """The image metadata keywords of ``config.pixel_size`` (micrometres per pixel) for
+    ``ctx.emit``/``ctx.preview``: ``{"scale": {"y": p, "x": p}}``, or {} when not set."""
+    size = config.get("pixel_size")
+    return {"scale": {"y": float(size), "x": float(size)}} if size else {}
+
+
 def typical_area(labels):
     """Median object area, ignoring specks of a few pixels (noise)."""
     areas = np.bincount(labels.ravel())[1:]

@@ -7,6 +7,10 @@
 input_dir = None
 pattern = "*.png"  # which files of input_dir to count (glob), e.g. "*.tif"
 
+# micrometres per pixel of the camera (None: unknown). When set, previews and results carry
+# it (zmqruntime image metadata): scale bars, exports (OME-Zarr/OME-TIFF) and napari use it.
+pixel_size = None
+
 smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
 background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide
 split_touching = True  # split touching nuclei (distance-transform watershed)

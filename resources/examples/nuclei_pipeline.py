@@ -5,8 +5,10 @@ labelling, and a distance-transform watershed that splits touching nuclei (a pla
 threshold undercounts them by about a third). Every size is relative to the typical
 nucleus radius, measured on the image itself, so one setting fits images taken at
 different magnifications. Each image yields one ``counts`` row (image, count, mean
-area) as soon as it is done, a live preview with the nuclei outlined, and a progress
-step. Needs the ``examples`` extra: scikit-image, scipy, tifffile.
+area) as soon as it is done, the image (``image``) and its segmentation (``labels``,
+kind "labels") as results, a live preview of the image, and a progress step; with
+``pixel_size`` in the config, images and labels carry their physical scale. Needs the
+``examples`` extra: scikit-image, scipy, tifffile.
 """
 
 import numpy as np
@@ -38,20 +40,6 @@ def read_gray(path):
     return image.astype(np.float32)
 
 
-def overlay(image, labels):
-    """RGB uint8 preview: the image in grey, nuclei tinted, their outlines in green."""
-    from skimage import segmentation
-
-    lo, hi = np.percentile(image, (0.5, 99.5))
-    gray = np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-    rgb = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2)
-    inside = labels > 0
-    tint = np.array([255, 0, 255], np.float32)
-    rgb[inside] = (0.7 * rgb[inside] + 0.3 * tint).astype(np.uint8)
-    rgb[segmentation.find_boundaries(labels, mode="inner")] = (0, 255, 0)
-    return rgb
-
-
 def run(ctx, config):
     folder = resolve_input_dir(config.get("input_dir"), example=EXAMPLE_DATA)
     pattern = str(config.get("pattern", "*.png"))
@@ -61,6 +49,7 @@ def run(ctx, config):
     ctx.log(f"counting nuclei in {len(files)} images of {folder}")
 
     counts = []
+    calibrated = _support.calibration(config)  # the pixel size, if the config gives one
     for i, path in enumerate(files):
         if ctx.cancelled:
             ctx.log(f"cancelled after {i} of {len(files)} images")
@@ -78,7 +67,11 @@ def run(ctx, config):
         }
         counts.append(row["count"])
         ctx.emit("counts", row)
-        ctx.preview("nuclei", overlay(image, labels))
+        # the raw image and its segmentation, not a picture of them: a viewer overlays the
+        # labels on the image (napari: a Labels layer) at the image's physical scale
+        ctx.emit("image", image, **calibrated)
+        ctx.emit("labels", labels.astype(np.int32), kind="labels", **calibrated)
+        ctx.preview("nuclei", image, **calibrated)
         ctx.progress(i + 1, len(files), f"{path.name}: {row['count']} nuclei")
 
     total = int(sum(counts))

@@ -10,6 +10,10 @@ pattern = "*.TIF"  # which files of input_dir belong to the plate (glob)
 name_regex = r"_(?P<well>[A-Pa-p]\d{2})(?P<field>f\d{2})"
 
 field_interval = 0.1  # seconds between streamed fields, as if acquired (0: no pause)
+
+# micrometres per pixel of the camera (None: unknown). When set, previews and results carry
+# it (zmqruntime image metadata): scale bars, exports (OME-Zarr/OME-TIFF) and napari use it.
+pixel_size = None
 illumination_sigma = 32.0  # smoothing of the flat field estimated from all fields, pixels
 spot_sigma = 1.0  # spots: difference of Gaussians, this sigma ...
 spot_background_sigma = 3.0  # ... minus this one (pixels)

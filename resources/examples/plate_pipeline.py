@@ -3,7 +3,8 @@
 Fields are read in acquisition order (well, then field). A first pass estimates the
 illumination (the flat field) from all fields: the mean of the fields, each scaled to
 mean 1, smoothed so that only the optics' vignetting remains. A second pass streams
-every corrected field as a live preview (spots in red), measures its mean intensity
+every corrected field as a live preview (float32, at ``pixel_size`` when the config
+gives it), measures its mean intensity
 and counts its spots (difference of Gaussians above a robust noise threshold), and
 emits one ``fields`` row per field and one ``wells`` row as soon as a well is done:
 the ``wells`` rows are the per-well table. The flat field is stored as
@@ -92,14 +93,6 @@ def find_spots(image, config):
     return keep[labels], int(keep.sum())
 
 
-def render(image, spots, display_max):
-    """RGB uint8 preview with fixed levels (wells compare by eye), spots in red."""
-    gray = np.clip(image * (255.0 / display_max), 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    rgb[spots] = (255, 40, 40)
-    return rgb
-
-
 def well_row(well, rows):
     return {
         "well": well,
@@ -124,11 +117,11 @@ def run(ctx, config):
     if flat is None:
         ctx.log("cancelled while estimating the illumination")
         return None
-    ctx.emit("illumination", flat)
+    calibrated = _support.calibration(config)  # the pixel size, if the config gives one
+    ctx.emit("illumination", flat, **calibrated)
     ctx.log(f"illumination: {flat.min():.2f} to {flat.max():.2f} of the mean (vignetting)")
 
     interval = float(config.get("field_interval", 0.0))
-    display_max = None
     per_well = collections.Counter(well for well, _, _ in fields)
     well_rows, done_wells = {}, []
     t_next = time.monotonic()
@@ -139,9 +132,9 @@ def run(ctx, config):
         raw = read_field(path)
         corrected = raw / flat
         spots, n_spots = find_spots(corrected, config)
-        if display_max is None:
-            display_max = 2.5 * max(float(corrected.mean()), 1.0)
-        ctx.preview("field", render(corrected, spots, display_max))
+        # the corrected field itself (float32, at its physical scale), not a picture
+        # rendered here: the viewer chooses levels and colours
+        ctx.preview("field", corrected.astype(np.float32), **calibrated)
         row = {
             "index": i,
             "well": well,

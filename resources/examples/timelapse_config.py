@@ -9,6 +9,10 @@ pattern = "*.tif"  # which files of input_dir make the movie, in name order (glo
 
 acquisition_rate = 5.0  # frames per second, as a camera would deliver them (0: no pause)
 
+# micrometres per pixel of the camera (None: unknown). When set, previews and results carry
+# it (zmqruntime image metadata): scale bars, exports (OME-Zarr/OME-TIFF) and napari use it.
+pixel_size = None
+
 # nucleus segmentation, as in the nuclei example
 smoothing_sigma = 1.0  # Gaussian smoothing before the threshold, in pixels
 background_scale = 4.0  # background = Gaussian blur this many nucleus radii wide

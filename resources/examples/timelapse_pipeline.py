@@ -3,8 +3,10 @@
 Frames are previewed live at ``acquisition_rate`` frames per second (the ``camera``
 preview), each frame's nuclei are counted (smoothing, background subtraction, Otsu
 threshold, labelling and a distance-transform watershed, as in the nuclei example),
-and the run stores one ``frames`` row per frame (frame, nuclei, mean area, mean
-intensity) plus the maximum projection over time (``max_projection``). Needs the
+and the run stores each frame (``movie``) and its segmentation (``nuclei``, kind
+"labels"), one ``frames`` row per frame (frame, nuclei, mean area, mean intensity) and
+the maximum projection over time (``max_projection``); exported as OME-Zarr or
+OME-TIFF, ``movie`` and ``nuclei`` are one time series each, at ``pixel_size``. Needs the
 ``examples`` extra: scikit-image, scipy, tifffile.
 """
 
@@ -59,6 +61,7 @@ def run(ctx, config):
 
     projection = None
     counts = []
+    calibrated = _support.calibration(config)  # the pixel size, if the config gives one
     t_next = time.monotonic()
     for i, frame in enumerate(movie):
         if ctx.cancelled:
@@ -68,8 +71,11 @@ def run(ctx, config):
         if delay > 0:
             ctx.wait(delay)  # the camera's next frame; returns at once on cancel
         t_next += interval
-        ctx.preview("camera", frame)
+        ctx.preview("camera", frame, **calibrated)
         labels = segment_nuclei(frame.astype(np.float32), config)
+        # each frame and its segmentation: exported, each name is one time series
+        ctx.emit("movie", frame, **calibrated)
+        ctx.emit("nuclei", labels.astype(np.int32), kind="labels", **calibrated)
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas > 0]
         row = {
@@ -84,7 +90,7 @@ def run(ctx, config):
         ctx.progress(i + 1, n, f"frame {i + 1}/{n}: {row['nuclei']} nuclei")
 
     if projection is not None:
-        ctx.emit("max_projection", projection)
+        ctx.emit("max_projection", projection, **calibrated)
     print(f"{len(counts)} frames, {min(counts or [0])} to {max(counts or [0])} nuclei per frame")
     return {
         "frames": len(counts),
