@@ -74,7 +74,9 @@ class TaskSession:
         self.task = spec["task"]
         keys = spec["keys"]
         security = ClientSecurity(keys["public"], keys["secret"], keys["server"])
-        self.zctx = zmq.Context()
+        # one context per Dask worker process, kept: a new one per task costs about 2 ms,
+        # and its I/O thread delivers the "done" (linger) while the next task starts
+        self.zctx = zmq.Context.instance()
         self.ctl = self.zctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.IDENTITY, self.identity)
         self.ctl.setsockopt(zmq.LINGER, 0)
@@ -87,6 +89,12 @@ class TaskSession:
         security.apply(self.events)
         self.events.connect(spec["events"])
         self.events_lock = threading.Lock()
+        # the io thread sleeps in poll(); this pair wakes it when the run ends
+        wake_url = f"inproc://zmqruntime-task-wake-{id(self)}"
+        self._wake_rx = self.zctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_url)
+        self._wake_tx = self.zctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_url)
         self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
         self.runner = PipelineRunner(_codes)
         self.stop = threading.Event()
@@ -117,6 +125,7 @@ class TaskSession:
             self._send_frames(protocol.encode(done))
         finally:
             self.stop.set()
+            self._wake_tx.send(b"")  # the next task may start at once: no wait for a poll
             io_thread.join(timeout=5)
         return done
 
@@ -164,11 +173,17 @@ class TaskSession:
     # -- io thread
     def _io_loop(self) -> None:
         last_beat = last_flush = last_heard = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         while not self.stop.is_set():
             wait = LOG_FLUSH_INTERVAL
             if self.interrupt_at is not None:
                 wait = max(0.0, min(wait, self.interrupt_at - time.monotonic()))
-            if self.ctl.poll(int(wait * 1000)):
+            ready = dict(poller.poll(int(wait * 1000)))
+            if self._wake_rx in ready:
+                break
+            if self.ctl in ready:
                 with contextlib.suppress(protocol.ProtocolError):
                     msg = protocol.decode(self.ctl.recv_multipart())
                     last_heard = time.monotonic()
@@ -198,8 +213,9 @@ class TaskSession:
     def close(self) -> None:
         linger = 0 if self.server_lost else SEND_TIMEOUT_MS
         self.ctl.close(linger=0)
-        self.events.close(linger=linger)  # the "done" leaves before the context ends
-        self.zctx.term()
+        self._wake_rx.close(linger=0)
+        self._wake_tx.close(linger=0)
+        self.events.close(linger=linger)  # the "done" still leaves (the context lingers)
         if self.results_dir is not None:
             shutil.rmtree(self.results_dir, ignore_errors=True)
 
