@@ -30,6 +30,7 @@ from .errors import (
     UnknownExecution,
 )
 from .export import FORMATS, export_run
+from .localstore import StoreReader
 from .protocol import FINAL_STATES, ControlMessageType, ErrorCode
 from .stream import DirectorySink, MemorySink, Subscription, follow
 from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_tcp, tcp_url
@@ -39,6 +40,8 @@ from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_t
 WAIT_CHUNK = 1.0
 LIVENESS_MARGIN = 2.0
 RESULTS_BATCH = 1000
+#: arrays a final status brings along when this client reads the store's files itself
+INLINE_WHEN_LOCAL = 256 * 1024
 BATCH = 1000  # runs per execute_many / wait_many request
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -83,6 +86,7 @@ class ExecutionClient:
         self._monitor: zmq.Socket | None = None
         self._req_ids = itertools.count(1)
         self._server_info: dict[str, Any] | None = None
+        self._reader_checked: StoreReader | bool | None = None  # False: files not readable
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,7 +180,12 @@ class ExecutionClient:
                 wait = _poll_chunk(deadline)
                 reply = self._request(
                     ControlMessageType.WAIT_MANY,
-                    {"ids": chunk, "timeout": wait, "with_results": True},
+                    {
+                        "ids": chunk,
+                        "timeout": wait,
+                        "with_results": True,
+                        "max_bytes": self._inline_results_bytes(),
+                    },
                     timeout=wait + LIVENESS_MARGIN,
                 )
                 statuses = reply["statuses"]
@@ -223,7 +232,12 @@ class ExecutionClient:
             chunk = _poll_chunk(deadline)
             status = self._request(
                 ControlMessageType.WAIT,
-                {"id": exec_id, "timeout": chunk, "with_results": _with_results},
+                {
+                    "id": exec_id,
+                    "timeout": chunk,
+                    "with_results": _with_results,
+                    "max_bytes": self._inline_results_bytes(),
+                },
                 timeout=chunk + LIVENESS_MARGIN,
             )
             if status["state"] in FINAL_STATES:
@@ -245,7 +259,8 @@ class ExecutionClient:
 
         With ``directory``, each result is written there as it arrives (arrays as .npy,
         plus index.json) and the dict holds file paths instead of arrays. Arrays returned
-        in memory are read-only views on the received buffers (``.copy()`` to modify).
+        in memory may be views on received buffers: ``.copy()`` one before changing it. On
+        the server's host, finished results are read from the store's files directly.
 
         ``format="ome-zarr"`` or ``"ome-tiff"`` (with ``directory``) writes images instead
         (``zmqruntime.export``): one per array result name, a name's same-shaped results
@@ -417,11 +432,15 @@ class ExecutionClient:
         """Stored results ``start <= index < stop`` as result events, in batches.
 
         A result is streamed before its file is written; one not stored yet is waited for.
+        A client that sees the server's files reads them itself (see localstore).
         """
         index = start
         pause = 0.002
+        reader = self._store_reader()
         while index < stop:
             body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
+            if reader is not None:
+                body["values"] = False  # a listing: the files are read here
             reply = self._request(ControlMessageType.RESULTS, body)
             batch = reply["results"]
             if not batch:
@@ -437,8 +456,38 @@ class ExecutionClient:
             for item in batch:
                 if item["index"] >= stop:
                     return
+                if reader is not None:  # one at a time: a batch may be gigabytes
+                    item = self._read_listed(reader, exec_id, item)
                 yield {"kind": "result", "id": exec_id, "seq": None, "fetched": True, **item}
                 index = item["index"] + 1
+
+    def _inline_results_bytes(self) -> int:
+        """How many bytes of arrays a final status may bring along: few when this client
+        reads the files itself (faster than the socket), else the server's default."""
+        return INLINE_WHEN_LOCAL if self._store_reader() is not None else 0
+
+    def _store_reader(self) -> StoreReader | None:
+        """A reader of the server's result files, if this client sees them (checked once)."""
+        if self._reader_checked is None:
+            self._reader_checked = StoreReader.for_server(self._ensure_server()) or False
+        return self._reader_checked or None
+
+    def _read_listed(self, reader: StoreReader, exec_id: str, entry: dict) -> dict[str, Any]:
+        """One listed result with its value: from its file, or over the socket if need be."""
+        try:
+            value = reader.read(exec_id, entry)
+        except (OSError, ProtocolError, ValueError):
+            body = {"id": exec_id, "start": entry["index"], "limit": 1}
+            fetched = self._request(ControlMessageType.RESULTS, body)["results"]
+            if not fetched or fetched[0]["index"] != entry["index"]:
+                raise ProtocolError(
+                    f"the server has no stored result {entry['index']} of {exec_id}"
+                ) from None
+            return fetched[0]
+        item = {"index": entry["index"], "name": entry["name"], "value": value}
+        if "meta" in entry:
+            item["meta"] = entry["meta"]
+        return item
 
     def _ensure_server(self) -> dict[str, Any]:
         """Check (once) that a zmqruntime server answers, spawning one if allowed."""

@@ -1597,7 +1597,7 @@ SUMMARY_VALUE_BYTES = 4096
 def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
     """Index, name and kind of a stored result, with dtype/shape/nbytes; small values inline."""
     out = {"index": entry["index"], "name": entry["name"], "kind": entry.get("kind", "value")}
-    for key in ("dtype", "shape", "nbytes", "meta"):
+    for key in ("dtype", "shape", "nbytes", "meta", "order", "file", "offset"):
         if key in entry:
             out[key] = entry[key]
     if out["kind"] == "value" and "file" not in entry:
