@@ -609,4 +609,3 @@ class DaskExecutor:
                 self.cluster.close(timeout=30)  # a job queue's jobs are cancelled here
         except Exception:
             log.exception("Dask: closing the client or cluster failed")
-
