@@ -13,7 +13,16 @@ In one run (issue 3, point 8), with 2048x2048 uint16 frames (8 MiB each):
    full speed, next to the same figures with nothing streaming;
 4. the resident memory growth of the client while ``get_results(directory=...)``
    writes ``--gb`` GB of results to disk (in a fresh client process), and of the
-   server and its workers while the run produces them and while they are fetched.
+   server and its workers while the run produces them and while they are fetched;
+5. ``ping()`` p99/max while 4 client processes submit ``--submit-runs`` trivial runs
+   each (half one by one, half with execute_many) and gather them;
+6. arrays back: 50 runs each returning one frame, ``gather``ed by a client on the
+   server's host (which reads the store's files itself) against the disk ceiling.
+
+``--json FILE`` writes the figures with stable keys (raw_pyzmq_fps,
+result_file_ceiling_fps, stored_stream_fps, stored_fetched_from_store, preview_fps,
+ping_p99_ms_streaming, ping_p99_ms_submit_load, ping_max_ms_submit_load,
+arrays_back_fps, ...).
 
 Everything runs under a temporary state directory and is stopped at the end.
 """
@@ -184,15 +193,23 @@ def zmqr_previews(client: Any, seconds: float, fps: float) -> tuple[float, float
     return (received - 1) / span, offered / seconds
 
 
-def ping_probe(port: int, seconds: float, interval: float, out: Path) -> None:
-    """Child process: ping the server every ``interval`` s for ``seconds``; (wall, rtt) pairs."""
+def ping_probe(
+    port: int, seconds: float, interval: float, out: Path, until_gone: list[int] | None = None
+) -> None:
+    """Child process: ping the server every ``interval`` s for ``seconds`` (or until the
+    processes ``until_gone`` have all exited); (wall, rtt) pairs."""
+    import psutil
+
     from zmqruntime import ExecutionClient
 
     samples = []
+    watched = [psutil.Process(pid) for pid in until_gone or [] if psutil.pid_exists(pid)]
     with ExecutionClient(port, auto_spawn=False, timeout=10.0) as client:
         client.ping()  # connect first: the handshake is not what we measure
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            if watched and not any(p.is_running() and p.status() != "zombie" for p in watched):
+                break
             t_wall = time.time()
             t0 = time.perf_counter()
             client.ping()
@@ -292,6 +309,68 @@ def ping_while_fetching(
     return {**ping_stats(inside), "frames_fetched": counts["frames"], "fetch_fps": fps}
 
 
+TRIVIAL = "def run(ctx, config):\n    return config['i']\n"
+ARRAY_BACK = (
+    "import numpy as np\n\n"
+    "def run(ctx, config):\n"
+    "    return np.full((2048, 2048), config['i'], np.uint16)\n"
+)
+
+
+def submit_probe(port: int, runs: int) -> None:
+    """Child process: submit ``runs`` trivial runs (half one by one, half in one
+    execute_many) and gather them all."""
+    from zmqruntime import ExecutionClient
+
+    with ExecutionClient(port, auto_spawn=False, timeout=60.0) as client:
+        half = runs // 2
+        ids = [client.execute(TRIVIAL, config={"i": i}) for i in range(half)]
+        ids += client.execute_many(TRIVIAL, [{"i": i} for i in range(half, runs)])
+        got = client.gather(ids, timeout=600)
+        assert [r["return"][0] for r in got] == list(range(runs))
+
+
+def ping_while_submitting(
+    port: int, clients: int, runs: int, interval: float, root: Path
+) -> dict[str, Any]:
+    """``clients`` processes submit ``runs`` each; ping from another process meanwhile."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--submit-probe", str(port)]
+    cmd += ["--submit-runs", str(runs)]
+    t0 = time.time()
+    procs = [subprocess.Popen(cmd) for _ in range(clients)]
+    out = root / f"pings-submit-{time.monotonic_ns()}.json"
+    pinger = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--ping-probe", str(port)]
+        + ["--seconds", "3600", "--interval", str(interval), "--out", str(out)]
+        + ["--until-gone", ",".join(str(p.pid) for p in procs)]
+    )
+    try:
+        for proc in procs:
+            if proc.wait(timeout=900) != 0:
+                raise RuntimeError("a submitting client failed")
+        t1 = time.time()
+        pinger.wait(timeout=120)
+    finally:
+        for proc in (*procs, pinger):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    samples = json.loads(out.read_text())
+    inside = [rtt for t, rtt in samples if t0 <= t <= t1]
+    return {**ping_stats(inside), "runs": clients * runs, "runs_per_s": clients * runs / (t1 - t0)}
+
+
+def arrays_back(client: Any, n: int) -> float:
+    """Frames/s of ``gather`` over ``n`` finished runs that each returned one frame."""
+    ids = client.execute_many(ARRAY_BACK, [{"i": i} for i in range(n)])
+    client.gather(ids, timeout=600)  # all finished and stored: what follows is reading
+    t0 = time.perf_counter()
+    got = client.gather(ids)
+    fps = n / (time.perf_counter() - t0)
+    assert all(int(r["return"][0][1, 1]) == i % 65536 for i, r in enumerate(got))
+    return fps
+
+
 def rss_probe(port: int, gb: float, out_dir: Path, out: Path) -> None:
     """Child process: a run emitting ``gb`` GB, then get_results(directory=) it; RSS peaks."""
     import psutil
@@ -352,7 +431,10 @@ def run_rss_probe(port: int, gb: float, root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]]:
+def benchmark(
+    args: argparse.Namespace, root: Path, figures: dict[str, Any]
+) -> list[tuple[str, str, str]]:
+    """The table's rows; ``figures`` gets the same numbers under stable keys (--json)."""
     from zmqruntime import ExecutionClient
     from zmqruntime.transport import free_port
 
@@ -362,6 +444,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
     if "throughput" in steps:
         log(f"raw pyzmq: {args.frames} frames ...")
         raw_fps = raw_pyzmq(args.frames)
+        figures["raw_pyzmq_fps"] = raw_fps
         rows.append(
             (
                 f"raw pyzmq PUSH/PULL, tcp loopback, {args.frames} frames",
@@ -380,6 +463,8 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
             zmqr_stream(client, EMIT_N, 5, "result")  # warm-up
             fps, count, fetched = zmqr_stream(client, EMIT_N, args.frames, "result")
             assert count == args.frames, (count, args.frames)
+            figures.update(stored_stream_fps=fps, stored_fetched_from_store=fetched)
+            figures["stored_fetched_share"] = fetched / args.frames
             share = fps / raw_fps if raw_fps else float("nan")
             rows.append(
                 (
@@ -402,6 +487,8 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
                 )
             log(f"result-file ceiling: {args.frames} frames ...")
             disk_fps, how = disk_ceiling(args.frames, root / "disk-ceiling")
+            figures["result_file_ceiling_fps"] = disk_fps
+            figures["stored_stream_vs_ceiling"] = figures["stored_stream_fps"] / disk_fps
             rows.append(
                 (
                     f"writing the same {args.frames} frames as result files on the store's "
@@ -413,6 +500,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
             )
             log("zmqruntime preview -> stream(): 3 s ...")
             received, sent = zmqr_previews(client, 3.0, fps=2 * raw_fps)
+            figures["preview_fps"] = received
             rows.append(
                 (
                     "zmqruntime ctx.preview -> client.stream() for 3 s, offered at twice the "
@@ -437,6 +525,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
             )
             log(f"ping while frames stream, {args.ping_seconds:g} s ...")
             busy = ping_while_streaming(client, port, args.ping_seconds, args.interval, root)
+            figures["ping_p99_ms_streaming"] = busy["p99_ms"]
             rows.append(
                 (
                     f"ping() from a second client while frames stream ({busy['n']} pings; "
@@ -458,6 +547,41 @@ def benchmark(args: argparse.Namespace, root: Path) -> list[tuple[str, str, str]
                     f"p50 {fetching['p50_ms']:.2f} ms, p99 {fetching['p99_ms']:.2f} ms, "
                     f"max {fetching['max_ms']:.2f} ms",
                     f"p99 ≤ 5 ms: {'met' if fetching['p99_ms'] <= 5 else 'missed'}",
+                )
+            )
+        if "submit" in steps:
+            log(f"ping while 4 clients submit {args.submit_runs} runs each ...")
+            load = ping_while_submitting(port, 4, args.submit_runs, args.interval, root)
+            figures["ping_p99_ms_submit_load"] = load["p99_ms"]
+            figures["ping_max_ms_submit_load"] = load["max_ms"]
+            figures["submit_runs_per_s"] = load["runs_per_s"]
+            rows.append(
+                (
+                    f"ping() from a fifth client while 4 clients submit {args.submit_runs} "
+                    f"trivial runs each, half one by one, half with execute_many "
+                    f"({load['n']} pings; {load['runs_per_s']:.0f} runs/s)",
+                    f"p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
+                    f"max {load['max_ms']:.2f} ms",
+                    "p99 ≤ 5 ms, max ≤ 20 ms: "
+                    + ("met" if load["p99_ms"] <= 5 and load["max_ms"] <= 20 else "missed"),
+                )
+            )
+        if "arrays" in steps:
+            log("arrays back: 50 runs returning a frame each ...")
+            arrays_back(client, 5)  # warm-up
+            back = arrays_back(client, 50)
+            figures["arrays_back_fps"] = back
+            ceiling = figures.get("result_file_ceiling_fps")
+            ratio = back / ceiling if ceiling else float("nan")
+            rows.append(
+                (
+                    "arrays back: gather() of 50 finished runs returning one frame each, "
+                    "a client on the server's host",
+                    f"{common.fmt(back)} frames/s"
+                    + (f" = {ratio:.0%} of the result-file ceiling" if ceiling else ""),
+                    f"≥ 70% of the ceiling: {'met' if ratio >= 0.7 else 'missed'}"
+                    if ceiling
+                    else "information",
                 )
             )
         if "rss" in steps:
@@ -519,9 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--steps",
-        default="throughput,ping,rss",
-        help="comma-separated subset of throughput,ping,rss",
+        default="throughput,ping,submit,arrays,rss",
+        help="comma-separated subset of throughput,ping,submit,arrays,rss",
     )
+    parser.add_argument(
+        "--submit-runs", type=int, default=2000, help="runs each of 4 clients submits"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--submit-probe", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--until-gone", help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
     parser.add_argument("--ping-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
@@ -532,15 +662,20 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if args.ping_probe:
-        ping_probe(args.ping_probe, args.seconds, args.interval, args.out)
+        gone = [int(p) for p in args.until_gone.split(",")] if args.until_gone else None
+        ping_probe(args.ping_probe, args.seconds, args.interval, args.out, gone)
+        return 0
+    if args.submit_probe:
+        submit_probe(args.submit_probe, args.submit_runs)
         return 0
     if args.rss_probe:
         rss_probe(args.rss_probe, args.gb, args.out_dir, args.out)
         return 0
     t0 = time.monotonic()
+    figures: dict[str, Any] = {}
     with common.isolation(keep=args.keep) as root:
         try:
-            rows = benchmark(args, root)
+            rows = benchmark(args, root, figures)
         except KeyboardInterrupt:
             log("interrupted: stopping everything started")
             return 130
@@ -551,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             log(f"state kept in {root}")
     print(render(rows, args))
+    if args.json:
+        common.write_json(args.json, "bench_stream", figures, args.argv)
     log(f"total {time.monotonic() - t0:.1f} s")
     return 0
 

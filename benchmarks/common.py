@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -437,3 +438,17 @@ if __name__ == "__main__":
         raw_worker(sys.argv[2], sys.argv[3])
     else:
         sys.exit("usage: common.py raw-worker TASKS_URL RESULTS_URL")
+
+
+def write_json(path: Path, benchmark: str, figures: dict[str, Any], argv: Sequence[str]) -> None:
+    """``--json``: the figures at the top level under stable keys, plus where they came from
+    (``benchmark``, ``machine``, ``versions``, ``command``), so runs can be compared by key."""
+    doc = {
+        **figures,
+        "benchmark": benchmark,
+        "machine": machine(),
+        "versions": versions(),
+        "command": list(argv),
+        "time": time.time(),
+    }
+    Path(path).write_text(json.dumps(doc, indent=2, default=float))

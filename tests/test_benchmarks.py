@@ -3,6 +3,7 @@ timings belong to the benchmarks themselves)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -66,7 +67,7 @@ def test_compare_prints_one_table_with_zmqruntime_and_raw_pyzmq() -> None:
     assert table.count("| workload |") == 1
 
 
-def test_bench_stream_measures_throughput_ping_and_memory() -> None:
+def test_bench_stream_measures_throughput_ping_and_memory(tmp_path: Path) -> None:
     table = run_script(
         str(BENCH / "bench_stream.py"),
         "--frames",
@@ -75,7 +76,25 @@ def test_bench_stream_measures_throughput_ping_and_memory() -> None:
         "0.1",
         "--ping-seconds",
         "1",
+        "--submit-runs",
+        "40",
+        "--json",
+        str(tmp_path / "figures.json"),
     )
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for key in (
+        "raw_pyzmq_fps",
+        "result_file_ceiling_fps",
+        "stored_stream_fps",
+        "stored_fetched_from_store",
+        "preview_fps",
+        "ping_p99_ms_streaming",
+        "ping_p99_ms_submit_load",
+        "ping_max_ms_submit_load",
+        "arrays_back_fps",
+    ):
+        assert isinstance(figures[key], (int, float)) and figures[key] >= 0, key
+    assert re.search(r"p99 [\d.]+ ms", row(table, "ping() from a fifth client")[1])
     assert "frames/s = " in row(table, "zmqruntime ctx.emit")[1]
     assert re.search(r"p99 [\d.]+ ms", row(table, "ping() from a second client while")[1])
     assert re.match(r"\+[\d.]+ MB", row(table, "client RSS growth")[1])
