@@ -42,7 +42,10 @@ LIVENESS_MARGIN = 2.0
 RESULTS_BATCH = 1000
 #: arrays a final status brings along when this client reads the store's files itself
 INLINE_WHEN_LOCAL = 256 * 1024
-BATCH = 1000  # runs per execute_many / wait_many request
+#: runs per execute_many / wait_many request: the server handles a request whole in one
+#: loop turn, so 1,000 at a time held other clients' pings for up to ~100 ms; 100 keep
+#: them in single milliseconds at the same throughput (benchmarks/bench_stream.py)
+BATCH = 100
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
