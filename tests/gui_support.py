@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import shiboken6  # noqa: E402
 from PySide6 import QtCore, QtWidgets  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -85,6 +87,8 @@ class ModalAnswer:
     def __init__(self, handler, timeout: float = 20.0) -> None:
         self.handler = handler
         self.dialog: QtWidgets.QWidget | None = None
+        self.title = self.text = ""
+        self._already_open = QtWidgets.QApplication.activeModalWidget()  # not this one
         self.error: BaseException | None = None
         self._deadline = time.monotonic() + timeout
         self._timer = QtCore.QTimer()
@@ -94,9 +98,12 @@ class ModalAnswer:
 
     def _tick(self) -> None:
         dialog = QtWidgets.QApplication.activeModalWidget()
-        if dialog is not None and dialog.isVisible():
+        if dialog is not None and dialog.isVisible() and dialog is not self._already_open:
             self._timer.stop()
             self.dialog = dialog
+            # what it said (a static message box is deleted once answered)
+            self.title = dialog.windowTitle()
+            self.text = dialog.text() if isinstance(dialog, QtWidgets.QMessageBox) else ""
             try:
                 self.handler(dialog)
             except BaseException as exc:  # reported by check(); close the dialog anyway
@@ -169,5 +176,41 @@ def answer_confirm(yes: bool):
         no = button_named(box, "confirm_no")
         assert box.defaultButton() is no  # Enter keeps things as they are
         real_click(button_named(box, "confirm_yes") if yes else no)
+
+    return handler
+
+
+def answer_file_dialog(path) -> Callable:
+    """A handler for a file dialog: type ``path`` into its name field and press Enter."""
+    from PySide6.QtTest import QTest
+
+    def handler(dialog: QtWidgets.QWidget) -> None:
+        assert isinstance(dialog, QtWidgets.QFileDialog), dialog
+        edit = dialog.findChild(QtWidgets.QLineEdit, "fileNameEdit")
+        if dialog.fileMode() == QtWidgets.QFileDialog.FileMode.Directory:
+            edit.clear()
+            # go to the folder, then Choose (with the name field empty it takes the folder)
+            dialog.setDirectory(str(path))
+            box = dialog.findChild(QtWidgets.QDialogButtonBox, "buttonBox")
+            real_click(box.button(QtWidgets.QDialogButtonBox.StandardButton.Open))
+            return
+        edit.setText(str(path))  # pasted: typed letters would open the completer's popup
+        QTest.keyClick(edit, QtCore.Qt.Key.Key_Return)
+        taken = not (shiboken6.isValid(dialog) and dialog.isVisible())  # static ones are deleted
+        assert taken, f"the file dialog did not take {path}"
+
+    return handler
+
+
+def answer_message(button_text: str = "OK") -> Callable:
+    """A handler for a message box: click the button that reads ``button_text``."""
+
+    def handler(box: QtWidgets.QWidget) -> None:
+        assert isinstance(box, QtWidgets.QMessageBox), box
+        for button in box.buttons():
+            if button.text().replace("&", "") == button_text:
+                real_click(button)
+                return
+        raise AssertionError(f"no {button_text!r} in {[b.text() for b in box.buttons()]}")
 
     return handler

@@ -32,7 +32,7 @@ class LogView(QtWidgets.QWidget):
         self.text.setMaximumBlockCount(MAX_LOG_BLOCKS)
         self.text.setLineWrapMode(QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap)
         self.text.setPlaceholderText("No log lines yet.")
-        self.follow = QtWidgets.QCheckBox("Follow")
+        self.follow = QtWidgets.QCheckBox("Follow", objectName="log_follow")
         self.follow.setChecked(True)
         self.follow.setToolTip("Keep the newest line in view")
         self.label = QtWidgets.QLabel(objectName="hint")

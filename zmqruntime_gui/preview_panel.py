@@ -99,7 +99,7 @@ class PreviewPanel(QtWidgets.QWidget):
             shortcuts=["Ctrl+L"], tip="Set the display range from the current frame once (Ctrl+L)",
         )  # fmt: skip
         bar.addAction(self.act_autolevel)
-        self.continuous = QtWidgets.QCheckBox("Continuous")
+        self.continuous = QtWidgets.QCheckBox("Continuous", objectName="continuous_levels")
         self.continuous.setToolTip("Recompute the display range on every frame (from a subsample)")
         bar.addWidget(self.continuous)
         bar.addSeparator()

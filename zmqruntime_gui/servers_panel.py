@@ -222,7 +222,7 @@ class LogDialog(QtWidgets.QDialog):
         self.text.setLineWrapMode(QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap)
         layout.addWidget(self.text)
         row = QtWidgets.QHBoxLayout()
-        self.follow = QtWidgets.QCheckBox("Follow")
+        self.follow = QtWidgets.QCheckBox("Follow", objectName="server_log_follow")
         self.follow.setChecked(True)
         row.addWidget(QtWidgets.QLabel(path, objectName="hint"), 1)
         row.addWidget(self.follow)

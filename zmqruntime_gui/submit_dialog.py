@@ -52,8 +52,8 @@ class SubmitDialog(QtWidgets.QDialog):
         self._loaded_config = ""
 
         # -- what
-        self.use_example = QtWidgets.QRadioButton("Bundled example")
-        self.use_files = QtWidgets.QRadioButton("Pipeline file")
+        self.use_example = QtWidgets.QRadioButton("Bundled example", objectName="use_example")
+        self.use_files = QtWidgets.QRadioButton("Pipeline file", objectName="use_files")
         self.use_example.setChecked(True)
         self.example_combo = QtWidgets.QComboBox()
         self.example_combo.addItems(list_examples())
