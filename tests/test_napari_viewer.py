@@ -1,0 +1,158 @@
+"""zmqruntime in a real napari: a run's results as layers, the "zmqruntime live" dock
+widget streaming previews while the viewer stays responsive, the npe2 plugin.
+
+napari is the optional extra ``zmqruntime[napari]`` (not in the test extra: it is heavy,
+and its pytest plugin imports napari in every test session): without it these tests skip.
+Tests that draw (``make_napari_viewer``) need OpenGL, which Qt's offscreen platform lacks:
+they run under a display (``QT_QPA_PLATFORM=xcb xvfb-run python -m pytest ...``) and skip
+offscreen; the others use napari's Qt-free ``ViewerModel`` and run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from conftest import ServerProcess, start_server
+
+napari = pytest.importorskip(
+    "napari", reason="napari is not installed (pip install 'zmqruntime[napari]')"
+)
+
+from napari.components import ViewerModel  # noqa: E402
+from test_napari import LIVE, PIPELINE, check_specs  # noqa: E402
+
+from zmqruntime_napari import add_layers, open_in_napari  # noqa: E402
+from zmqruntime_napari.layers import run_layers  # noqa: E402
+from zmqruntime_napari.widget import LiveWidget  # noqa: E402
+
+DRAWS = os.environ.get("QT_QPA_PLATFORM") != "offscreen"
+needs_display = pytest.mark.skipif(
+    not DRAWS,
+    reason="napari's canvas needs OpenGL, which QT_QPA_PLATFORM=offscreen lacks: "
+    "run under Xvfb with QT_QPA_PLATFORM=xcb",
+)
+
+
+@pytest.fixture(scope="module")
+def viewer_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("napari-viewer") / "server", workers=2)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def run_id(viewer_server) -> str:
+    client = viewer_server.client()
+    exec_id = client.execute(PIPELINE)
+    assert client.wait(exec_id, timeout=60)["state"] == "completed"
+    return exec_id
+
+
+def check_layers(viewer) -> None:
+    layers = {layer.name: layer for layer in viewer.layers}
+    assert sorted(layers) == ["cells DAPI", "cells GFP", "masks", "volume"]
+    dapi, gfp = layers["cells DAPI"], layers["cells GFP"]
+    assert type(dapi).__name__ == "Image" and dapi.data.shape == (3, 24, 32)
+    assert list(dapi.scale) == [1.0, 0.5, 0.25]
+    assert dapi.colormap.name == "blue" and dapi.blending == "additive"
+    assert np.allclose(gfp.colormap.colors[-1][:3], [0x12 / 255, 0xAB / 255, 0x34 / 255])
+    masks = layers["masks"]
+    assert type(masks).__name__ == "Labels" and list(masks.scale) == [0.5, 0.25]
+    volume = layers["volume"]
+    assert list(volume.scale) == [2.0, 1.0, 1.0]
+    if hasattr(volume, "units"):  # napari >= 0.6
+        assert [str(u) for u in volume.units] == ["nanometer"] * 3
+    assert dapi.metadata["zmqruntime"]["indices"] == [0, 1, 2]
+
+
+def test_open_in_napari_gives_layers_with_scale_channels_and_labels(viewer_server, run_id):
+    viewer = ViewerModel()
+    client = viewer_server.client()
+    assert open_in_napari(run_id, client=client, viewer=viewer) is viewer
+    check_layers(viewer)
+    check_specs(run_layers(client, run_id))
+
+
+def test_the_reader_through_napari(viewer_server, run_id, tmp_path):
+    from zmqruntime_napari.reader import read
+
+    viewer_server.client().get_results(run_id, directory=tmp_path, format="ome-zarr")
+    viewer = ViewerModel()
+    add_layers(viewer, read(str(tmp_path)))
+    check_layers(viewer)
+
+
+def test_the_plugin_is_registered_with_npe2():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    assert "zmqruntime" in pm._manifests, "the napari.manifest entry point is not installed"
+    widgets = [w.display_name for w in pm.get_manifest("zmqruntime").contributions.widgets]
+    assert widgets == ["zmqruntime live"]
+
+
+def follow_live(qtbot, viewer, server: ServerProcess) -> dict:
+    """Start LIVE, follow it with the dock widget; measure a 10 ms timer's lateness."""
+    from qtpy import QtCore
+
+    widget = LiveWidget(viewer, address=f"127.0.0.1:{server.port}")
+    qtbot.addWidget(widget)
+    client = server.client()
+    exec_id = client.execute(LIVE)
+    lateness: list[float] = []
+    last = [time.perf_counter()]
+
+    def beat() -> None:
+        now = time.perf_counter()
+        lateness.append(max(0.0, now - last[0] - 0.010))
+        last[0] = now
+
+    timer = QtCore.QTimer()
+    timer.setTimerType(QtCore.Qt.PreciseTimer)
+    timer.setInterval(10)
+    timer.timeout.connect(beat)
+    try:
+        widget.start()
+        qtbot.waitUntil(
+            lambda: "live camera" in [layer.name for layer in viewer.layers], timeout=30_000
+        )
+        layer = viewer.layers["live camera"]
+        first = int(layer.data[0, 0])
+        last[0] = time.perf_counter()
+        timer.start()
+        qtbot.waitUntil(lambda: widget.shown >= 30, timeout=30_000)
+        timer.stop()
+        assert int(layer.data[0, 0]) > first  # newer frames replaced the data
+        assert list(layer.scale) == [0.65, 0.65]
+        assert widget.follower is not None and widget.follower.exec_id == exec_id
+        assert widget.run_id.text() == exec_id
+    finally:
+        timer.stop()
+        client.cancel(exec_id)
+    qtbot.waitUntil(lambda: widget.follower is None, timeout=30_000)  # ends with the run
+    assert "cancelled" in widget.status.text()
+    lateness.sort()
+    return {"p99_ms": 1000 * lateness[int(0.99 * (len(lateness) - 1))], "beats": len(lateness)}
+
+
+def test_the_dock_widget_streams_previews_into_a_layer(qtbot, viewer_server):
+    stats = follow_live(qtbot, ViewerModel(), viewer_server)
+    assert stats["p99_ms"] < 50, stats
+
+
+@needs_display
+def test_in_a_real_viewer_the_widget_streams_and_napari_stays_responsive(
+    make_napari_viewer, qtbot, viewer_server, run_id
+):
+    viewer = make_napari_viewer()
+    open_in_napari(run_id, client=viewer_server.client(), viewer=viewer)
+    check_layers(viewer)
+    viewer.layers.clear()
+    stats = follow_live(qtbot, viewer, viewer_server)
+    print(f"\n10 ms timer lateness while streaming: p99 {stats['p99_ms']:.1f} ms")
+    assert stats["p99_ms"] < 50, stats
