@@ -396,15 +396,21 @@ class ExecutionPool:
         timeout: float | None = None,
         *,
         directory: str | Path | None = None,
+        format: str = "npy",
     ) -> dict[str, list[Any]]:
         """Wait for the run, then return ``{name: [value, ...]}`` from the server that ran it.
 
         Raises ExecutionFailed (with the reason, also for runs the pool could not
         recover) or ExecutionCancelled like :meth:`ExecutionClient.get_results`.
+        ``directory`` and ``format`` as there (an image export is made by that server's
+        client, which has the results' metadata).
         """
         status = self.wait(exec_id, timeout)
         raise_for_status(status)
         run = self._runs.get(exec_id)
+        if format != "npy":
+            s, sid = self._where(exec_id, run)
+            return s.ctl.get_results(sid, timeout, directory=directory, format=format)
         if run is not None and run.results is not None:
             if directory is None:
                 return run.results
