@@ -12,8 +12,6 @@ from PySide6 import QtWidgets
 from zmqruntime_gui.model import Endpoint, ServerRow, ServerState
 from zmqruntime_gui.submit_dialog import FOLLOW_EXAMPLE, SubmitDialog
 
-TIMELAPSE = "cell_migration_timelapse/cancer_cell_migration_crop.tif"
-
 
 def choose_folder(folder: Path):
     """A handler for the folder dialog: go to ``folder`` and press its accept button."""
@@ -34,7 +32,7 @@ def choose_folder(folder: Path):
 
 
 def test_follow_folder_button_sets_up_a_run_that_follows_it(
-    qtbot, themed_app, make_server, shared_data: Path, tmp_path: Path
+    qtbot, themed_app, make_server, example_data: Path, tmp_path: Path
 ) -> None:
     server = make_server("acq", workers=1)
     ep = Endpoint("127.0.0.1", server.port)
@@ -63,9 +61,10 @@ def test_follow_folder_button_sets_up_a_run_that_follows_it(
 
     client = server.client()
     exec_id = client.execute(submission.pipeline_code, submission.config_code)
+    timelapse = next((example_data / "cell_migration_timelapse").glob("*.tif"))  # 10 frames
     cmd = [
         sys.executable, "-m", "zmqruntime", "simulate-acquisition", str(folder),
-        "--from", str(shared_data / TIMELAPSE), "--fps", "20", "--frames", "4", "--quiet",
+        "--from", str(timelapse), "--fps", "20", "--frames", "4", "--quiet",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     results = client.get_results(exec_id, timeout=60)
