@@ -80,7 +80,11 @@ class RunFollower(QtCore.QThread):
             value = event.get("value")
             if hasattr(value, "shape"):
                 box.put_frame(
-                    str(event.get("name", "preview")), value, event.get("seq"), event.get("t")
+                    str(event.get("name", "preview")),
+                    value,
+                    event.get("seq"),
+                    event.get("t"),
+                    event.get("meta"),
                 )
         elif kind == EventKind.PROGRESS.value:
             box.put_progress(

@@ -499,6 +499,7 @@ class Frame:
     seq: int | None
     t: float | None  # when the server relayed it (epoch seconds)
     received: float  # time.monotonic() on arrival
+    meta: dict[str, Any] | None = None  # its image metadata (zmqruntime.imagemeta), if sent
 
 
 class FollowBox:
@@ -531,10 +532,18 @@ class FollowBox:
         self.finished = False
 
     # -- written by the follower thread
-    def put_frame(self, name: str, image: np.ndarray, seq: int | None, t: float | None) -> None:
+    def put_frame(
+        self,
+        name: str,
+        image: np.ndarray,
+        seq: int | None,
+        t: float | None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         with self._lock:
             self.received[name] += 1
-            self._frames[name] = Frame(name, image, self.received[name], seq, t, time.monotonic())
+            number = self.received[name]
+            self._frames[name] = Frame(name, image, number, seq, t, time.monotonic(), meta)
 
     def put_progress(
         self, progress: float | None, message: str | None, done: Any = None, total: Any = None

@@ -15,6 +15,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
 from .widgets import icon, make_action, make_button
 
@@ -131,6 +132,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.view.setMenuEnabled(False)
         self.image = CountingImageItem(axisOrder="row-major")
         self.view.addItem(self.image)
+        self.scale_bar = ScaleBar(self.view)  # shown while frames carry a pixel size
         # the view is fitted once per new image shape; after that only the user zooms
         # (an automatic re-fit on every bounds change would fight the resolution steps)
         self.view.disableAutoRange()
@@ -261,6 +263,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.box = None
         self.frame = None
         self.static = array
+        self.scale_bar.update(None, 0)
         self.title = title
         self.stream_combo.clear()
         self.levels = auto_levels(array)
@@ -328,6 +331,7 @@ class PreviewPanel(QtWidgets.QWidget):
             step, shown = None, None
         self.frame = frame
         image = frame.image
+        self.scale_bar.update(meta_of(frame.meta, image.shape), image.shape[-1])
         if self.needs_autolevel or self.continuous.isChecked():
             self.levels = auto_levels(image)
             self.needs_autolevel = False
@@ -496,12 +500,14 @@ class PreviewPanel(QtWidgets.QWidget):
         value_text = (
             ", ".join(f"{v:g}" for v in np.ravel(value)) if np.ndim(value) else f"{value:g}"
         )
-        self.cursor.setText(f"x {col}  y {row}  value <b>{value_text}</b>")
+        where = ""
+        if self.static is None and self.frame is not None:
+            where = physical_text(meta_of(self.frame.meta, self.frame.image.shape), col, row)
+        self.cursor.setText(f"x {col}  y {row} {where} value <b>{value_text}</b>")
 
     def snapshot_tiff(self, path: str | Path | None = None) -> Path | None:
-        """Write the current frame, raw (dtype and shape intact), to a TIFF file."""
-        import tifffile
-
+        """Write the current frame, raw (dtype and shape intact), to an OME-TIFF file with
+        its pixel size (when the frame carries one), run id, stream name and frame number."""
         array = self.displayed_array()
         if array is None:
             self.sigStatus.emit("no frame to save yet")
@@ -513,8 +519,16 @@ class PreviewPanel(QtWidgets.QWidget):
             )
             if not path:
                 return None
+        frame = self.frame if self.static is None else None
+        write_ome_snapshot(
+            path,
+            array,
+            meta_of(frame.meta, array.shape) if frame is not None else None,
+            run_id=self.box.key.exec_id if self.box is not None else None,
+            stream=self.current_stream() or self.title or "frame",
+            frame=frame.number if frame is not None else None,
+        )
         path = Path(path)
-        tifffile.imwrite(path, np.ascontiguousarray(array))
         self.sigStatus.emit(f"frame saved to {path}")
         return path
 
