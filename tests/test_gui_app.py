@@ -329,7 +329,7 @@ def test_demo_entry_point(tmp_path):
         if entry is not None:
             local.kill_server(entry)
     image = QtGui.QImage(str(shot))
-    assert image.width() >= 1000 and image.height() >= 600
+    assert image.width() >= 800 and image.height() >= 600  # the first start fits the screen
     ARTIFACTS.mkdir(exist_ok=True)
     image.save(str(ARTIFACTS / "gui-09-demo.png"))
     # the preview shows a real frame: many distinct grey levels in the image area

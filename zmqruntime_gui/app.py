@@ -78,14 +78,14 @@ def apply_theme(app) -> None:
     from PySide6 import QtGui
 
     from .main_window import APPLICATION, ORGANIZATION
-    from .widgets import guard_none_refcount, icon, stylesheet
+    from .widgets import AppStyle, guard_none_refcount, icon, stylesheet
 
     guard_none_refcount()
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
     app.setApplicationDisplayName("zmqruntime")
     app.setApplicationVersion(__version__)
-    app.setStyle("Fusion")
+    app.setStyle(AppStyle("Fusion"))
     app.setWindowIcon(icon("app"))
     palette = QtGui.QPalette()
     for role, colour in (

@@ -94,11 +94,6 @@ class MainWindow(QtWidgets.QMainWindow):
         self.addDockWidget(Area.RightDockWidgetArea, self.logs_dock)
         self.tabifyDockWidget(self.logs_dock, self.results_dock)
         self.logs_dock.raise_()
-        self.resizeDocks(
-            [self.servers_dock, self.runs_dock], [600, 900], QtCore.Qt.Orientation.Horizontal
-        )
-        self.resizeDocks([self.servers_dock], [300], QtCore.Qt.Orientation.Vertical)
-        self.resizeDocks([self.logs_dock], [430], QtCore.Qt.Orientation.Horizontal)
 
         self._build_menus()
         self._build_status_bar()
@@ -226,6 +221,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self.resize(min(1500, screen.width()), min(940, screen.height()))
         if isinstance(state, QtCore.QByteArray) and not state.isEmpty():
             self.restoreState(state, STATE_VERSION)
+        else:
+            self._default_dock_sizes()
         self._default_state = None
 
     def save_settings(self) -> None:
@@ -243,6 +240,19 @@ class MainWindow(QtWidgets.QMainWindow):
         self.addDockWidget(Area.RightDockWidgetArea, self.logs_dock)
         self.tabifyDockWidget(self.logs_dock, self.results_dock)
         self.logs_dock.raise_()
+        self._default_dock_sizes()
+
+    def _default_dock_sizes(self) -> None:
+        """Docks in proportion to the window: the image keeps the most room at any size."""
+        w, h = self.width(), self.height()
+        Orientation = QtCore.Qt.Orientation
+        self.resizeDocks([self.logs_dock], [int(w * 0.28)], Orientation.Horizontal)
+        self.resizeDocks([self.servers_dock], [int(h * 0.34)], Orientation.Vertical)
+        self.resizeDocks(
+            [self.servers_dock, self.runs_dock],
+            [int(w * 0.4), int(w * 0.6)],
+            Orientation.Horizontal,
+        )
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:
         self.save_settings()

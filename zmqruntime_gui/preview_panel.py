@@ -17,7 +17,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
-from .widgets import icon, make_action, make_button
+from .widgets import icon, make_action, make_button, make_toolbar
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
 STATS_MS = 250
@@ -76,9 +76,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self._shown_step = 1
 
         # -- controls
-        bar = QtWidgets.QToolBar()
-        bar.setIconSize(QtCore.QSize(16, 16))
-        bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        bar = make_toolbar()
         bar.addWidget(QtWidgets.QLabel(" Stream "))
         self.stream_combo = QtWidgets.QComboBox()
         self.stream_combo.setMinimumContentsLength(10)
@@ -168,7 +166,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.cursor = QtWidgets.QLabel(objectName="previewCursor")
         self.cursor.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
-        self.cursor.setMinimumWidth(230)
+        # both wrap instead of widening the window (or running into each other)
+        self.info.setWordWrap(True)
+        self.cursor.setWordWrap(True)
         info_row = QtWidgets.QHBoxLayout()
         info_row.setContentsMargins(8, 2, 8, 4)
         info_row.addWidget(self.info, 1)

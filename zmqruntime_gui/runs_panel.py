@@ -8,7 +8,16 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
 from .model import CONNECTION_LOST, STATE_COLOURS, RunKey, RunRow, fmt_duration, fmt_time
-from .widgets import KeyedTableModel, confirm, make_action, setup_table, state_dot
+from .widgets import (
+    Column,
+    ColumnFitter,
+    KeyedTableModel,
+    confirm,
+    make_action,
+    make_toolbar,
+    setup_table,
+    state_dot,
+)
 
 COLUMNS = ("Name", "ID", "Server", "State", "Progress", "Elapsed")
 COL_NAME, COL_ID, COL_SERVER, COL_STATE, COL_PROGRESS, COL_ELAPSED = range(len(COLUMNS))
@@ -173,25 +182,24 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.setModel(self.model)
         setup_table(self.table)
         self.table.setItemDelegateForColumn(COL_PROGRESS, ProgressDelegate(self.table))
-        header = self.table.horizontalHeader()
         metrics = QtGui.QFontMetrics(self.table.font())
         mono = QtGui.QFontMetrics(
             QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.SystemFont.FixedFont)
         )
         bold = QtGui.QFont(self.table.font())
         bold.setBold(True)
-        widths = (
-            170,
-            mono.horizontalAdvance("0123456789abcdef") + 28,
-            metrics.horizontalAdvance("127.0.0.1:55555") + 40,
-            QtGui.QFontMetrics(bold).horizontalAdvance(CONNECTION_LOST) + 44,
-            300,
-            metrics.horizontalAdvance("59m 59s") + 28,
-        )
-        for col, width in enumerate(widths):
-            self.table.setColumnWidth(col, width)
-        header.setSectionResizeMode(COL_PROGRESS, QtWidgets.QHeaderView.ResizeMode.Stretch)
-        header.setMinimumSectionSize(60)
+        self.fitter = ColumnFitter(
+            self.table,
+            [
+                Column("Name", 170, priority=5),
+                Column("ID", mono.horizontalAdvance("0123456789abcdef") + 28, priority=1),
+                Column("Server", metrics.horizontalAdvance("127.0.0.1:55555") + 40, priority=2),
+                Column("State", QtGui.QFontMetrics(bold).horizontalAdvance(CONNECTION_LOST) + 44,
+                       priority=6),
+                Column("Progress", 170, priority=4, stretch=True),
+                Column("Elapsed", metrics.horizontalAdvance("59m 59s") + 28, priority=3),
+            ],
+        )  # fmt: skip
         self.table.doubleClicked.connect(self._double_clicked)
         self.table.selectionModel().currentRowChanged.connect(self._current_changed)
         self.table.selectionModel().selectionChanged.connect(lambda *_: self._update_actions())
@@ -214,9 +222,7 @@ class RunsPanel(QtWidgets.QWidget):
         for act in (self.act_cancel, self.act_details):
             self.table.addAction(act)
 
-        bar = QtWidgets.QToolBar()
-        bar.setIconSize(QtCore.QSize(16, 16))
-        bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        bar = make_toolbar()
         bar.addAction(self.act_submit)
         bar.addSeparator()
         bar.addAction(self.act_cancel)
@@ -235,6 +241,7 @@ class RunsPanel(QtWidgets.QWidget):
             objectName="emptyHint",
         )
         self.empty.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.empty.setWordWrap(True)
         self.stack = QtWidgets.QStackedWidget()
         self.stack.addWidget(self.table)
         self.stack.addWidget(self.empty)

@@ -11,11 +11,14 @@ from . import net
 from .controller import Controller
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
 from .widgets import (
+    Column,
+    ColumnFitter,
     KeyedTableModel,
     confirm,
     icon,
     make_action,
     make_button,
+    make_toolbar,
     setup_table,
     state_dot,
 )
@@ -273,11 +276,22 @@ class ServersPanel(QtWidgets.QWidget):
         self.table.setModel(self.model)
         setup_table(self.table)
         self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.ActionsContextMenu)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QtWidgets.QHeaderView.ResizeMode.Stretch)
-        for col, width in zip(range(1, len(COLUMNS)), (100, 76, 74, 68, 74)):
-            header.setSectionResizeMode(col, QtWidgets.QHeaderView.ResizeMode.Interactive)
-            self.table.setColumnWidth(col, width)
+        metrics = QtGui.QFontMetrics(self.table.font())
+        bold = QtGui.QFont(self.table.font())
+        bold.setBold(True)
+        self.fitter = ColumnFitter(
+            self.table,
+            [
+                Column("Server", metrics.horizontalAdvance("127.0.0.1:55555") + 44,
+                       priority=9, stretch=True),
+                Column("Status", QtGui.QFontMetrics(bold).horizontalAdvance("stopping") + 44,
+                       priority=8),
+                Column("Ping", 64, priority=5),
+                Column("Workers", 64, priority=4),
+                Column("Queued", 60, priority=3),
+                Column("Uptime", 64, priority=2),
+            ],
+        )  # fmt: skip
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
 
         self.act_spawn = make_action(
@@ -307,9 +321,7 @@ class ServersPanel(QtWidgets.QWidget):
         for act in (self.act_stop, self.act_kill, self.act_log, self.act_remove):
             self.table.addAction(act)
 
-        bar = QtWidgets.QToolBar()
-        bar.setIconSize(QtCore.QSize(16, 16))
-        bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        bar = make_toolbar()
         for act in (self.act_spawn, self.act_add):
             bar.addAction(act)
         bar.addSeparator()
@@ -338,11 +350,9 @@ class ServersPanel(QtWidgets.QWidget):
             "empty_add_remote", "Add a remote server…", self.add_remote, icon_name="link"
         )
         empty_add = self.empty_add
-        buttons = QtWidgets.QHBoxLayout()
-        buttons.addStretch(1)
-        buttons.addWidget(self.empty_spawn)
-        buttons.addWidget(empty_add)
-        buttons.addStretch(1)
+        buttons = QtWidgets.QVBoxLayout()  # one above the other: fits a narrow dock
+        buttons.addWidget(self.empty_spawn, 0, QtCore.Qt.AlignmentFlag.AlignHCenter)
+        buttons.addWidget(empty_add, 0, QtCore.Qt.AlignmentFlag.AlignHCenter)
         empty_layout.addWidget(title)
         empty_layout.addWidget(text)
         empty_layout.addSpacing(8)

@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6 import QtCore, QtGui, QtWidgets
@@ -40,6 +41,15 @@ def guard_none_refcount() -> bool:
         getattr(QtCore, "__version__", "?"),
     )
     return True
+
+
+class AppStyle(QtWidgets.QProxyStyle):
+    """Fusion, with a toolbar » button wide enough to see (Fusion's is 12 px)."""
+
+    def pixelMetric(self, metric, option=None, widget=None):  # noqa: N802 - Qt's name
+        if metric == QtWidgets.QStyle.PixelMetric.PM_ToolBarExtensionExtent:
+            return 24
+        return super().pixelMetric(metric, option, widget)
 
 
 def gui_dir() -> Path:
@@ -248,6 +258,87 @@ def setup_table(table: QtWidgets.QTableView, row_height: int = 26) -> None:
     table.horizontalHeader().setDefaultAlignment(
         QtCore.Qt.AlignmentFlag.AlignLeft | QtCore.Qt.AlignmentFlag.AlignVCenter
     )
+
+
+def make_toolbar() -> QtWidgets.QToolBar:
+    """A panel's toolbar: what does not fit goes into its » menu, nothing is clipped."""
+    bar = QtWidgets.QToolBar()
+    bar.setIconSize(QtCore.QSize(16, 16))
+    bar.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+    more = bar.findChild(QtWidgets.QToolButton, "qt_toolbar_ext_button")
+    if more is not None:  # Qt's own arrow is invisible on the dark theme
+        more.setIcon(icon("more"))
+        more.setToolTip("More actions (those the toolbar has no room for)")
+    return bar
+
+
+def overflow_button(bar: QtWidgets.QToolBar) -> QtWidgets.QToolButton | None:
+    """The toolbar's » button (shown when some of its actions went into its menu)."""
+    return bar.findChild(QtWidgets.QToolButton, "qt_toolbar_ext_button")
+
+
+@dataclass(frozen=True)
+class Column:
+    """How a table column behaves as the table narrows."""
+
+    header: str
+    preferred: int  # width in pixels when there is room
+    priority: int = 0  # columns of the lowest priority hide first when even minimums do not fit
+    stretch: bool = False  # takes whatever width is left
+
+
+class ColumnFitter(QtCore.QObject):
+    """Fits a table's columns to its width, so nothing is cut to a stub or pushed out.
+
+    Each column wants its preferred width (at least its header's); when they do not all
+    fit, the columns of lowest priority hide first (the row's tooltip still tells their
+    values); the stretch column takes what is left, its cells eliding in the middle.
+    No horizontal scrolling, at any width.
+    """
+
+    def __init__(self, table: QtWidgets.QTableView, columns: Sequence[Column]) -> None:
+        super().__init__(table)
+        self.table = table
+        self.columns = list(columns)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(QtWidgets.QHeaderView.ResizeMode.Fixed)
+        header.setMinimumSectionSize(24)
+        table.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        table.setTextElideMode(QtCore.Qt.TextElideMode.ElideMiddle)
+        bold = QtGui.QFont(header.font())
+        bold.setBold(True)
+        metrics = QtGui.QFontMetrics(bold)
+        self.minimum = [metrics.horizontalAdvance(c.header) + 18 for c in self.columns]
+        self.wanted = [max(m, c.preferred) for m, c in zip(self.minimum, self.columns)]
+        table.viewport().installEventFilter(self)
+        self.fit()
+
+    def eventFilter(self, watched: QtCore.QObject, event: QtCore.QEvent) -> bool:
+        if event.type() == QtCore.QEvent.Type.Resize:
+            self.fit()
+        return False
+
+    def shown(self, available: int) -> list[int]:
+        """The columns that fit at their wanted widths, the most important kept."""
+        shown = list(range(len(self.columns)))
+        for i in sorted(shown, key=lambda i: self.columns[i].priority):
+            if sum(self.wanted[j] for j in shown) <= available or len(shown) == 1:
+                break
+            shown.remove(i)
+        return shown
+
+    def fit(self) -> None:
+        available = self.table.viewport().width()
+        shown = self.shown(available)
+        widths = {i: self.wanted[i] for i in shown}
+        stretch = [i for i in shown if self.columns[i].stretch] or shown[-1:]
+        left = available - sum(widths[i] for i in shown if i not in stretch)
+        for i in stretch:
+            widths[i] = max(self.minimum[i], left // len(stretch))
+        for i in range(len(self.columns)):
+            self.table.setColumnHidden(i, i not in shown)
+            if i in shown:
+                self.table.setColumnWidth(i, widths[i])
 
 
 def mono_font() -> QtGui.QFont:
