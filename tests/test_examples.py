@@ -382,6 +382,15 @@ def test_plate_row_wells_fields_and_previews_in_order(
         assert event["meta"]["scale"] == {"y": 0.3, "x": 0.3}
         np.testing.assert_allclose(field, corrected[i], rtol=1e-5)
     assert results["illumination"][0].shape == (512, 512)
+
+    # exported, the per-well table is one CSV (with the fields' rows, by result name)
+    out = tmp_path / "export"
+    server.client().get_results(status["id"], directory=out, format="ome-tiff")
+    with open(out / "values.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["well"] for r in table if r["name"] == "wells"] == images.wells
+    assert [int(r["spots"]) for r in table if r["name"] == "wells"] == [w["spots"] for w in wells]
+    assert (out / "illumination.ome.tif").is_file()
     check_progress(events, 2 * n)
 
 
