@@ -229,6 +229,7 @@ def test_export_memory_stays_bounded(export_server, tmp_path):
         done.set()
         sampler.join()
     growth = (peak[0] - base) / 2**20
+    print(f"\nexporting {n * 8} MiB as OME-Zarr: client RSS grew by {growth:.1f} MiB at peak")
     assert growth < 100, f"RSS grew by {growth:.0f} MiB exporting {n * 8} MiB"
     array = zarr.open_group(str(out["frame"][0]), mode="r")["0"]
     assert array.shape == (n, 2048, 2048)
