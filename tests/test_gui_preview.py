@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 from gui_support import screenshot
-from PySide6 import QtCore, QtGui
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from zmqruntime_gui.model import FollowBox, RunKey
 from zmqruntime_gui.preview_panel import PreviewPanel
@@ -163,3 +163,33 @@ def test_large_frames_are_drawn_at_screen_resolution(panel, qtbot):
     panel.view.setRange(QtCore.QRectF(500, 500, 100, 100), padding=0)
     qtbot.waitUntil(lambda: panel._shown_step == 1)
     assert panel.image.image.shape == (2048, 2048)
+
+
+def test_pixel_readout_never_outlives_its_frame(panel, qtbot):
+    """The readout follows the frame under the mouse; a new stream, source or a mouse
+    that left the image clears it (it once kept 'value 121' from another stream)."""
+    box = FollowBox(RunKey("127.0.0.1:1", "abc"))
+    panel.set_source(box, "readout")
+    box.put_frame("big", np.full((500, 500), 121, np.uint16), seq=0, t=None)
+    qtbot.waitUntil(lambda: panel.frame is not None)
+    panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(250.5, 236.5)))
+    assert "x 250" in panel.cursor.text() and "121" in panel.cursor.text()
+    # the next frame under a still mouse: the readout says the new value
+    box.put_frame("big", np.full((500, 500), 7, np.uint16), seq=1, t=None)
+    qtbot.waitUntil(lambda: "<b>7</b>" in panel.cursor.text())
+    # another stream: its frame is 130x130, the old point is outside it
+    box.put_frame("small", np.full((130, 130), 3, np.uint16), seq=2, t=None)
+    qtbot.waitUntil(lambda: panel.stream_combo.count() == 2)
+    panel.stream_combo.setCurrentText("small")
+    assert panel.cursor.text() == ""
+    qtbot.waitUntil(lambda: panel.frame.name == "small")
+    assert "x 250" not in panel.cursor.text()  # outside the 130x130 frame: no readout
+    # the mouse leaves the image
+    panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(20.5, 20.5)))
+    assert "x 20" in panel.cursor.text()
+    QtWidgets.QApplication.sendEvent(panel.graphics, QtCore.QEvent(QtCore.QEvent.Type.Leave))
+    assert panel.cursor.text() == ""
+    # another source
+    panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(20.5, 20.5)))
+    panel.set_source(None)
+    assert panel.cursor.text() == ""

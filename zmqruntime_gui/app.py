@@ -121,7 +121,14 @@ def main(argv: list[str] | None = None) -> None:
             "`pip install .` installs the desktop app with the rest"
         ) from None
 
+    from . import display
+
+    problem = display.check_xcb()
+    if problem:  # Qt would abort with a message that does not say what to install
+        sys.exit(problem)
+    previous = QtCore.qInstallMessageHandler(display.on_qt_message)
     app = make_app([])
+    QtCore.qInstallMessageHandler(previous)
     from .main_window import DEMO_FRAMES, MainWindow
 
     connections = None

@@ -142,6 +142,8 @@ class PreviewPanel(QtWidgets.QWidget):
         self.hist.sigLevelsChanged.connect(self._levels_dragged)
         self.graphics.addItem(self.hist, row=0, col=1)
         self.graphics.scene().sigMouseMoved.connect(self._mouse_moved)
+        self._cursor_scene: QtCore.QPointF | None = None  # the mouse over the image
+        self.graphics.installEventFilter(self)
 
         self.placeholder = QtWidgets.QLabel(objectName="placeholder")
         self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
@@ -273,6 +275,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.update_stats()
 
     def _show_placeholder(self, html: str, demo: bool = False) -> None:
+        self.cursor.setText("")  # nothing shown: nothing under the mouse
         self.placeholder.setText(html)
         self.demo_button.setVisible(demo)
         self.stack.setCurrentWidget(self.empty_page)
@@ -290,6 +293,7 @@ class PreviewPanel(QtWidgets.QWidget):
     def _stream_changed(self, name: str) -> None:
         self.needs_autolevel = True
         self.recv_meter.reset()
+        self.cursor.setText("")  # the readout was of the other stream's frame
 
     def _refresh_streams(self) -> None:
         if self.box is None:
@@ -380,6 +384,7 @@ class PreviewPanel(QtWidgets.QWidget):
             self._update_actions()
         if first:
             self.view.autoRange(padding=0.0)
+        self._update_cursor()  # the value under a still mouse is this frame's
 
     def _range_changed(self, *args) -> None:
         """After a zoom, redraw the shown frame at the new resolution."""
@@ -491,7 +496,22 @@ class PreviewPanel(QtWidgets.QWidget):
         return None
 
     def _mouse_moved(self, scene_pos: QtCore.QPointF) -> None:
-        point = self.view.mapSceneToView(scene_pos)
+        self._cursor_scene = QtCore.QPointF(scene_pos)
+        self._update_cursor()
+
+    def eventFilter(self, watched: QtCore.QObject, event: QtCore.QEvent) -> bool:
+        if watched is self.graphics and event.type() == QtCore.QEvent.Type.Leave:
+            self._cursor_scene = None  # the mouse left the image: no readout
+            self._update_cursor()
+        return False
+
+    def _update_cursor(self) -> None:
+        """The readout under the mouse, from the frame shown now (so it never tells a
+        value of an earlier frame, or of another stream)."""
+        if self._cursor_scene is None or self.stack.currentWidget() is not self.graphics:
+            self.cursor.setText("")
+            return
+        point = self.view.mapSceneToView(self._cursor_scene)
         hit = self.pixel_at(point.x(), point.y())
         if hit is None:
             self.cursor.setText("")
