@@ -54,13 +54,13 @@ class PreviewFollower(threading.Thread):
         self.error: str | None = None
         self.received = 0
         self._stop_event = threading.Event()
-        self._lock = threading.Lock()
+        self._frames_lock = threading.Lock()
         self._newest: dict[str, Frame] = {}
 
     # -- the viewer's side
     def take(self) -> list[Frame]:
         """The newest frame of each stream that arrived since the last call."""
-        with self._lock:
+        with self._frames_lock:
             frames, self._newest = list(self._newest.values()), {}
         return frames
 
@@ -108,20 +108,20 @@ class PreviewFollower(threading.Thread):
             while not self._stop_event.is_set() and self.state not in FINAL_STATES:
                 if sub.poll(POLL_MS):
                     for event in sub.drain():
-                        self._handle(event)
+                        self._on_event(event)
                 elif time.monotonic() - last_check > 1.0:  # a dropped final state
                     self.state = client.get_status(self.exec_id)["state"]
                     last_check = time.monotonic()
         finally:
             sub.close()
 
-    def _handle(self, event: dict[str, Any]) -> None:
+    def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
         if kind == EventKind.PREVIEW.value and not event.get("overwritten"):
             self.received += 1
             name = event["name"]
             frame = Frame(name, event["value"], event.get("meta"), self.received)
-            with self._lock:
+            with self._frames_lock:
                 self._newest[name] = frame
         elif kind == EventKind.STATE.value:
             self.state = event["status"]["state"]
