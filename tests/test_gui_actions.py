@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -74,6 +75,9 @@ ACTIONS: dict[str, str] = {
     "log_follow": "test_submit_details_results_by_keyboard_and_mouse",
     "result_show": "test_submit_details_results_by_keyboard_and_mouse",
     "result_save": "test_submit_details_results_by_keyboard_and_mouse",
+    "results_csv": "test_submit_details_results_by_keyboard_and_mouse",
+    "results_plot": "test_submit_details_results_by_keyboard_and_mouse",
+    "log_wrap": "test_submit_details_results_by_keyboard_and_mouse",
     # preview
     "pause": "test_preview_actions_by_keyboard",
     "auto_levels": "test_preview_actions_by_keyboard",
@@ -122,6 +126,17 @@ def local_ports():
         entry = local.find_server(port)
         if entry is not None:
             local.kill_server(entry)
+
+
+def use(qtbot, toolbar: QtWidgets.QToolBar, action: QtGui.QAction) -> None:
+    """Click the action's toolbar button; if the toolbar has no room for it (it is in
+    the » menu), trigger it as that menu would."""
+    button = toolbar_button(toolbar, action)
+    if button.isVisible():
+        click(qtbot, button)
+    else:
+        assert action.isEnabled()
+        action.trigger()
 
 
 def row_of(window, ep: Endpoint):
@@ -556,21 +571,71 @@ def test_submit_details_results_by_keyboard_and_mouse(window, qtbot, server, tmp
     press(qtbot, window, "F5")
     qtbot.waitUntil(lambda: window.controller.servers[ep].last_ok != seen, timeout=5000)
 
-    # Results: click the array's row, Show image; Save... to a file
+    # Results: a table, one row per result, the return dict's fields as columns
     results = window.results_panel
     window.results_dock.raise_()
     qtbot.waitUntil(lambda: len(results.summaries) == 3, timeout=10_000)
-    rect = results.table.visualRect(results.table.model().index(0, 1))
+    with ExecutionClient(port=ep.port, auto_spawn=False) as client:
+        stored = client.get_results(key.exec_id)
+    model = results.model
+    assert model.columns[:3] == ["#", "name", "value"] and "mean_cells" in model.columns
+    assert [r["name"] for r in model.rows] == ["max_projection", "counts", "return"]
+    assert model.rows[2]["frames"] == 12  # a number in its own column, not a cut dict string
+    # sorted by a click on the "name" header
+    header = results.table.horizontalHeader()
+    qtbot.mouseClick(
+        header.viewport(), QtCore.Qt.MouseButton.LeftButton,
+        pos=QtCore.QPoint(header.sectionViewportPosition(1) + 10, header.height() // 2),
+    )  # fmt: skip
+    assert [r["name"] for r in results.shown_rows()] == ["counts", "max_projection", "return"]
+
+    # click the array's row, Show image; Save... to a file
+    row = next(r for r in range(results.proxy.rowCount())
+               if results.proxy.index(r, 1).data() == "max_projection")  # fmt: skip
+    rect = results.table.visualRect(results.proxy.index(row, 1))
     qtbot.mouseClick(results.table.viewport(), QtCore.Qt.MouseButton.LeftButton, pos=rect.center())
-    click(qtbot, button_named(results, "result_show"))
+    use(qtbot, results.toolbar, results.act_show)
     qtbot.waitUntil(lambda: window.preview.static is not None, timeout=10_000)
     assert window.preview.static.shape == (64, 64)
+    qtbot.waitUntil(lambda: "showing max_projection" in window.statusBar().currentMessage())
     target = tmp_path / "max.tif"
     answer = answer_modal(answer_file_dialog(target))
-    click(qtbot, button_named(results, "result_save"))
+    use(qtbot, results.toolbar, results.act_save)
     answer.check()
     qtbot.waitUntil(target.exists, timeout=10_000)
-    assert {"submit", "run_details", "refresh", "result_show", "result_save"} <= set(fired.names)
+
+    # the counts result is a table itself: pick it, export it whole, plot cells per frame
+    choice = results.findChild(QtWidgets.QComboBox, "results_table")
+    choice.setCurrentIndex(choice.findText("counts [1]"))
+    qtbot.waitUntil(lambda: len(model.rows) == 12, timeout=10_000)
+    counts = stored["counts"][0]
+    assert [r["cells"] for r in model.rows] == list(counts["cells"])
+    csv_path = tmp_path / "counts.csv"
+    answer = answer_modal(answer_file_dialog(csv_path))
+    use(qtbot, results.toolbar, results.act_csv)
+    answer.check()
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].split(",") == list(counts) and len(lines) == 13
+    assert [int(line.split(",")[1]) for line in lines[1:]] == list(counts["cells"])
+    use(qtbot, results.toolbar, results.act_plot)
+    (plot,) = results.plots
+    assert plot.y.currentText() == "cells"
+    plot.x.setCurrentText("frame")
+    xs, ys = plot.data()
+    assert list(xs) == list(counts["frame"]) and list(ys) == list(counts["cells"])
+    plot.close()
+
+    # the log: each line stamped with its time; Wrap off scrolls sideways instead
+    log_text = window.logs_panel.plain_text()
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3}  acquiring 12 frames", log_text), log_text[:80]
+    wrap = window.logs_panel.findChild(QtWidgets.QCheckBox, "log_wrap")
+    assert wrap.isChecked()
+    click(qtbot, wrap)
+    assert window.logs_panel.text.lineWrapMode() == QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap
+    assert {
+        "submit", "run_details", "refresh", "result_show", "result_save", "results_csv",
+        "results_plot",
+    } <= set(fired.names)  # fmt: skip
 
 
 def test_submit_a_pipeline_file_through_browse(window, qtbot, server, tmp_path):

@@ -107,7 +107,7 @@ def test_follow_box_keeps_only_the_newest_frame():
     box.put_status({"state": "completed"})
     progress, st, logs, results = box.take_news()
     assert progress == (0.5, "half", None, None) and st["state"] == "completed"
-    assert logs == [(0, "a")] and results == [(0, "x")] and box.finished
+    assert logs == [(0, "a", None)] and results == [(0, "x")] and box.finished
     assert box.take_news() == (None, None, [], [])
 
 
@@ -190,3 +190,49 @@ def test_follow_box_prepares_only_what_the_view_will_take():
     box.put_frame("camera", np.zeros((2048, 2048), np.uint16), seq=2, t=None)
     assert box.prepare_newest()
     assert box.take_prepared("camera")[1] == 1
+
+
+def test_eta_and_log_timestamps():
+    import time as _time
+
+    from zmqruntime_gui.model import RunRow, log_line
+
+    row = RunRow(RunKey("h:1", "a"), {"state": "running", "started": 100.0, "progress": 0.25})
+    assert row.eta(now=140.0) == pytest.approx(120.0)  # 40 s for a quarter: 120 s left
+    assert row.eta(now=101.0) is None  # too early to tell
+    row.status["state"] = "completed"
+    assert row.eta(now=140.0) is None
+    t = _time.mktime((2026, 1, 2, 13, 4, 5, 0, 0, -1)) + 0.25
+    assert log_line("started", t) == "13:04:05.250  started"
+    assert log_line("a\nb", t) == "13:04:05.250  a\n" + " " * 14 + "b"
+    assert log_line("plain", None) == "plain"
+
+
+def test_results_table_has_a_column_per_scalar_field():
+    from zmqruntime_gui.model import column_table, numeric_columns, results_table, table_csv
+
+    summaries = [
+        {"index": 0, "name": "image", "kind": "array", "shape": [4, 4], "dtype": "<u2",
+         "nbytes": 32},
+        *[{"index": i, "name": "counts", "kind": "value",
+           "value": {"image": f"0114f484{i}", "count": 10 * i, "mean_area": 1.5 * i}}
+          for i in (1, 2, 3)],
+        {"index": 4, "name": "return", "kind": "value", "value": 42},
+        {"index": 5, "name": "big", "kind": "value", "nbytes": 90_000},
+    ]  # fmt: skip
+    columns, rows = results_table(summaries)
+    assert columns == ["#", "name", "value", "image", "count", "mean_area"]
+    assert [r.get("count") for r in rows] == [None, 10, 20, 30, None, None]
+    assert rows[4]["value"] == 42 and "fetched on demand" in rows[5]["value"]
+    assert numeric_columns(columns, rows) == ["#", "count", "mean_area"]
+    csv_lines = table_csv(columns, rows).splitlines()
+    assert csv_lines[0] == "#,name,value,image,count,mean_area"
+    assert csv_lines[2] == "1,counts,,0114f4841,10,1.5"
+    assert len(csv_lines) == 7
+
+    table = column_table({"frame": [0, 1, 2], "cells": [5, 7, 6]})
+    assert table == (["frame", "cells"], [{"frame": 0, "cells": 5}, {"frame": 1, "cells": 7},
+                                          {"frame": 2, "cells": 6}])  # fmt: skip
+    assert column_table({"a": [1, 2], "b": [1]}) is None  # not one length
+    assert column_table({"a": [[1], [2]]}) is None  # not scalars
+    assert column_table([1, 2]) is None

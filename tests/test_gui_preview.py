@@ -43,7 +43,7 @@ def test_newest_frame_only_and_stats(panel, qtbot):
         box.put_frame("camera", gradient(100 + i), seq=100 + i, t=None)
         qtbot.wait(20)
     qtbot.waitUntil(lambda: panel.received_fps > 0 and panel.displayed_fps > 0, timeout=3000)
-    assert "frame <b>" in panel.info.text() and "received" in panel.info.text()
+    assert "received, <b>" in panel.info.text() and "displayed" in panel.info.text()
 
 
 def test_levels_colour_map_cursor_pause_and_snapshots(panel, qtbot, tmp_path):
@@ -193,3 +193,40 @@ def test_pixel_readout_never_outlives_its_frame(panel, qtbot):
     panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(20.5, 20.5)))
     panel.set_source(None)
     assert panel.cursor.text() == ""
+
+
+def test_continuous_percentile_levels_manual_fields_and_gamma(panel, qtbot):
+    """Continuous by default (0.1-99.9 percentiles, so one hot pixel does not blow the
+    range); typed min/max win and turn it off; gamma bends the colour table."""
+    assert panel.continuous.isChecked()
+    box = FollowBox(RunKey("127.0.0.1:1", "abc"))
+    panel.set_source(box, "levels")
+    rng = np.random.default_rng(1)
+    first = rng.integers(37, 255, (256, 256)).astype(np.uint16)  # a blown-out first field
+    box.put_frame("camera", first, seq=0, t=None)
+    qtbot.waitUntil(lambda: panel.frame is not None)
+    dim = rng.integers(100, 140, (256, 256)).astype(np.uint16)
+    dim[0, 0] = 60000  # one hot pixel
+    box.put_frame("camera", dim, seq=1, t=None)
+    qtbot.waitUntil(lambda: panel.levels[1] < 200, timeout=3000)  # follows, past the hot one
+    assert 100 <= panel.levels[0] < panel.levels[1] <= 140
+    qtbot.waitUntil(lambda: panel.level_max.value() == pytest.approx(panel.levels[1]))
+
+    # typed: Max 120, Enter -> manual, Continuous off, the image uses it
+    panel.level_max.setFocus()
+    panel.level_max.lineEdit().selectAll()
+    qtbot.keyClicks(panel.level_max.lineEdit(), "120")
+    qtbot.keyClick(panel.level_max.lineEdit(), QtCore.Qt.Key.Key_Return)
+    assert not panel.continuous.isChecked()
+    assert panel.levels[1] == 120.0 and panel.image.levels[1] == pytest.approx(120.0)
+    box.put_frame("camera", dim + 500, seq=2, t=None)
+    qtbot.waitUntil(lambda: panel.frame.number == 3)
+    assert panel.levels[1] == 120.0  # manual levels stay
+
+    # gamma below 1 brightens the middle of the range
+    assert panel.image.lut is None  # grey, gamma 1: no table
+    panel.gamma.setValue(0.5)
+    lut = panel.image.lut
+    assert lut is not None and lut[len(lut) // 4][0] > 0.4 * 255
+    panel.gamma.setValue(1.0)
+    assert panel.image.lut is None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+import shiboken6
 from PySide6 import QtCore
 
 from zmqruntime import AuthenticationFailed, UnknownExecution, local
@@ -536,15 +537,15 @@ class Controller(QtCore.QObject):
         on_done: Callable[[Any], None],
         on_error: Callable[[BaseException], None] | None = None,
         task_key: str | None = None,
+        owner: QtCore.QObject | None = None,
     ) -> bool:
-        """Run ``what(client)`` against the run's server in the pool."""
+        """Run ``what(client)`` against the run's server in the pool. With ``owner``, the
+        answer is dropped if the owner is gone by then (a dialog closed meanwhile)."""
         ep = Endpoint.parse(key.server)
-        return self.runner.submit(
-            lambda: what(self.conns.client(ep)),
-            on_done,
-            on_error or (lambda exc: self.sigMessage.emit(f"{key.exec_id}: {exc}")),
-            task_key,
-        )
+        on_error = on_error or (lambda exc: self.sigMessage.emit(f"{key.exec_id}: {exc}"))
+        if owner is not None:
+            on_done, on_error = _while_alive(owner, on_done), _while_alive(owner, on_error)
+        return self.runner.submit(lambda: what(self.conns.client(ep)), on_done, on_error, task_key)
 
     # ------------------------------------------------------------------ following
     def follow(self, key: RunKey | None) -> None:
@@ -626,3 +627,11 @@ class Controller(QtCore.QObject):
         if box.error:
             self.sigMessage.emit(box.error)
             box.error = None
+
+
+def _while_alive(owner: QtCore.QObject, callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    def call(value: Any) -> None:
+        if shiboken6.isValid(owner):
+            callback(value)
+
+    return call

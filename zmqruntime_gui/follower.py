@@ -93,7 +93,7 @@ class RunFollower(QtCore.QThread):
         elif kind == EventKind.LOG.value and event.get("partial"):
             pass  # a line still being redrawn (a progress bar): its last version comes stored
         elif kind == EventKind.LOG.value:
-            box.put_log(event.get("index"), str(event.get("text", "")))
+            box.put_log(event.get("index"), str(event.get("text", "")), event.get("t"))
         elif kind == EventKind.RESULT.value:
             box.put_result(int(event.get("index", -1)), str(event.get("name", "")))
         elif kind == EventKind.STATE.value:

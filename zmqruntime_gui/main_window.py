@@ -13,9 +13,18 @@ from zmqruntime.resources import example, list_examples
 
 from . import net
 from .controller import Controller
-from .logs_panel import LogsPanel, ResultsPanel
-from .model import CONNECTION_LOST, DEFAULT_PORT, Endpoint, RunKey, ServerState, fmt_time
+from .logs_panel import LogsPanel
+from .model import (
+    CONNECTION_LOST,
+    DEFAULT_PORT,
+    Endpoint,
+    RunKey,
+    ServerState,
+    fmt_duration,
+    fmt_time,
+)
 from .preview_panel import PreviewPanel
+from .results_panel import ResultsPanel
 from .run_details import RunDetailsDialog
 from .runs_panel import RunsPanel
 from .servers_panel import ServersPanel
@@ -405,9 +414,17 @@ class MainWindow(QtWidgets.QMainWindow):
         )
 
     def _update_banner(self) -> None:
-        """The preview's warning while the followed run's server does not answer."""
+        """The preview's warning while the followed run's server does not answer, and
+        where the run is by its own progress (frame 95 of 3000, time left)."""
         box = self.controller.box
         row = self.controller.runs.rows.get(box.key) if box is not None else None
+        progress = ""
+        if row is not None and row.progress_text and not row.is_final:
+            progress = f"run at <b>{row.progress_text}</b>"
+            eta = row.eta()
+            if eta is not None:
+                progress += f", {fmt_duration(eta)} left"
+        self.preview.set_run_progress(progress)
         if row is None or row.contact == "ok" or (row.is_final and row.contact != "gone"):
             self.preview.set_banner(None)
         elif row.contact == "gone":

@@ -265,6 +265,15 @@ class RunRow:
             return f"{fmt_count(done)} of {fmt_count(total)} ({progress:.0%})"
         return f"{progress:.0%}"
 
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the pace so far (running, some progress, a few seconds in)."""
+        progress, spent = self.progress, self.elapsed(now)
+        if not self.is_live or self.state != "running" or not progress or progress >= 1:
+            return None
+        if spent is None or spent < 2.0:
+            return None
+        return spent * (1.0 - progress) / progress
+
     def elapsed(self, now: float | None = None) -> float | None:
         """Run time so far; a run out of contact stops at the last moment it was seen."""
         if self.contact != "ok" and not self.is_final and self.lost_at is not None:
@@ -486,6 +495,91 @@ def _brief(value: Any) -> str:
     return repr(value)
 
 
+# --------------------------------------------------------------------------- result tables
+
+#: the first columns of the results table; scalar fields of dict results follow
+RESULT_COLUMNS = ("#", "name", "value")
+
+
+def is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_))
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python one (for sorting, CSV and plots)."""
+    return value.item() if isinstance(value, (np.number, np.bool_)) else value
+
+
+def results_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per stored result: its index, name and what it is, plus a column for each
+    scalar field of dict results (a table of counts shows the counts)."""
+    columns = list(RESULT_COLUMNS)
+    rows = []
+    for summary in summaries:
+        row: dict[str, Any] = {
+            "#": summary["index"],
+            "name": summary["name"],
+            "value": describe_result(summary),
+        }
+        value = summary.get("value")
+        if summary.get("kind") == "value" and "value" in summary and is_scalar(value):
+            row["value"] = plain(value)
+        elif (table := column_table(value)) is not None:
+            row["value"] = f"table of {len(table[1])} rows: {', '.join(table[0])}"
+        elif isinstance(value, dict):
+            rest = {k: v for k, v in value.items() if not is_scalar(v)}
+            row["value"] = short_repr(rest) if rest else ""  # the fields are columns
+            for key, field_value in value.items():
+                name = str(key)
+                if is_scalar(field_value) and name not in RESULT_COLUMNS:
+                    if name not in columns:
+                        columns.append(name)
+                    row[name] = plain(field_value)
+        rows.append(row)
+    return columns, rows
+
+
+def column_table(value: Any) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """A dict of equal-length lists of scalars (a pipeline's table of counts per frame) as
+    rows, or None if ``value`` is not one."""
+    if not isinstance(value, dict) or not value:
+        return None
+    columns = [str(k) for k in value]
+    lists = list(value.values())
+    if not all(isinstance(v, (list, tuple, np.ndarray)) and np.ndim(v) == 1 for v in lists):
+        return None
+    n = len(lists[0])
+    if n == 0 or any(len(v) != n for v in lists):
+        return None
+    if not all(is_scalar(x) for v in lists for x in v):
+        return None
+    rows = [{c: plain(v[i]) for c, v in zip(columns, lists)} for i in range(n)]
+    return columns, rows
+
+
+def numeric_columns(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The columns whose every present value is a number (booleans aside)."""
+    out = []
+    for c in columns:
+        values = [r[c] for r in rows if r.get(c) is not None]
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out.append(c)
+    return out
+
+
+def table_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """The whole table as CSV text (a header line, then one line per row)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+    return out.getvalue()
+
+
 # --------------------------------------------------------------------------- live data
 
 
@@ -526,7 +620,7 @@ class FollowBox:
         self.received: collections.Counter[str] = collections.Counter()
         self._progress: tuple[float | None, str | None, Any, Any] | None = None
         self._status: dict[str, Any] | None = None
-        self._logs: list[tuple[int | None, str]] = []
+        self._logs: list[tuple[int | None, str, float | None]] = []
         self._results: list[tuple[int, str]] = []
         self.error: str | None = None
         self.finished = False
@@ -558,10 +652,11 @@ class FollowBox:
             if status.get("state") in FINAL_STATES:
                 self.finished = True
 
-    def put_log(self, index: int | None, text: str) -> None:
+    def put_log(self, index: int | None, text: str, t: float | None = None) -> None:
+        """A live log entry: its index in the run's log, text and time (epoch seconds)."""
         with self._lock:
             if len(self._logs) < self.MAX_PENDING_LOGS:
-                self._logs.append((index, text))
+                self._logs.append((index, text, t))
 
     def put_result(self, index: int, name: str) -> None:
         with self._lock:
@@ -629,7 +724,7 @@ class FollowBox:
     ) -> tuple[
         tuple[float | None, str | None, Any, Any] | None,
         dict[str, Any] | None,
-        list[tuple[int | None, str]],
+        list[tuple[int | None, str, float | None]],
         list[tuple[int, str]],
     ]:
         """(newest progress, newest status, log lines, result notices) since the last call."""
@@ -732,6 +827,14 @@ def downsample(image: np.ndarray, step: int) -> np.ndarray:
     return acc.astype(image.dtype)
 
 
+def log_line(text: str, t: float | None) -> str:
+    """``HH:MM:SS.mmm  text`` (local time); lines after the first are indented under it."""
+    if t is None:
+        return text
+    stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+    return stamp + "  " + text.replace("\n", "\n" + " " * (len(stamp) + 2))
+
+
 @dataclass
 class LogBuffer:
     """The log entries of one run by index, so live ones and fetched ones merge in order.
@@ -752,19 +855,20 @@ class LogBuffer:
     def has_gap(self) -> bool:
         return bool(self.pending)
 
-    def add(self, index: int | None, text: str) -> list[str]:
-        """Add a live entry; returns the entries that can now be shown, in order."""
+    def add(self, index: int | None, text: str, t: float | None = None) -> list[str]:
+        """Add a live entry; returns the entries that can now be shown, in order (each
+        stamped with its time when ``t`` is known)."""
         if index is None:
             index = self.next_index
         if index >= self.next_index:
-            self.pending[index] = text
+            self.pending[index] = log_line(text, t)
         return self._drain()
 
     def extend(self, entries: list[dict[str, Any]]) -> list[str]:
-        """Entries fetched from the server (``{"index", "text"}``); returns the new ones."""
+        """Entries fetched from the server (``{"index", "t", "text"}``); the new ones."""
         for entry in entries:
             if entry["index"] >= self.next_index:
-                self.pending[entry["index"]] = entry["text"]
+                self.pending[entry["index"]] = log_line(entry["text"], entry.get("t"))
         return self._drain()
 
     def _drain(self) -> list[str]:

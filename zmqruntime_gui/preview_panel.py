@@ -9,6 +9,7 @@ displayed rates are shown side by side.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downs
 from .widgets import icon, make_action, make_button, make_toolbar
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
+CONTINUOUS_LEVELS_S = 0.1  # continuous levels follow the frames this often (no flicker)
 STATS_MS = 250
 HISTOGRAM_MS = 250
 COLOUR_MAPS = ("grey", "viridis", "inferno", "magma", "plasma", "turbo", "CET-L4")
@@ -66,6 +68,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.static: np.ndarray | None = None  # an array shown from the results panel
         self.levels: tuple[float, float] | None = None
         self.needs_autolevel = True
+        self._levels_at = 0.0  # when continuous levels were last computed (monotonic)
+        self._levels_stale = False  # a frame was drawn with levels of an earlier one
+        self.run_progress = ""  # where the run is, by its own progress
         self.recv_meter = RateMeter(1.0)
         self.disp_meter = RateMeter(1.0)
         self.received_fps = 0.0
@@ -99,10 +104,28 @@ class PreviewPanel(QtWidgets.QWidget):
         )  # fmt: skip
         bar.addAction(self.act_autolevel)
         self.continuous = QtWidgets.QCheckBox("Continuous", objectName="continuous_levels")
-        self.continuous.setToolTip("Recompute the display range on every frame (from a subsample)")
+        self.continuous.setToolTip(
+            "Keep the display range at the 0.1–99.9 percentiles of the frames as they come "
+            "(a few times a second, from a subsample); off: the range stays as set"
+        )
+        self.continuous.setChecked(True)
         bar.addWidget(self.continuous)
+        # manual display range and gamma: typing a value turns Continuous off
+        self.level_min = self._level_field("levels_min", "Lowest value shown black")
+        self.level_max = self._level_field("levels_max", "Highest value shown white")
+        self.gamma = QtWidgets.QDoubleSpinBox(objectName="levels_gamma")
+        self.gamma.setRange(0.1, 5.0)
+        self.gamma.setSingleStep(0.1)
+        self.gamma.setDecimals(2)
+        self.gamma.setValue(1.0)
+        self.gamma.setKeyboardTracking(False)
+        self.gamma.setToolTip("Gamma: below 1 brightens faint structures, above 1 darkens them")
+        self.gamma.valueChanged.connect(self._gamma_changed)
+        for label, field in (("Min", self.level_min), ("Max", self.level_max), ("γ", self.gamma)):
+            bar.addWidget(QtWidgets.QLabel(f" {label} "))
+            bar.addWidget(field)
         bar.addSeparator()
-        bar.addWidget(QtWidgets.QLabel(" Colour map "))
+        bar.addWidget(QtWidgets.QLabel(" Colours "))
         self.cmap_combo = QtWidgets.QComboBox()
         self.cmap_combo.addItems(COLOUR_MAPS)
         self.cmap_combo.currentTextChanged.connect(self.set_colour_map)
@@ -140,6 +163,7 @@ class PreviewPanel(QtWidgets.QWidget):
         # the histogram follows the image on our clock, not on every frame
         self.image.sigImageChanged.disconnect(self.hist.imageChanged)
         self.hist.sigLevelsChanged.connect(self._levels_dragged)
+        self.hist.sigLookupTableChanged.connect(self._apply_gamma)
         self.graphics.addItem(self.hist, row=0, col=1)
         self.graphics.scene().sigMouseMoved.connect(self._mouse_moved)
         self._cursor_scene: QtCore.QPointF | None = None  # the mouse over the image
@@ -336,9 +360,17 @@ class PreviewPanel(QtWidgets.QWidget):
         self.frame = frame
         image = frame.image
         self.scale_bar.update(meta_of(frame.meta, image.shape), image.shape[-1])
-        if self.needs_autolevel or self.continuous.isChecked():
-            self.levels = auto_levels(image)
+        now = time.monotonic()
+        continuous_due = (
+            self.continuous.isChecked() and now - self._levels_at >= CONTINUOUS_LEVELS_S
+        )
+        if self.needs_autolevel or continuous_due:
+            self.levels = auto_levels(shown if shown is not None else image, max_samples=65_536)
+            self._levels_at = now
+            self._levels_stale = False
             self.needs_autolevel = False
+        else:
+            self._levels_stale = self.continuous.isChecked()  # caught up by update_stats
         self._display(image, self.levels, step, shown)
         self._histogram_stale = True
 
@@ -416,10 +448,18 @@ class PreviewPanel(QtWidgets.QWidget):
             return
         lo, hi = self.hist.getLevels()
         self.levels = (float(lo), float(hi))
+        self._show_levels(*self.levels)
         if self.continuous.isChecked():
             self.continuous.setChecked(False)
 
     def update_stats(self) -> None:
+        if self._levels_stale and self.continuous.isChecked() and self.frame is not None:
+            # the last frame came sooner than continuous levels follow: its levels now
+            self._levels_stale = False
+            self._levels_at = time.monotonic()
+            self.levels = auto_levels(self.image.image, max_samples=65_536)
+            self.image.setLevels(self.levels)
+            self._histogram_stale = True
         box = self.box
         if box is not None:
             self._refresh_streams()
@@ -434,19 +474,84 @@ class PreviewPanel(QtWidgets.QWidget):
         if self.static is not None:
             a = self.static
             parts.append(f"{'×'.join(map(str, a.shape))} {a.dtype}")
-        elif self.frame is not None:
+        if self.run_progress and self.static is None and box is not None:
+            parts.append(self.run_progress)  # the run's own frame index, from its progress
+        if self.static is None and self.frame is not None:
             f = self.frame
-            shape = "×".join(map(str, f.image.shape))
-            parts.append(f"frame <b>{f.number}</b>")
-            parts.append(f"{shape} {f.image.dtype}")
+            parts.append(f"{'×'.join(map(str, f.image.shape))} {f.image.dtype}")
         if box is not None:
-            parts.append(f"received <b>{self.received_fps:.1f}</b> fps")
+            # what this window got and drew (newest wins: it may skip frames)
+            count = self.frame.number if self.frame is not None else 0
+            parts.append(f"{count} received, <b>{self.received_fps:.1f}</b> fps")
             parts.append(f"displayed <b>{self.displayed_fps:.1f}</b> fps")
             if self.act_pause.isChecked():
                 parts.append("<span style='color:#e5c07b'>paused</span>")
         if self.levels is not None and (self.frame is not None or self.static is not None):
-            parts.append(f"levels {self.levels[0]:.0f}–{self.levels[1]:.0f}")
+            spec = ".0f" if self._integer_image() else ".4g"
+            parts.append(f"levels {self.levels[0]:{spec}}–{self.levels[1]:{spec}}")
+            self._show_levels(*self.levels)
         self.info.setText("  ·  ".join(parts))
+
+    def set_run_progress(self, text: str | None) -> None:
+        """Where the run itself is ("frame 95 of 3000 · 2m 10s left"), from its progress;
+        the frame count beside it is what this window received."""
+        self.run_progress = text or ""
+
+    # ------------------------------------------------------------------ levels, gamma
+    def _level_field(self, name: str, tip: str) -> QtWidgets.QDoubleSpinBox:
+        field = QtWidgets.QDoubleSpinBox(objectName=name)
+        field.setRange(-1e12, 1e12)
+        field.setDecimals(2)
+        field.setKeyboardTracking(False)
+        field.setButtonSymbols(QtWidgets.QAbstractSpinBox.ButtonSymbols.NoButtons)
+        field.setMinimumWidth(64)
+        field.setToolTip(tip + " (typing a value turns Continuous off)")
+        field.editingFinished.connect(self._levels_typed)
+        return field
+
+    def _integer_image(self) -> bool:
+        array = self.displayed_array()
+        return array is not None and np.issubdtype(array.dtype, np.integer)
+
+    def _show_levels(self, low: float, high: float) -> None:
+        """The fields follow the levels (not while the user types in them); whole numbers
+        for an integer image."""
+        decimals = 0 if self._integer_image() else 3
+        for field, value in ((self.level_min, low), (self.level_max, high)):
+            if field.decimals() != decimals and not field.hasFocus():
+                field.setDecimals(decimals)
+            if not field.hasFocus() and field.value() != value:
+                field.blockSignals(True)
+                field.setValue(value)
+                field.blockSignals(False)
+
+    def _levels_typed(self) -> None:
+        low, high = self.level_min.value(), self.level_max.value()
+        shown_as = 0.5 * 10 ** -self.level_min.decimals()  # the fields round the levels
+        if self.levels is not None and all(
+            abs(a - b) <= shown_as for a, b in zip((low, high), self.levels)
+        ):
+            return  # left without a change (focus out): the levels stay as they are
+        if high <= low:
+            self.sigStatus.emit("the maximum must be above the minimum")
+            self._show_levels(*(self.levels or (low, low + 1)))
+            return
+        self.set_levels(low, high)
+
+    def _gamma_changed(self) -> None:
+        if abs(self.gamma.value() - 1.0) < 1e-6:
+            self.hist.gradientChanged()  # the colour map's own table again
+        else:
+            self._apply_gamma()
+
+    def _apply_gamma(self, *_) -> None:
+        """The colour map's table, bent by gamma (value ** gamma within the levels)."""
+        gamma = self.gamma.value()
+        if abs(gamma - 1.0) < 1e-6:
+            return
+        base = self.hist.gradient.getLookupTable(512)
+        index = np.round(np.linspace(0.0, 1.0, len(base)) ** gamma * (len(base) - 1))
+        self.image.setLookupTable(base[index.astype(np.intp)])
 
     # ------------------------------------------------------------------ controls
     def displayed_array(self) -> np.ndarray | None:
@@ -469,6 +574,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.hist.setLevels(low, high)  # -> _levels_dragged -> self.levels
         self.image.setLevels((low, high))
         self.levels = (float(low), float(high))
+        self._show_levels(*self.levels)
 
     def set_colour_map(self, name: str) -> None:
         if self.cmap_combo.currentText() != name:

@@ -7,8 +7,9 @@ from typing import Any
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from .controller import Controller
-from .logs_panel import LogView, ResultsView
-from .model import STATE_COLOURS, RunKey, fmt_duration, fmt_time, short_repr
+from .logs_panel import LogView
+from .model import STATE_COLOURS, RunKey, fmt_duration, fmt_time, log_line, short_repr
+from .results_panel import ResultsView
 from .widgets import mono_font, on_activated
 
 
@@ -83,9 +84,15 @@ class RunDetailsDialog(QtWidgets.QDialog):
     def refresh(self) -> None:
         key = self.key
         eid = key.exec_id
-        self.controller.fetch(key, lambda c: c.get_status(eid), self._show_status, self._failed)
-        self.controller.fetch(key, lambda c: c.get_source(eid), self._show_source, self._failed)
-        self.controller.fetch(key, lambda c: c.get_logs(eid), self._show_logs, self._failed)
+        self.controller.fetch(
+            key, lambda c: c.get_status(eid), self._show_status, self._failed, owner=self
+        )
+        self.controller.fetch(
+            key, lambda c: c.get_source(eid), self._show_source, self._failed, owner=self
+        )
+        self.controller.fetch(
+            key, lambda c: c.get_logs(eid), self._show_logs, self._failed, owner=self
+        )
         self.results.set_run(key)
 
     def _failed(self, exc: BaseException) -> None:
@@ -146,4 +153,4 @@ class RunDetailsDialog(QtWidgets.QDialog):
 
     def _show_logs(self, entries: list[dict[str, Any]]) -> None:
         self.logs.clear(f"{len(entries)} log entries")
-        self.logs.append([e["text"] for e in entries])
+        self.logs.append([log_line(e["text"], e.get("t")) for e in entries])

@@ -124,6 +124,9 @@ def progress_label(row: RunRow) -> str:
     if row.state == "completed":
         return "100%"
     text = row.progress_text
+    eta = row.eta()
+    if eta is not None:
+        text = f"{text}, {fmt_duration(eta)} left"
     if row.message:
         text = f"{text}  {row.message}" if text else row.message
     return text
