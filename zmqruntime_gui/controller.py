@@ -148,9 +148,9 @@ class Controller(QtCore.QObject):
             return {}
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
-    def key_dir(self, ep: Endpoint) -> str | None:
+    def key_dir(self, ep: Endpoint | None = None) -> str | None:
         """The key directory used for ``ep`` (its own, else ``--keys``), as text."""
-        keys = self.key_dirs.get(ep) or self.conns.keys
+        keys = (self.key_dirs.get(ep) if ep is not None else None) or self.conns.keys
         return str(keys) if keys else None
 
     def set_key_dir(self, ep: Endpoint, path: str | None) -> None:

@@ -309,6 +309,8 @@ class PreviewPanel(QtWidgets.QWidget):
         shown = self.stack.currentWidget() is self.graphics
         for act in (self.act_autolevel, self.act_tiff, self.act_png):
             act.setEnabled(shown)
+        for field in (self.level_min, self.level_max, self.gamma):
+            field.setEnabled(shown)  # nothing shown: no levels to type
         self.act_pause.setEnabled(self.box is not None)
 
     def current_stream(self) -> str:
@@ -505,6 +507,7 @@ class PreviewPanel(QtWidgets.QWidget):
         field.setKeyboardTracking(False)
         field.setButtonSymbols(QtWidgets.QAbstractSpinBox.ButtonSymbols.NoButtons)
         field.setMinimumWidth(64)
+        field.setMaximumWidth(96)
         field.setToolTip(tip + " (typing a value turns Continuous off)")
         field.editingFinished.connect(self._levels_typed)
         return field

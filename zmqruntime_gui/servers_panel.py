@@ -88,9 +88,16 @@ class ServersModel(KeyedTableModel):
             return row.endpoint
         return None
 
-    @staticmethod
-    def _tooltip(row: ServerRow) -> str:
-        lines = [f"<b>{row.key}</b> ({row.origin})"]
+    def _tooltip(self, row: ServerRow) -> str:
+        lines = [f"<b>{row.key}</b> ({row.origin}): {row.state.value}"]
+        if row.state == ServerState.ALIVE:  # also what the columns too narrow to show say
+            lines.append(
+                f"ping {row.ping_text} · workers {row.workers_text} · queued "
+                f"{row.queued_text} · up {row.uptime_text}"
+            )
+        keys = self.controller.key_dir(row.endpoint)
+        if keys:
+            lines.append(f"keys: {keys}")
         if row.pid:
             lines.append(f"pid {row.pid}")
         if row.log_file:
@@ -285,8 +292,8 @@ class ServersPanel(QtWidgets.QWidget):
                 Column("Server", metrics.horizontalAdvance("127.0.0.1:55555") + 44,
                        priority=9, stretch=True),
                 Column("Status", QtGui.QFontMetrics(bold).horizontalAdvance("stopping") + 44,
-                       priority=8),
-                Column("Ping", 64, priority=5),
+                       priority=8, fit_content=True),
+                Column("Ping", 64, priority=5, fit_content=True),
                 Column("Workers", 64, priority=4),
                 Column("Queued", 60, priority=3),
                 Column("Uptime", 64, priority=2),
@@ -419,7 +426,7 @@ class ServersPanel(QtWidgets.QWidget):
     def add_remote(self) -> Endpoint | None:
         """Ask for a server's address and key directory; add it (both remembered)."""
         sel = self.selected()
-        dialog = AddRemoteDialog(self, self.controller.key_dir(sel[0]) if sel else None)
+        dialog = AddRemoteDialog(self, self.controller.key_dir(sel[0] if sel else None))
         if sel and not sel[0].is_local:
             dialog.address.setText(sel[0].key)  # the selected server: change its keys
         self.add_dialog = dialog

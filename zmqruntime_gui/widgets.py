@@ -285,6 +285,8 @@ class Column:
     preferred: int  # width in pixels when there is room
     priority: int = 0  # columns of the lowest priority hide first when even minimums do not fit
     stretch: bool = False  # takes whatever width is left
+    fit_content: bool = False  # wider than preferred when a cell needs it ("authentication
+    # failed"), up to three times as wide
 
 
 class ColumnFitter(QtCore.QObject):
@@ -309,9 +311,26 @@ class ColumnFitter(QtCore.QObject):
         bold.setBold(True)
         metrics = QtGui.QFontMetrics(bold)
         self.minimum = [metrics.horizontalAdvance(c.header) + 18 for c in self.columns]
-        self.wanted = [max(m, c.preferred) for m, c in zip(self.minimum, self.columns)]
         table.viewport().installEventFilter(self)
+        self._refit = QtCore.QTimer(self, singleShot=True, interval=0)
+        self._refit.timeout.connect(self.fit)
+        if any(c.fit_content for c in self.columns):  # the content decides: refit on change
+            model = table.model()
+            for signal in (model.dataChanged, model.layoutChanged, model.modelReset):
+                signal.connect(lambda *_: self._refit.start())
         self.fit()
+
+    def wanted(self, i: int) -> int:
+        column = self.columns[i]
+        width = max(self.minimum[i], column.preferred)
+        if column.fit_content:
+            model = self.table.model()
+            cells = [
+                self.table.sizeHintForIndex(model.index(r, i)).width()
+                for r in range(model.rowCount())
+            ]
+            width = max(width, min(max(cells, default=0) + 12, 3 * column.preferred))
+        return width
 
     def eventFilter(self, watched: QtCore.QObject, event: QtCore.QEvent) -> bool:
         if event.type() == QtCore.QEvent.Type.Resize:
@@ -320,9 +339,10 @@ class ColumnFitter(QtCore.QObject):
 
     def shown(self, available: int) -> list[int]:
         """The columns that fit at their wanted widths, the most important kept."""
+        wanted = [self.wanted(i) for i in range(len(self.columns))]
         shown = list(range(len(self.columns)))
         for i in sorted(shown, key=lambda i: self.columns[i].priority):
-            if sum(self.wanted[j] for j in shown) <= available or len(shown) == 1:
+            if sum(wanted[j] for j in shown) <= available or len(shown) == 1:
                 break
             shown.remove(i)
         return shown
@@ -330,7 +350,7 @@ class ColumnFitter(QtCore.QObject):
     def fit(self) -> None:
         available = self.table.viewport().width()
         shown = self.shown(available)
-        widths = {i: self.wanted[i] for i in shown}
+        widths = {i: self.wanted(i) for i in shown}
         stretch = [i for i in shown if self.columns[i].stretch] or shown[-1:]
         left = available - sum(widths[i] for i in shown if i not in stretch)
         for i in stretch:
