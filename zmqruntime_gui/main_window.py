@@ -158,6 +158,10 @@ class MainWindow(QtWidgets.QMainWindow):
             shortcuts=[QtGui.QKeySequence(QtCore.Qt.Key.Key_F5)],
         )  # fmt: skip
         run_menu.addAction(self.act_refresh)
+        run_menu.addSeparator()  # the followed run's results (the Results panel's toolbar)
+        results = self.results_panel
+        for act in (results.act_show, results.act_save, results.act_csv, results.act_plot):
+            run_menu.addAction(act)
 
         view_menu = menu.addMenu("&View")
         for act in (self.preview.act_pause, self.preview.act_autolevel):

@@ -132,21 +132,29 @@ class ResultsView(QtWidgets.QWidget):
         self.choice.setMinimumContentsLength(10)
         self.choice.currentIndexChanged.connect(lambda *_: self._choice_changed())
         self.act_show = make_action(
-            self, "result_show", "Show", self.show_selected, icon_name="image",
+            self, "result_show", "Show the result as an image", self.show_selected,
+            icon_name="image",
             tip="Show the selected array in the image view (or double-click it)",
         )  # fmt: skip
         self.act_save = make_action(
-            self, "result_save", "Save…", self.save_selected, icon_name="save",
+            self, "result_save", "Save the result…", self.save_selected, icon_name="save",
             tip="Save the selected result (.tif/.npy for arrays, .json otherwise)",
         )  # fmt: skip
         self.act_csv = make_action(
-            self, "results_csv", "CSV…", self.export_csv, icon_name="table",
+            self, "results_csv", "Export the results table as CSV…", self.export_csv,
+            icon_name="table",
             tip="Export the whole table, as sorted, to a CSV file",
         )  # fmt: skip
         self.act_plot = make_action(
-            self, "results_plot", "Plot…", self.open_plot, icon_name="plot",
+            self, "results_plot", "Plot a column of the results…", self.open_plot, icon_name="plot",
             tip="Plot a numeric column against the row order or another column",
         )  # fmt: skip
+        # short words on the toolbar, the whole sentence in menus
+        for act, short in (
+            (self.act_show, "Show"), (self.act_save, "Save…"),
+            (self.act_csv, "CSV…"), (self.act_plot, "Plot…"),
+        ):  # fmt: skip
+            act.setIconText(short)
         bar = make_toolbar()
         bar.addWidget(QtWidgets.QLabel(" Table "))
         bar.addWidget(self.choice)
