@@ -18,7 +18,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
-from .widgets import icon, make_action, make_button, make_toolbar
+from .widgets import icon, labelled, make_action, make_button, make_toolbar
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
 CONTINUOUS_LEVELS_S = 0.1  # continuous levels follow the frames this often (no flicker)
@@ -82,7 +82,6 @@ class PreviewPanel(QtWidgets.QWidget):
 
         # -- controls
         bar = make_toolbar()
-        bar.addWidget(QtWidgets.QLabel(" Stream "))
         self.stream_combo = QtWidgets.QComboBox()
         self.stream_combo.setMinimumContentsLength(10)
         self.stream_combo.setSizeAdjustPolicy(
@@ -90,7 +89,7 @@ class PreviewPanel(QtWidgets.QWidget):
         )
         self.stream_combo.setToolTip("Which preview stream of the run to show")
         self.stream_combo.currentTextChanged.connect(self._stream_changed)
-        bar.addWidget(self.stream_combo)
+        bar.addWidget(labelled("Stream", self.stream_combo))
         bar.addSeparator()
         self.act_pause = make_action(
             self, "pause", "Pause", self._pause_toggled, icon_name="pause", checkable=True,
@@ -122,14 +121,12 @@ class PreviewPanel(QtWidgets.QWidget):
         self.gamma.setToolTip("Gamma: below 1 brightens faint structures, above 1 darkens them")
         self.gamma.valueChanged.connect(self._gamma_changed)
         for label, field in (("Min", self.level_min), ("Max", self.level_max), ("γ", self.gamma)):
-            bar.addWidget(QtWidgets.QLabel(f" {label} "))
-            bar.addWidget(field)
+            bar.addWidget(labelled(label, field))
         bar.addSeparator()
-        bar.addWidget(QtWidgets.QLabel(" Colours "))
         self.cmap_combo = QtWidgets.QComboBox()
         self.cmap_combo.addItems(COLOUR_MAPS)
         self.cmap_combo.currentTextChanged.connect(self.set_colour_map)
-        bar.addWidget(self.cmap_combo)
+        bar.addWidget(labelled("Colours", self.cmap_combo))
         bar.addSeparator()
         self.act_tiff = make_action(
             self, "snapshot_tiff", "Snapshot", self.snapshot_tiff, icon_name="camera",

@@ -27,7 +27,7 @@ from .model import (
     results_table,
     table_csv,
 )
-from .widgets import make_action, make_toolbar, setup_table
+from .widgets import labelled, make_action, make_toolbar, setup_table
 
 SORT_ROLE = QtCore.Qt.ItemDataRole.UserRole + 2
 ALL_RESULTS = "All results"
@@ -156,8 +156,7 @@ class ResultsView(QtWidgets.QWidget):
         ):  # fmt: skip
             act.setIconText(short)
         bar = make_toolbar()
-        bar.addWidget(QtWidgets.QLabel(" Table "))
-        bar.addWidget(self.choice)
+        bar.addWidget(labelled("Table", self.choice))
         for act in (self.act_show, self.act_save, self.act_csv, self.act_plot):
             bar.addAction(act)
         self.toolbar = bar

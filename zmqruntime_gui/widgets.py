@@ -272,6 +272,19 @@ def make_toolbar() -> QtWidgets.QToolBar:
     return bar
 
 
+def labelled(text: str, field: QtWidgets.QWidget) -> QtWidgets.QWidget:
+    """A field with its label, as one toolbar item (they go into the » menu together)."""
+    box = QtWidgets.QWidget()
+    row = QtWidgets.QHBoxLayout(box)
+    row.setContentsMargins(4, 0, 2, 0)
+    row.setSpacing(4)
+    label = QtWidgets.QLabel(text)
+    label.setBuddy(field)
+    row.addWidget(label)
+    row.addWidget(field)
+    return box
+
+
 def overflow_button(bar: QtWidgets.QToolBar) -> QtWidgets.QToolButton | None:
     """The toolbar's » button (shown when some of its actions went into its menu)."""
     return bar.findChild(QtWidgets.QToolButton, "qt_toolbar_ext_button")
