@@ -197,7 +197,7 @@ class RunsPanel(QtWidgets.QWidget):
                 Column("Name", 170, priority=5),
                 Column("ID", mono.horizontalAdvance("0123456789abcdef") + 28, priority=1),
                 Column("Server", metrics.horizontalAdvance("127.0.0.1:55555") + 40, priority=2),
-                Column("State", QtGui.QFontMetrics(bold).horizontalAdvance(CONNECTION_LOST) + 44,
+                Column("State", QtGui.QFontMetrics(bold).horizontalAdvance(CONNECTION_LOST) + 64,
                        priority=6),
                 Column("Progress", 170, priority=4, stretch=True),
                 Column("Elapsed", metrics.horizontalAdvance("59m 59s") + 28, priority=3),
