@@ -214,3 +214,21 @@ def answer_message(button_text: str = "OK") -> Callable:
         raise AssertionError(f"no {button_text!r} in {[b.text() for b in box.buttons()]}")
 
     return handler
+
+
+#: a run that previews a 64x64 frame and reports progress every 20 ms until cancelled
+SLOW_PIPELINE = """
+import time
+import numpy as np
+
+def run(ctx, config):
+    frame = np.zeros((64, 64), np.uint16)
+    for i in range(100000):
+        if ctx.cancelled:
+            ctx.log(f"stopping at step {i}")
+            return i
+        frame[:] = i % 1000
+        ctx.preview("camera", frame)
+        ctx.progress(i % 100, 100, f"step {i}")
+        time.sleep(0.02)
+"""

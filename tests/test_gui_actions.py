@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from gui_support import (
+    SLOW_PIPELINE,
     Fired,
     answer_confirm,
     answer_file_dialog,
@@ -99,22 +100,6 @@ ACTIONS: dict[str, str] = {
 }
 
 GUI_DIR = Path(__file__).resolve().parents[1] / "zmqruntime_gui"
-
-SLOW_PIPELINE = """
-import time
-import numpy as np
-
-def run(ctx, config):
-    frame = np.zeros((64, 64), np.uint16)
-    for i in range(100000):
-        if ctx.cancelled:
-            ctx.log(f"stopping at step {i}")
-            return i
-        frame[:] = i % 1000
-        ctx.preview("camera", frame)
-        ctx.progress(i % 100, 100, f"step {i}")
-        time.sleep(0.02)
-"""
 
 
 @pytest.fixture

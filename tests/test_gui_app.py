@@ -15,6 +15,7 @@ import pytest
 import tifffile
 from gui_support import (
     ARTIFACTS,
+    SLOW_PIPELINE,
     answer_confirm,
     answer_modal,
     fill_spawn_dialog,
@@ -29,22 +30,6 @@ from zmqruntime.transport import free_port
 from zmqruntime_gui.model import Endpoint, RunKey, ServerState
 from zmqruntime_gui.runs_panel import COL_STATE, ProgressRole
 from zmqruntime_gui.submit_dialog import SubmitDialog
-
-SLOW_PIPELINE = """
-import time
-import numpy as np
-
-def run(ctx, config):
-    frame = np.zeros((64, 64), np.uint16)
-    for i in range(100000):
-        if ctx.cancelled:
-            ctx.log(f"stopping at step {i}")
-            return i
-        frame[:] = i % 1000
-        ctx.preview("camera", frame)
-        ctx.progress(i % 100, 100, f"step {i}")
-        time.sleep(0.02)
-"""
 
 
 def wait_state(qtbot, window, key: RunKey, states: set[str], timeout: float = 60) -> None:
