@@ -533,8 +533,8 @@ class DaskExecutor:
             self.cluster.adapt(minimum=self.adapt[0], maximum=self.adapt[1])
         target = self.cluster if self.cluster is not None else self.cluster_arg
         self.client = Client(target, timeout="30s", set_as_default=False)
+        self._refresh_info()  # before "ready": a ping that sees ready sees the cluster too
         self._info.update(ready=True, problem=None)
-        self._refresh_info()
         log.info("Dask: connected to %s (%s)", self.client.scheduler.address, self.spec)
 
     def _command(self, kind: str, token: str, *args: Any) -> None:
