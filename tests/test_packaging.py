@@ -48,3 +48,13 @@ def test_constraints_pin_every_python_the_project_supports() -> None:
         if len(lines) > 1:
             markers = sorted(line.split(";", 1)[1].strip() for line in lines)
             assert markers == ['python_version < "3.11"', 'python_version >= "3.11"'], name
+
+
+def test_the_package_version_is_the_one_pyproject_declares() -> None:
+    """zmqruntime/_version.py and pyproject's [project] version name the same release."""
+    import zmqruntime
+    from zmqruntime._version import __version__
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert __version__ == project["version"]
+    assert zmqruntime.__version__ == __version__

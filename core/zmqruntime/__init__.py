@@ -6,11 +6,10 @@
 >>> client.get_results(exec_id)
 """
 
-__version__ = "0.1.0"
-
-from .client import ExecutionClient, raise_for_status  # noqa: E402
-from .context import Config, Context  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .client import ExecutionClient, raise_for_status
+from .context import Config, Context
+from .errors import (
     AuthenticationFailed,
     ExecutionCancelled,
     ExecutionFailed,
@@ -21,9 +20,9 @@ from .errors import (  # noqa: E402
     UnknownExecution,
     ZmqRuntimeError,
 )
-from .pool import ExecutionPool, MapItem  # noqa: E402
-from .server import ExecutionServer  # noqa: E402
-from .stream import load_directory  # noqa: E402
+from .pool import ExecutionPool, MapItem
+from .server import ExecutionServer
+from .stream import load_directory
 
 __all__ = [
     "AuthenticationFailed",

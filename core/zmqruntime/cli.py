@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, local
+from . import local
+from ._version import __version__
 from .errors import (
     ExecutionCancelled,
     ExecutionFailed,
