@@ -211,6 +211,17 @@ def _drain(sock: zmq.Socket, seconds: float) -> list[list[bytes]]:
     return got
 
 
+def _events_to_the_end(sock: zmq.Socket, timeout: float = 30.0) -> list[dict]:
+    """The run's events up to its final state event (waits for that, not for silence)."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+        events.append(protocol.parse_event(sock.recv_multipart()))
+        if events[-1]["kind"] == "state" and events[-1]["status"]["state"] == "completed":
+            break
+    return events
+
+
 LOGS_FOR_A_WHILE = """
 import time
 def run(ctx, config):
@@ -237,7 +248,7 @@ def test_the_data_channel_serves_only_allowed_clients(make_server, keys, strange
         time.sleep(0.5)
         exec_id = c.execute(LOGS_FOR_A_WHILE, config={"marker": "data-channel"})
         assert c.wait(exec_id, timeout=30)["state"] == "completed"
-        events = [protocol.parse_event(frames) for frames in _drain(allowed, 0.5)]
+        events = _events_to_the_end(allowed)
         assert any(e["kind"] == "log" and "data-channel" in e["text"] for e in events)
         assert any(e["kind"] == "state" for e in events)
         # the others got nothing at all, because their handshakes were refused
@@ -339,7 +350,7 @@ def _traffic_through_proxies(server, keys: Path | None, marker: str) -> tuple[by
             exec_id = c.execute(LOGS_FOR_A_WHILE, config={"marker": marker})
             assert c.get_results(exec_id, timeout=30) == {"return": [marker]}
             assert marker in c.get_logs(exec_id)[0]["text"]
-        events = [protocol.parse_event(f) for f in _drain(sub, 0.5)]
+        events = _events_to_the_end(sub)
         assert any(e["kind"] == "log" and marker in e["text"] for e in events)
         sub.close(linger=0)
     finally:
