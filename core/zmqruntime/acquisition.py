@@ -142,7 +142,8 @@ def tiff_problem(path: Path) -> tuple[str | None, int]:
     logger = logging.getLogger("tifffile")
     if _quiet_filter not in logger.filters:
         logger.addFilter(_quiet_filter)
-    _tifffile_quiet.notes = notes = []
+    notes: list[str] = []
+    _tifffile_quiet.notes = notes
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size

@@ -76,7 +76,7 @@ class TaskSession:
         security = ClientSecurity(keys["public"], keys["secret"], keys["server"])
         # one context per Dask worker process, kept: a new one per task costs about 2 ms,
         # and its I/O thread delivers the "done" (linger) while the next task starts
-        self.zctx = zmq.Context.instance()
+        self.zctx: zmq.Context = zmq.Context.instance()
         self.ctl = self.zctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.IDENTITY, self.identity)
         self.ctl.setsockopt(zmq.LINGER, 0)

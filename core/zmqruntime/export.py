@@ -354,7 +354,9 @@ def write_ome_zarr(path: Path, plan: ImagePlan, frames: Iterator[np.ndarray], ex
                 for w, a, b in zip(windows, lo, hi):
                     w[0], w[1] = min(w[0], float(a)), max(w[1], float(b))
         del value, frame
-    group.attrs.update(ngff_attrs(plan, exec_id, [tuple(w) for w in windows] if windows else None))
+    group.attrs.update(
+        ngff_attrs(plan, exec_id, [(w[0], w[1]) for w in windows] if windows else None)
+    )
 
 
 def _zarr_v2_image(zarr: Any, path: Path, shape: tuple, chunks: tuple, dtype: np.dtype) -> tuple:

@@ -58,7 +58,7 @@ class Prefetcher:
     def ready(self) -> list[tuple[Any, str | None]]:
         """``(payload, error)`` of every job done (call when ``done`` is readable); error
         is None when every read succeeded, else what went wrong."""
-        out = []
+        out: list[tuple[Any, str | None]] = []
         while True:
             try:
                 job = int(self.done.recv(zmq.NOBLOCK))

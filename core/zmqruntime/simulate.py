@@ -10,6 +10,7 @@ software that writes straight into the final name does.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -67,7 +68,7 @@ def source_frames(source: Path, pattern: str = "*") -> list[Frame]:
         if pages > 1:
             stem = path.name.split(".")[0]
             frames.extend(
-                Frame(f"{stem}_t{i:04d}.tif", lambda p=path, i=i: _page_bytes(p, i))
+                Frame(f"{stem}_t{i:04d}.tif", functools.partial(_page_bytes, path, i))
                 for i in range(pages)
             )
         else:
