@@ -11,6 +11,7 @@ import collections
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -617,6 +618,9 @@ class FollowBox:
         self._prepared: dict[str, tuple[Frame, int, np.ndarray]] = {}
         self.preparer_alive = False
         self.preparer: object | None = None  # the follower thread that prepares frames
+        #: called (on the follower thread) once a frame is prepared: the view draws it at
+        #: once instead of at its next frame tick (a queued Qt signal in the GUI)
+        self.on_prepared: Callable[[], None] | None = None
         self.received: collections.Counter[str] = collections.Counter()
         self._progress: tuple[float | None, str | None, Any, Any] | None = None
         self._status: dict[str, Any] | None = None
@@ -701,6 +705,8 @@ class FollowBox:
         shown = downsample(frame.image, step)
         with self._lock:
             self._prepared[name] = (frame, step, shown)
+        if self.on_prepared is not None:
+            self.on_prepared()
         return True
 
     def take_prepared(self, name: str) -> tuple[Frame, int, np.ndarray] | None:
@@ -816,10 +822,16 @@ def downsample(image: np.ndarray, step: int) -> np.ndarray:
         acc_dtype = np.int64 if np.issubdtype(image.dtype, np.signedinteger) else np.uint64
     else:
         acc_dtype = np.float64
-    acc = np.zeros((h, w), dtype=acc_dtype)
-    for i in range(step):
-        for j in range(step):
-            acc += view[i::step, j::step]
+    # rows first (whole contiguous rows added), then the columns of the row sums: a
+    # third less time than adding step² strided views (9 vs 14 ms for 2048² uint16, /4)
+    rows = view.reshape(h, step, w * step)
+    sums = rows[:, 0, :].astype(acc_dtype)
+    for i in range(1, step):
+        sums += rows[:, i, :]
+    cols = sums.reshape(h, w, step)
+    acc = cols[:, :, 0].copy()
+    for j in range(1, step):
+        acc += cols[:, :, j]
     if integer:
         acc //= step * step
     else:

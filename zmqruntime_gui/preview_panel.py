@@ -10,6 +10,7 @@ displayed rates are shown side by side.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ class CountingImageItem(pg.ImageItem):
         self.frame_serial = 0
         self._painted_serial = 0
         self.painted = 0
+        #: called after each paint that showed a new frame (benchmarks time it to the pixel)
+        self.on_new_paint: Callable[[], None] | None = None
 
     def set_frame(
         self, image: np.ndarray, levels: tuple[float, float] | None, new: bool = True
@@ -52,6 +55,8 @@ class CountingImageItem(pg.ImageItem):
         if self.image is not None and self._painted_serial != self.frame_serial:
             self._painted_serial = self.frame_serial
             self.painted += 1
+            if self.on_new_paint is not None:
+                self.on_new_paint()
 
 
 class PreviewPanel(QtWidgets.QWidget):
@@ -59,6 +64,8 @@ class PreviewPanel(QtWidgets.QWidget):
 
     sigStatus = QtCore.Signal(str)
     sigDemoRequested = QtCore.Signal()
+    #: the follower thread prepared a frame: draw it now, not at the next frame tick
+    sigFrameReady = QtCore.Signal()
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
@@ -219,6 +226,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.frame_timer.setInterval(FRAME_MS)
         self.frame_timer.timeout.connect(self.update_frame)
         self.frame_timer.start()
+        self.sigFrameReady.connect(self.update_frame, QtCore.Qt.ConnectionType.QueuedConnection)
         self.stats_timer = QtCore.QTimer(self)
         self.stats_timer.setInterval(STATS_MS)
         self.stats_timer.timeout.connect(self.update_stats)
@@ -233,6 +241,8 @@ class PreviewPanel(QtWidgets.QWidget):
     def set_source(self, box: FollowBox | None, title: str = "", state: str | None = None) -> None:
         """Follow ``box``'s frames (None: nothing). ``state`` words the empty view."""
         self.box = box
+        if box is not None:
+            box.on_prepared = self.sigFrameReady.emit  # called on the follower thread
         self.title = title
         self.frame = None
         self.static = None
