@@ -14,7 +14,7 @@ from PySide6 import QtGui, QtWidgets
 
 from .controller import Controller
 from .model import LogBuffer, RunKey
-from .widgets import mono_font, on_activated
+from .widgets import mono_font, named, on_activated
 
 MAX_LOG_BLOCKS = 50_000
 
@@ -28,15 +28,15 @@ class LogView(QtWidgets.QWidget):
         self.text.setFont(mono_font())
         self.text.setMaximumBlockCount(MAX_LOG_BLOCKS)
         self.text.setPlaceholderText("No log lines yet.")
-        self.wrap = QtWidgets.QCheckBox("Wrap", objectName="log_wrap")
+        self.wrap = named(QtWidgets.QCheckBox("Wrap"), "log_wrap")
         self.wrap.setToolTip("Wrap long lines at the panel's edge (off: scroll sideways)")
         self.wrap.setChecked(True)
         on_activated(self.wrap.toggled, self._wrap_toggled)
         self._wrap_toggled()
-        self.follow = QtWidgets.QCheckBox("Follow", objectName="log_follow")
+        self.follow = named(QtWidgets.QCheckBox("Follow"), "log_follow")
         self.follow.setChecked(True)
         self.follow.setToolTip("Keep the newest line in view")
-        self.label = QtWidgets.QLabel(objectName="hint")
+        self.label = named(QtWidgets.QLabel(), "hint")
         row = QtWidgets.QHBoxLayout()
         row.setContentsMargins(4, 0, 4, 0)
         row.addWidget(self.label, 1)

@@ -30,7 +30,7 @@ from .runs_panel import RunsPanel
 from .servers_panel import ServersPanel
 from .submit_dialog import SubmitDialog
 from .tasks import TaskRunner
-from .widgets import guard_none_refcount, icon, make_action
+from .widgets import guard_none_refcount, icon, make_action, named
 
 ORGANIZATION = "zmqruntime"
 APPLICATION = "zmqruntime-gui"
@@ -197,7 +197,7 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def _build_status_bar(self) -> None:
         bar = self.statusBar()
-        self.summary = QtWidgets.QLabel(objectName="summary")
+        self.summary = named(QtWidgets.QLabel(), "summary")
         bar.addPermanentWidget(self.summary)
         self._summary_timer = QtCore.QTimer(self, interval=1000)
         self._summary_timer.timeout.connect(self._update_summary)

@@ -19,7 +19,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
-from .widgets import icon, labelled, make_action, make_button, make_toolbar
+from .widgets import icon, labelled, make_action, make_button, make_toolbar, named
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
 CONTINUOUS_LEVELS_S = 0.1  # continuous levels follow the frames this often (no flicker)
@@ -109,7 +109,7 @@ class PreviewPanel(QtWidgets.QWidget):
             shortcuts=["Ctrl+L"], tip="Set the display range from the current frame once (Ctrl+L)",
         )  # fmt: skip
         bar.addAction(self.act_autolevel)
-        self.continuous = QtWidgets.QCheckBox("Continuous", objectName="continuous_levels")
+        self.continuous = named(QtWidgets.QCheckBox("Continuous"), "continuous_levels")
         self.continuous.setToolTip(
             "Keep the display range at the 0.1–99.9 percentiles of the frames as they come "
             "(a few times a second, from a subsample); off: the range stays as set"
@@ -119,7 +119,7 @@ class PreviewPanel(QtWidgets.QWidget):
         # manual display range and gamma: typing a value turns Continuous off
         self.level_min = self._level_field("levels_min", "Lowest value shown black")
         self.level_max = self._level_field("levels_max", "Highest value shown white")
-        self.gamma = QtWidgets.QDoubleSpinBox(objectName="levels_gamma")
+        self.gamma = named(QtWidgets.QDoubleSpinBox(), "levels_gamma")
         self.gamma.setRange(0.1, 5.0)
         self.gamma.setSingleStep(0.1)
         self.gamma.setDecimals(2)
@@ -173,7 +173,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self._cursor_scene: QtCore.QPointF | None = None  # the mouse over the image
         self.graphics.installEventFilter(self)
 
-        self.placeholder = QtWidgets.QLabel(objectName="placeholder")
+        self.placeholder = named(QtWidgets.QLabel(), "placeholder")
         self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         self.placeholder.setWordWrap(True)
         self.demo_button = make_button(
@@ -181,7 +181,7 @@ class PreviewPanel(QtWidgets.QWidget):
             icon_name="demo", primary=True,
             tip="A simulated camera on a local server, with live preview",
         )  # fmt: skip
-        self.empty_page = QtWidgets.QWidget(objectName="placeholderPage")
+        self.empty_page = named(QtWidgets.QWidget(), "placeholderPage")
         empty_layout = QtWidgets.QVBoxLayout(self.empty_page)
         empty_layout.addStretch(1)
         empty_layout.addWidget(self.placeholder)
@@ -192,9 +192,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.stack.addWidget(self.graphics)
 
         # -- status line
-        self.info = QtWidgets.QLabel(objectName="previewInfo")
+        self.info = named(QtWidgets.QLabel(), "previewInfo")
         self.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        self.cursor = QtWidgets.QLabel(objectName="previewCursor")
+        self.cursor = named(QtWidgets.QLabel(), "previewCursor")
         self.cursor.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
         # both wrap instead of widening the window (or running into each other)
         self.info.setWordWrap(True)
@@ -205,8 +205,8 @@ class PreviewPanel(QtWidgets.QWidget):
         info_row.addWidget(self.cursor)
 
         # -- shown over the image while the followed run's server does not answer
-        self.banner = QtWidgets.QFrame(objectName="lostBanner")
-        self.banner_text = QtWidgets.QLabel(objectName="lostBannerText")
+        self.banner = named(QtWidgets.QFrame(), "lostBanner")
+        self.banner_text = named(QtWidgets.QLabel(), "lostBannerText")
         self.banner_text.setWordWrap(True)
         banner_layout = QtWidgets.QHBoxLayout(self.banner)
         banner_layout.setContentsMargins(10, 6, 10, 6)
@@ -508,7 +508,7 @@ class PreviewPanel(QtWidgets.QWidget):
 
     # ------------------------------------------------------------------ levels, gamma
     def _level_field(self, name: str, tip: str) -> QtWidgets.QDoubleSpinBox:
-        field = QtWidgets.QDoubleSpinBox(objectName=name)
+        field = named(QtWidgets.QDoubleSpinBox(), name)
         field.setRange(-1e12, 1e12)
         field.setDecimals(2)
         field.setKeyboardTracking(False)

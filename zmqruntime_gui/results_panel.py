@@ -27,7 +27,7 @@ from .model import (
     results_table,
     table_csv,
 )
-from .widgets import labelled, make_action, make_toolbar, setup_table
+from .widgets import labelled, make_action, make_toolbar, named, setup_table
 
 SORT_ROLE = QtCore.Qt.ItemDataRole.UserRole + 2
 ALL_RESULTS = "All results"
@@ -108,7 +108,7 @@ class ResultsView(QtWidgets.QWidget):
         self.proxy = QtCore.QSortFilterProxyModel(self)
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_ROLE)
-        self.table = QtWidgets.QTableView(objectName="resultsTable")
+        self.table = named(QtWidgets.QTableView(), "resultsTable")
         self.table.setModel(self.proxy)
         setup_table(self.table)
         self.table.setSortingEnabled(True)
@@ -122,7 +122,7 @@ class ResultsView(QtWidgets.QWidget):
         self.table.doubleClicked.connect(lambda *_: self.show_selected())
         self.table.selectionModel().selectionChanged.connect(lambda *_: self._update_actions())
 
-        self.choice = QtWidgets.QComboBox(objectName="results_table")
+        self.choice = named(QtWidgets.QComboBox(), "results_table")
         self.choice.setToolTip(
             "What the table shows: every result, or the rows of a result that is a table"
         )
@@ -164,7 +164,7 @@ class ResultsView(QtWidgets.QWidget):
         for act in (self.act_show, self.act_save, self.act_csv, self.act_plot):
             self.table.addAction(act)
 
-        self.label = QtWidgets.QLabel(objectName="hint")
+        self.label = named(QtWidgets.QLabel(), "hint")
         self.label.setWordWrap(True)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -418,8 +418,8 @@ class PlotDialog(QtWidgets.QDialog):
         self.setObjectName("resultsPlot")
         self.setWindowTitle(f"Plot — results of {view.key.exec_id if view.key else ''}")
         self.resize(720, 460)
-        self.y = QtWidgets.QComboBox(objectName="plot_y")
-        self.x = QtWidgets.QComboBox(objectName="plot_x")
+        self.y = named(QtWidgets.QComboBox(), "plot_y")
+        self.x = named(QtWidgets.QComboBox(), "plot_x")
         for combo in (self.y, self.x):
             combo.currentIndexChanged.connect(lambda *_: self.redraw())
         self.plot = pg.PlotWidget(background="#15171b")

@@ -10,7 +10,7 @@ from .controller import Controller
 from .logs_panel import LogView
 from .model import STATE_COLOURS, RunKey, fmt_duration, fmt_time, log_line, short_repr
 from .results_panel import ResultsView
-from .widgets import mono_font, on_activated
+from .widgets import mono_font, named, on_activated
 
 
 class RunDetailsDialog(QtWidgets.QDialog):
@@ -29,7 +29,7 @@ class RunDetailsDialog(QtWidgets.QDialog):
         self.setWindowTitle(f"Run {key.exec_id} on {key.server}")
         self.resize(860, 640)
 
-        self.header = QtWidgets.QLabel(objectName="detailsHeader")
+        self.header = named(QtWidgets.QLabel(), "detailsHeader")
         self.header.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.tabs = QtWidgets.QTabWidget()
 

@@ -9,12 +9,14 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from .controller import Controller
 from .model import CONNECTION_LOST, STATE_COLOURS, RunKey, RunRow, fmt_duration, fmt_time
 from .widgets import (
+    AnyIndex,
     Column,
     ColumnFitter,
     KeyedTableModel,
     confirm,
     make_action,
     make_toolbar,
+    named,
     setup_table,
     state_dot,
 )
@@ -25,7 +27,7 @@ REDRAW_MS = 33  # table and progress redraws are coalesced to at most ~30 per se
 ProgressRole = QtCore.Qt.ItemDataRole.UserRole + 1
 
 
-class RunsModel(KeyedTableModel):
+class RunsModel(KeyedTableModel[RunKey]):
     """Rows of the controller's RunTable, redrawn on a ~30 Hz clock when it changed."""
 
     columns = COLUMNS
@@ -135,7 +137,7 @@ def progress_label(row: RunRow) -> str:
 class ProgressDelegate(QtWidgets.QStyledItemDelegate):
     """A flat progress bar, coloured by state, with the run's message on it."""
 
-    def paint(self, painter: QtGui.QPainter, option, index: QtCore.QModelIndex) -> None:
+    def paint(self, painter: QtGui.QPainter, option, index: AnyIndex) -> None:
         value = index.data(ProgressRole)
         if value is None:
             return super().paint(painter, option, index)
@@ -235,14 +237,14 @@ class RunsPanel(QtWidgets.QWidget):
             QtWidgets.QSizePolicy.Policy.Expanding, QtWidgets.QSizePolicy.Policy.Preferred
         )
         bar.addWidget(spacer)
-        self.scope = QtWidgets.QLabel("all servers", objectName="hint")
+        self.scope = named(QtWidgets.QLabel("all servers"), "hint")
         bar.addWidget(self.scope)
         self.toolbar = bar
 
         self.empty = QtWidgets.QLabel(
             "No runs yet.  Submit a pipeline or a bundled example with Ctrl+N.",
-            objectName="emptyHint",
         )
+        self.empty.setObjectName("emptyHint")
         self.empty.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         self.empty.setWordWrap(True)
         self.stack = QtWidgets.QStackedWidget()
@@ -305,7 +307,8 @@ class RunsPanel(QtWidgets.QWidget):
     def _update_actions(self) -> None:
         rows = [self.controller.runs.rows.get(k) for k in self.selected()]
         self.act_cancel.setEnabled(any(r is not None and r.cancellable for r in rows))
-        current = self.controller.runs.rows.get(self.current()) if self.current() else None
+        key = self.current()
+        current = self.controller.runs.rows.get(key) if key is not None else None
         # the details come from the server: not while it does not answer
         self.act_details.setEnabled(current is not None and current.contact == "ok")
 

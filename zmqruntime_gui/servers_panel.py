@@ -19,6 +19,7 @@ from .widgets import (
     make_action,
     make_button,
     make_toolbar,
+    named,
     setup_table,
     state_dot,
 )
@@ -31,7 +32,7 @@ ALARM_BACKGROUNDS = {
 }
 
 
-class ServersModel(KeyedTableModel):
+class ServersModel(KeyedTableModel[Endpoint]):
     """A table over the controller's server rows (re-read on each change)."""
 
     columns = COLUMNS
@@ -114,10 +115,10 @@ class SpawnDialog(QtWidgets.QDialog):
         super().__init__(parent)
         self.setWindowTitle("Spawn a local server")
         form = QtWidgets.QFormLayout(self)
-        self.port = QtWidgets.QSpinBox(objectName="spawn_port")
+        self.port = named(QtWidgets.QSpinBox(), "spawn_port")
         self.port.setRange(1024, 65534)
         self.port.setValue(net.suggest_port())
-        self.workers = QtWidgets.QSpinBox(objectName="spawn_workers")
+        self.workers = named(QtWidgets.QSpinBox(), "spawn_workers")
         self.workers.setRange(1, 256)
         self.workers.setValue(os.cpu_count() or 2)
         note = QtWidgets.QLabel(
@@ -153,9 +154,9 @@ class AddRemoteDialog(QtWidgets.QDialog):
         self.endpoint: Endpoint | None = None
         self.key_dir: str | None = None
         form = QtWidgets.QFormLayout(self)
-        self.address = QtWidgets.QLineEdit(objectName="remote_address")
+        self.address = named(QtWidgets.QLineEdit(), "remote_address")
         self.address.setPlaceholderText("myscope.lab:5555")
-        self.keys = QtWidgets.QLineEdit(objectName="remote_keys")
+        self.keys = named(QtWidgets.QLineEdit(), "remote_keys")
         self.keys.setPlaceholderText("a folder with client.key_secret and server.key")
         self.keys.setText(keys or "")
         browse = make_button(
@@ -170,10 +171,10 @@ class AddRemoteDialog(QtWidgets.QDialog):
             "holds this machine's client key pair and the server's public key (made with "
             "'zmqruntime keys generate', its client.key listed in the server's "
             "authorized_clients). Leave it empty for a server started with --insecure.",
-            objectName="hint",
         )
+        note.setObjectName("hint")
         note.setWordWrap(True)
-        self.error = QtWidgets.QLabel(objectName="error")
+        self.error = named(QtWidgets.QLabel(), "error")
         self.error.setWordWrap(True)
         form.addRow("Address", self.address)
         form.addRow("Key directory", keys_row)
@@ -232,9 +233,9 @@ class LogDialog(QtWidgets.QDialog):
         self.text.setLineWrapMode(QtWidgets.QPlainTextEdit.LineWrapMode.NoWrap)
         layout.addWidget(self.text)
         row = QtWidgets.QHBoxLayout()
-        self.follow = QtWidgets.QCheckBox("Follow", objectName="server_log_follow")
+        self.follow = named(QtWidgets.QCheckBox("Follow"), "server_log_follow")
         self.follow.setChecked(True)
-        row.addWidget(QtWidgets.QLabel(path, objectName="hint"), 1)
+        row.addWidget(named(QtWidgets.QLabel(path), "hint"), 1)
         row.addWidget(self.follow)
         self.external = make_button(
             "log_open_externally", "Open externally", self.open_externally,
@@ -337,16 +338,16 @@ class ServersPanel(QtWidgets.QWidget):
         self.toolbar = bar
 
         # shown instead of the table while no server is known: the offer to spawn one
-        self.empty = QtWidgets.QFrame(objectName="emptyState")
+        self.empty = named(QtWidgets.QFrame(), "emptyState")
         empty_layout = QtWidgets.QVBoxLayout(self.empty)
         empty_layout.addStretch(1)
-        title = QtWidgets.QLabel("No server running", objectName="emptyTitle")
+        title = named(QtWidgets.QLabel("No server running"), "emptyTitle")
         title.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         text = QtWidgets.QLabel(
             "Runs execute on a zmqruntime server. Start one on this machine, "
             "or add a server that runs elsewhere.",
-            objectName="hint",
         )
+        text.setObjectName("hint")
         text.setWordWrap(True)
         text.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         self.empty_spawn = make_button(

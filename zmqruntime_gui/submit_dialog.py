@@ -12,7 +12,7 @@ from PySide6 import QtWidgets
 from zmqruntime.resources import example, list_examples
 
 from .model import SERVER_STATE_COLOURS, Endpoint, ServerRow, ServerState
-from .widgets import icon, make_button, mono_font, on_activated, state_dot
+from .widgets import icon, make_button, mono_font, named, on_activated, state_dot
 
 #: the bundled pipeline that "Follow an acquisition folder…" runs (unless one that follows
 #: folders is chosen already)
@@ -52,12 +52,12 @@ class SubmitDialog(QtWidgets.QDialog):
         self._loaded_config = ""
 
         # -- what
-        self.use_example = QtWidgets.QRadioButton("Bundled example", objectName="use_example")
-        self.use_files = QtWidgets.QRadioButton("Pipeline file", objectName="use_files")
+        self.use_example = named(QtWidgets.QRadioButton("Bundled example"), "use_example")
+        self.use_files = named(QtWidgets.QRadioButton("Pipeline file"), "use_files")
         self.use_example.setChecked(True)
         self.example_combo = QtWidgets.QComboBox()
         self.example_combo.addItems(list_examples())
-        self.example_about = QtWidgets.QLabel(objectName="hint")
+        self.example_about = named(QtWidgets.QLabel(), "hint")
         self.example_about.setWordWrap(True)
         self.pipeline_path = QtWidgets.QLineEdit(
             placeholderText="my_pipeline.py (defines run(ctx, config))"
@@ -130,7 +130,7 @@ class SubmitDialog(QtWidgets.QDialog):
         ok.setProperty("primary", True)
         self.buttons.accepted.connect(self._accept)
         self.buttons.rejected.connect(self.reject)
-        self.error = QtWidgets.QLabel(objectName="error")
+        self.error = named(QtWidgets.QLabel(), "error")
         self.error.setWordWrap(True)
 
         layout = QtWidgets.QVBoxLayout(self)

@@ -9,12 +9,27 @@ import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from zmqruntime.resources import resources_dir
 
 log = logging.getLogger("zmqruntime_gui")
+
+K = TypeVar("K", bound=Hashable)
+W = TypeVar("W", bound=QtCore.QObject)
+# A model index as Qt's virtual methods receive it (PySide6 passes either kind).
+AnyIndex = QtCore.QModelIndex | QtCore.QPersistentModelIndex
+
+
+def named(obj: W, name: str) -> W:
+    """``obj`` with its objectName set (the name the stylesheet and the tests find it by).
+
+    PySide6 takes ``objectName=`` as a constructor keyword too, but its type stubs list
+    only each class's own properties, so type checkers reject it: this says the same."""
+    obj.setObjectName(name)
+    return obj
 
 
 def guard_none_refcount() -> bool:
@@ -175,7 +190,7 @@ def stylesheet() -> str:
     return path.read_text() if path.exists() else ""
 
 
-class KeyedTableModel(QtCore.QAbstractTableModel):
+class KeyedTableModel(QtCore.QAbstractTableModel, Generic[K]):
     """A table whose rows are identified by keys; reordering keeps the view's selection.
 
     Subclasses set ``columns`` and implement ``cell(key, column, role)``. ``set_keys``
@@ -187,12 +202,12 @@ class KeyedTableModel(QtCore.QAbstractTableModel):
 
     def __init__(self, parent: QtCore.QObject | None = None) -> None:
         super().__init__(parent)
-        self.keys: list[Hashable] = []
+        self.keys: list[K] = []
 
-    def rowCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+    def rowCount(self, parent: AnyIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.keys)
 
-    def columnCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+    def columnCount(self, parent: AnyIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.columns)
 
     def headerData(self, section, orientation, role=QtCore.Qt.ItemDataRole.DisplayRole):
@@ -203,24 +218,24 @@ class KeyedTableModel(QtCore.QAbstractTableModel):
             return self.columns[section]
         return None
 
-    def data(self, index: QtCore.QModelIndex, role: int = QtCore.Qt.ItemDataRole.DisplayRole):
+    def data(self, index: AnyIndex, role: int = QtCore.Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid() or index.row() >= len(self.keys):
             return None
         return self.cell(self.keys[index.row()], index.column(), role)
 
-    def cell(self, key: Hashable, column: int, role: int):  # pragma: no cover - abstract
+    def cell(self, key: K, column: int, role: int) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def key_at(self, row: int) -> Hashable | None:
+    def key_at(self, row: int) -> K | None:
         return self.keys[row] if 0 <= row < len(self.keys) else None
 
-    def row_of(self, key: Hashable) -> int:
+    def row_of(self, key: K) -> int:
         try:
             return self.keys.index(key)
         except ValueError:
             return -1
 
-    def set_keys(self, new_keys: list[Hashable]) -> None:
+    def set_keys(self, new_keys: Sequence[K]) -> None:
         """Show ``new_keys`` in this order; unchanged order only repaints."""
         if new_keys == self.keys:
             self.repaint_all()
@@ -232,8 +247,7 @@ class KeyedTableModel(QtCore.QAbstractTableModel):
         position = {k: i for i, k in enumerate(self.keys)}
         new_indexes = []
         for idx in old_indexes:
-            key = old_keys[idx.row()] if idx.row() < len(old_keys) else None
-            row = position.get(key, -1)
+            row = position.get(old_keys[idx.row()], -1) if idx.row() < len(old_keys) else -1
             new_indexes.append(self.index(row, idx.column()) if row >= 0 else QtCore.QModelIndex())
         self.changePersistentIndexList(old_indexes, new_indexes)
         self.layoutChanged.emit()
