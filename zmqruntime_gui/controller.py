@@ -50,7 +50,7 @@ class Controller(QtCore.QObject):
     sigError = QtCore.Signal(str, str)  # title, text
     sigRunSubmitted = QtCore.Signal(object)  # RunKey
     sigFollowChanged = QtCore.Signal(object)  # FollowBox | None
-    sigLogLines = QtCore.Signal(object, object)  # RunKey, [(index, text)]
+    sigLogLines = QtCore.Signal(object, object)  # RunKey, [(index, text, time)]
     sigResultNotice = QtCore.Signal(object)  # RunKey
     sigRunFinished = QtCore.Signal(object, object)  # RunKey, status
     sigContactChanged = QtCore.Signal(object)  # Endpoint: its runs were lost or resolved
@@ -131,7 +131,7 @@ class Controller(QtCore.QObject):
         value = self.settings.value("servers/remote", [])
         if isinstance(value, str):
             return [value] if value else []
-        return [str(v) for v in value or []]
+        return [str(v) for v in value] if isinstance(value, list) else []
 
     def _save_remotes(self) -> None:
         remotes = [ep.key for ep, row in self.servers.items() if row.origin == "remote"]
@@ -470,12 +470,15 @@ class Controller(QtCore.QObject):
         if self._closed:
             return
         for ep in self.alive_servers():
-            self.runner.submit(
-                lambda ep=ep: self.conns.client(ep).list_executions(limit=RUN_LIST_LIMIT),
-                lambda runs, ep=ep: self._on_runs(ep, runs),
-                lambda exc: None,  # the probe reports a server that stopped answering
-                key=f"runs:{ep.key}",
-            )
+            self._poll_runs_of(ep)
+
+    def _poll_runs_of(self, ep: Endpoint) -> None:
+        self.runner.submit(
+            lambda: self.conns.client(ep).list_executions(limit=RUN_LIST_LIMIT),
+            lambda runs: self._on_runs(ep, runs),
+            lambda exc: None,  # the probe reports a server that stopped answering
+            key=f"runs:{ep.key}",
+        )
 
     def _on_runs(self, ep: Endpoint, executions: list[dict[str, Any]]) -> None:
         if ep not in self.servers:
@@ -523,12 +526,15 @@ class Controller(QtCore.QObject):
             row = self.runs.rows.get(key)
             if row is not None and row.is_final:
                 continue
-            ep = Endpoint.parse(key.server)
-            self.runner.submit(
-                lambda ep=ep, key=key: self.conns.client(ep).cancel(key.exec_id),
-                lambda reply, key=key: self.sigMessage.emit(f"{key.exec_id}: {reply['message']}"),
-                lambda exc, key=key: self.sigMessage.emit(f"cancel {key.exec_id} failed: {exc}"),
-            )
+            self._cancel_run(key)
+
+    def _cancel_run(self, key: RunKey) -> None:
+        ep = Endpoint.parse(key.server)
+        self.runner.submit(
+            lambda: self.conns.client(ep).cancel(key.exec_id),
+            lambda reply: self.sigMessage.emit(f"{key.exec_id}: {reply['message']}"),
+            lambda exc: self.sigMessage.emit(f"cancel {key.exec_id} failed: {exc}"),
+        )
 
     def fetch(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 #: the system libraries PySide6's xcb platform plugin loads (Debian/Ubuntu package names)
@@ -33,9 +34,10 @@ def advice(reason: str) -> str:
     )
 
 
-def uses_xcb(env: dict[str, str] | None = None) -> bool:
+def uses_xcb(env: Mapping[str, str] | None = None) -> bool:
     """Whether Qt will pick its xcb (X11) plugin in this environment."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     if not sys.platform.startswith("linux"):
         return False
     platform = env.get("QT_QPA_PLATFORM", "")

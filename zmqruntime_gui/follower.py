@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import numpy as np
 import zmq
 from PySide6 import QtCore
 
@@ -78,7 +79,7 @@ class RunFollower(QtCore.QThread):
         box = self.box
         if kind == EventKind.PREVIEW.value:
             value = event.get("value")
-            if hasattr(value, "shape"):
+            if isinstance(value, np.ndarray):
                 box.put_frame(
                     str(event.get("name", "preview")),
                     value,

@@ -117,7 +117,7 @@ class LogsPanel(LogView):
         if not started:
             self._refetch = True  # one is in flight: fetch again when it returns
 
-    def _live_lines(self, key: RunKey, lines: list[tuple[int | None, str]]) -> None:
+    def _live_lines(self, key: RunKey, lines: list[tuple[int | None, str, float | None]]) -> None:
         if key != self.buffer.key:
             return
         new = []

@@ -308,7 +308,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def open_submit(self) -> SubmitDialog | None:
         """The Submit dialog (modal); sends what it returns."""
         dialog = SubmitDialog(self.controller.server_rows(), self, self.selected_server())
-        self._submit_dialog = dialog
+        self._submit_dialog: SubmitDialog | None = dialog
         try:
             if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
                 return dialog

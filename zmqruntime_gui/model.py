@@ -447,7 +447,7 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s} s")
 
 
-def fmt_count(n: float) -> str:
+def fmt_count(n: int | float) -> str:
     """A progress count: 95, 2.5."""
     return f"{n:g}" if isinstance(n, float) and not n.is_integer() else f"{int(n)}"
 

@@ -245,7 +245,7 @@ class LogDialog(QtWidgets.QDialog):
         self.close_button = make_button("log_close", "Close", self.close)
         row.addWidget(self.close_button)
         layout.addLayout(row)
-        self._last = None
+        self._last: str | None = None
         self.timer = QtCore.QTimer(self, interval=1000)
         self.timer.timeout.connect(self.reload)
         self.timer.start()
@@ -414,7 +414,7 @@ class ServersPanel(QtWidgets.QWidget):
     def spawn(self) -> None:
         """Ask for a port and a worker count, then spawn a local server there."""
         dialog = SpawnDialog(self)
-        self.spawn_dialog = dialog
+        self.spawn_dialog: SpawnDialog | None = dialog
         try:
             if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
                 return
@@ -430,7 +430,7 @@ class ServersPanel(QtWidgets.QWidget):
         dialog = AddRemoteDialog(self, self.controller.key_dir(sel[0] if sel else None))
         if sel and not sel[0].is_local:
             dialog.address.setText(sel[0].key)  # the selected server: change its keys
-        self.add_dialog = dialog
+        self.add_dialog: AddRemoteDialog | None = dialog
         try:
             if dialog.exec() != QtWidgets.QDialog.DialogCode.Accepted:
                 return None

@@ -6,8 +6,9 @@ import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from PySide6 import QtWidgets
+from PySide6 import QtGui, QtWidgets
 
 from zmqruntime.resources import example, list_examples
 
@@ -111,8 +112,9 @@ class SubmitDialog(QtWidgets.QDialog):
             )
             index = self.server_combo.count() - 1
             if row.state != ServerState.ALIVE:
-                item = self.server_combo.model().item(index)
-                item.setEnabled(False)
+                # a QComboBox's own model is a QStandardItemModel (typed as its base class)
+                model = cast(QtGui.QStandardItemModel, self.server_combo.model())
+                model.item(index).setEnabled(False)
         self._select_server(servers, preferred)
         self.name_edit = QtWidgets.QLineEdit()
         where = QtWidgets.QFormLayout()

@@ -22,7 +22,7 @@ from PySide6 import QtCore
 
 log = logging.getLogger("zmqruntime_gui")
 
-Callback = Callable[[Any], None] | None
+Callback = Callable[[Any], object] | None  # what it returns is ignored
 
 
 class TaskRunner(QtCore.QObject):

@@ -49,8 +49,8 @@ def _attrs(path: Path) -> dict[str, Any]:
 def read(path: str | list[str]) -> list[LayerData]:
     """Layers of each path: every image a results directory lists, or one image."""
     out: list[LayerData] = []
-    for p in [path] if isinstance(path, (str, Path)) else path:
-        p = Path(p)
+    for item in [path] if isinstance(path, (str, Path)) else path:
+        p = Path(item)
         manifest = p / "manifest.json"
         if manifest.is_file():
             for image in json.loads(manifest.read_text())["images"]:

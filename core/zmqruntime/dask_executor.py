@@ -558,12 +558,14 @@ class DaskExecutor:
             log.info("Dask: restarted worker %s: %s", args[0], status)
 
     def _on_future(self, token: str, future: Any) -> None:
-        """A Dask callback thread: the outcome goes to the loop (its tick)."""
+        """A Dask callback thread: the outcome goes to the loop (its tick).
+
+        A finished task's value is never fetched: its "done" came over the task's own
+        socket, and a fetch would cost a transfer per run (and, once its worker is gone,
+        make Dask run the task again to recompute it)."""
         status, value = future.status, None
         try:
-            if status == "finished":
-                value = future.result(timeout=30)
-            elif status == "error":
+            if status == "error":
                 value = future.exception(timeout=30)
         except Exception as exc:
             status, value = "error", exc
