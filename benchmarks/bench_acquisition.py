@@ -46,9 +46,13 @@ def run(ctx, config):
     for path in files:
         yielded = time.time()
         frame = tifffile.imread(path)
+        read = time.time()
         ctx.preview("camera", frame)
         mean = float(frame[::64, ::64].mean())
-        ctx.emit("frame", {"name": path.name, "mean": mean, "yielded": yielded})
+        sent = time.time()
+        ctx.emit("frame", {
+            "name": path.name, "mean": mean, "yielded": yielded, "read": read, "sent": sent,
+        })
 """
 
 
@@ -115,6 +119,7 @@ def one_setting(
         for _, e in arrivals
         if e["kind"] == "result"
     ]
+    stamps = [(t, e["value"]) for t, e in arrivals if e["kind"] == "result"]
     previews = [(t, e["index"]) for t, e in arrivals if e["kind"] == "preview"]
     state = arrivals[-1][1]["status"]["state"]
     names = [name for _, name in results]
@@ -127,6 +132,10 @@ def one_setting(
         "exactly_once_in_order": names == [r["name"] for r in written],
         "writer_fps": (len(written) - 1) / span if span > 0 and len(written) > 1 else None,
         "yield_latency": yielded,
+        # where the rest goes: reading the TIFF, previewing it, the result event's way out
+        "read_latency": [v["read"] - v["yielded"] for _, v in stamps],
+        "preview_call_latency": [v["sent"] - v["read"] for _, v in stamps],
+        "event_latency": [t - v["sent"] for t, v in stamps],
         "result_latency": [t - finished[name] for t, name in results],
         "preview_latency": [t - by_index[i] for t, i in previews],
     }
@@ -134,7 +143,10 @@ def one_setting(
 
 def summary(setting: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in setting.items() if not k.endswith("_latency")}
-    for key in ("yield_latency", "result_latency", "preview_latency"):
+    for key in (
+        "yield_latency", "read_latency", "preview_call_latency", "event_latency",
+        "result_latency", "preview_latency",
+    ):  # fmt: skip
         values = setting[key]
         out[key.replace("latency", "n")] = len(values)
         for q in (50, 99):

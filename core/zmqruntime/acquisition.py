@@ -47,7 +47,9 @@ RESCAN_INTERVAL = 2.0
 PROGRESS_MIN_INTERVAL = 0.25
 PROGRESS_IDLE_INTERVAL = 1.0
 #: watchfiles batching: the watcher looks for news every STEP ms, a batch lasts <= DEBOUNCE
-WATCH_STEP_MS = 5
+#: (a file renamed into the folder is seen 2 steps after its event; a follower waiting for
+#: files costs about 2 % of a core at 2 ms, 1 % at 5 ms, measured on a loaded 2-core machine)
+WATCH_STEP_MS = 2
 WATCH_DEBOUNCE_MS = 20
 
 #: filesystems where inotify does not see what other hosts write: polled instead
@@ -241,8 +243,12 @@ class _Watcher:
 
     def wait(self, timeout: float, stop: StopEvent) -> set[tuple[int, str]] | None:
         """Changes as (1 added / 2 modified / 3 deleted, path); empty on timeout, None on stop."""
-        timeout_ms = max(1, int(timeout * 1000))
-        got = self._notify.watch(WATCH_DEBOUNCE_MS, WATCH_STEP_MS, timeout_ms, stop)
+        # Changes that arrived while the run was busy with the last file are taken at once:
+        # watch() sleeps at least two steps before it returns even what is already there.
+        got = self._notify.watch(0, 0, 1, stop)
+        if got == "timeout":
+            timeout_ms = max(1, int(timeout * 1000))
+            got = self._notify.watch(WATCH_DEBOUNCE_MS, WATCH_STEP_MS, timeout_ms, stop)
         if got == "timeout":
             return set()
         if got == "stop":
