@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
 from .controller import Controller
+from .live_plot import RESULT_ORDER, NumericColumns, PlotDialog
 from .model import (
     LOST,
     RunKey,
     column_table,
-    numeric_columns,
     results_table,
     table_csv,
 )
@@ -31,7 +30,7 @@ from .widgets import labelled, make_action, make_toolbar, named, setup_table
 
 SORT_ROLE = QtCore.Qt.ItemDataRole.UserRole + 2
 ALL_RESULTS = "All results"
-RESULT_ORDER = "row order"
+__all__ = ["RESULT_ORDER", "PlotDialog", "ResultsPanel", "ResultsView", "TableModel"]
 
 
 class TableModel(QtCore.QAbstractTableModel):
@@ -103,8 +102,13 @@ class ResultsView(QtWidgets.QWidget):
         self.values: dict[int, Any] = {}  # fetched values of table results, by index
         self.plots: list[PlotDialog] = []
         self._refetch = False
+        # the "All results" table so far: rows of results listed before are not rebuilt
+        self._all: tuple[list[dict[str, Any]], int, list[str], list[dict[str, Any]]]
+        self._all = ([], 0, [], [])
+        self.numeric = NumericColumns()  # which columns can be plotted, kept row by row
 
         self.model = TableModel(self)
+        self.model.modelReset.connect(lambda: self.numeric.reset([], []))
         self.proxy = QtCore.QSortFilterProxyModel(self)
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_ROLE)
@@ -264,7 +268,19 @@ class ResultsView(QtWidgets.QWidget):
             if table is not None:
                 return table
             return [], []
-        return results_table(self.summaries) if self.summaries else ([], [])
+        return self._all_results()
+
+    def _all_results(self) -> tuple[list[str], list[dict[str, Any]]]:
+        """One row per result; only the results listed since the last call are read."""
+        listed, n, columns, rows = self._all
+        if listed is not self.summaries or n > len(self.summaries):  # another run
+            listed, n, columns, rows = self.summaries, 0, [], []
+        if n < len(self.summaries):
+            more_columns, more_rows = results_table(self.summaries[n:])
+            columns = columns + [c for c in more_columns if c not in columns]
+            rows = rows + more_rows
+            self._all = (listed, len(self.summaries), columns, rows)
+        return (columns, rows) if rows else ([], [])
 
     def _rebuild(self) -> None:
         columns, rows = self.current_table()
@@ -311,7 +327,8 @@ class ResultsView(QtWidgets.QWidget):
         self.act_save.setEnabled(summary is not None)
         columns, rows = self.model.columns, self.model.rows
         self.act_csv.setEnabled(bool(rows))
-        self.act_plot.setEnabled(bool(numeric_columns(columns, rows)))
+        self.numeric.extend(columns, rows)
+        self.act_plot.setEnabled(bool(self.numeric.columns))
 
     # ------------------------------------------------------------------ actions
     def _fetch_value(self, summary: dict[str, Any], then) -> None:
@@ -396,7 +413,9 @@ class ResultsView(QtWidgets.QWidget):
         return target
 
     def open_plot(self) -> PlotDialog | None:
-        if not numeric_columns(self.model.columns, self.model.rows):
+        """A plot of a numeric column that follows the table (see live_plot)."""
+        self.numeric.extend(self.model.columns, self.model.rows)
+        if not self.numeric.columns:
             return None
         dialog = PlotDialog(self)
         dialog.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
@@ -406,76 +425,6 @@ class ResultsView(QtWidgets.QWidget):
         )
         dialog.show()
         return dialog
-
-
-class PlotDialog(QtWidgets.QDialog):
-    """A numeric column of the results table against the row order or another column;
-    it follows the table as results arrive."""
-
-    def __init__(self, view: ResultsView) -> None:
-        super().__init__(view)
-        self.view = view
-        self.setObjectName("resultsPlot")
-        self.setWindowTitle(f"Plot — results of {view.key.exec_id if view.key else ''}")
-        self.resize(720, 460)
-        self.y = named(QtWidgets.QComboBox(), "plot_y")
-        self.x = named(QtWidgets.QComboBox(), "plot_x")
-        for combo in (self.y, self.x):
-            combo.currentIndexChanged.connect(lambda *_: self.redraw())
-        self.plot = pg.PlotWidget(background="#15171b")
-        self.plot.showGrid(x=True, y=True, alpha=0.25)
-        self.curve = self.plot.plot(
-            [], [], pen=pg.mkPen("#61afef", width=2), symbol="o", symbolSize=5,
-            symbolBrush="#61afef", symbolPen=None,
-        )  # fmt: skip
-        row = QtWidgets.QHBoxLayout()
-        row.addWidget(QtWidgets.QLabel("Plot"))
-        row.addWidget(self.y, 1)
-        row.addWidget(QtWidgets.QLabel("against"))
-        row.addWidget(self.x, 1)
-        layout = QtWidgets.QVBoxLayout(self)
-        layout.addLayout(row)
-        layout.addWidget(self.plot, 1)
-        view.sigTableChanged.connect(self._table_changed)
-        self._table_changed()
-
-    def _table_changed(self) -> None:
-        numeric = numeric_columns(self.view.model.columns, self.view.model.rows)
-        first = self.y.count() == 0
-        for combo, items in ((self.y, numeric), (self.x, [RESULT_ORDER, *numeric])):
-            current = combo.currentText()
-            if [combo.itemText(i) for i in range(combo.count())] != items:
-                combo.blockSignals(True)
-                combo.clear()
-                combo.addItems(items)
-                if current in items:
-                    combo.setCurrentText(current)
-                combo.blockSignals(False)
-        if first and numeric:
-            # the first column that is not an index: "cells" rather than "frame"
-            index_like = {"#", "frame", "index", "row"}
-            self.y.blockSignals(True)
-            self.y.setCurrentText(next((c for c in numeric if c not in index_like), numeric[0]))
-            self.y.blockSignals(False)
-        self.redraw()
-
-    def data(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (x, y) points plotted: rows with a value in both, in stored order."""
-        y_name, x_name = self.y.currentText(), self.x.currentText()
-        xs, ys = [], []
-        for i, row in enumerate(self.view.model.rows):
-            y = row.get(y_name)
-            x = i if x_name == RESULT_ORDER else row.get(x_name)
-            if isinstance(y, (int, float)) and isinstance(x, (int, float)):
-                xs.append(float(x))
-                ys.append(float(y))
-        return np.asarray(xs), np.asarray(ys)
-
-    def redraw(self) -> None:
-        xs, ys = self.data()
-        self.curve.setData(xs, ys)
-        self.plot.setLabel("left", self.y.currentText())
-        self.plot.setLabel("bottom", self.x.currentText())
 
 
 def save_value(path: Path, value: Any) -> None:
