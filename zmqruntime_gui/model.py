@@ -136,6 +136,7 @@ class ServerRow:
     log_file: str | None = None
     error: str | None = None
     last_ok: float | None = None  # time.time() of the last answered ping
+    executor: dict[str, Any] | None = None  # ping's "executor": native, or the Dask cluster
 
     @property
     def key(self) -> str:
@@ -150,6 +151,7 @@ class ServerRow:
         self.uptime = info.get("uptime")
         self.pid = info.get("pid", self.pid)
         self.log_file = info.get("log_file", self.log_file)
+        self.executor = info.get("executor")
         self.error = None
         self.last_ok = time.time()
 

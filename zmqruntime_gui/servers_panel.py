@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
+from typing import Any
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
@@ -24,7 +26,8 @@ from .widgets import (
     state_dot,
 )
 
-COLUMNS = ("Server", "Status", "Ping", "Workers", "Queued", "Uptime")
+COLUMNS = ("Server", "Status", "Ping", "Workers", "Queued", "Uptime", "Executor")
+COL_EXECUTOR = 6
 ALARM_BACKGROUNDS = {
     ServerState.DOWN: "#3b2428",
     ServerState.EXITED: "#3b2428",
@@ -68,6 +71,8 @@ class ServersModel(KeyedTableModel[Endpoint]):
                 return row.queued_text
             if col == 5:
                 return row.uptime_text
+            if col == COL_EXECUTOR:
+                return executor_text(row.executor) if row.state == ServerState.ALIVE else "–"
         elif role == Role.DecorationRole and col == 1:
             return state_dot(SERVER_STATE_COLOURS[row.state])
         elif role == Role.DecorationRole and col == 0:
@@ -96,6 +101,7 @@ class ServersModel(KeyedTableModel[Endpoint]):
                 f"ping {row.ping_text} · workers {row.workers_text} · queued "
                 f"{row.queued_text} · up {row.uptime_text}"
             )
+            lines += executor_lines(row.executor)
         keys = self.controller.key_dir(row.endpoint)
         if keys:
             lines.append(f"keys: {keys}")
@@ -106,6 +112,52 @@ class ServersModel(KeyedTableModel[Endpoint]):
         if row.error:
             lines.append(f"<span style='color:#e06c75'>{row.error}</span>")
         return "<br>".join(lines)
+
+
+def executor_text(executor: dict[str, Any] | None) -> str:
+    """The Executor cell: ``native``, or ``Dask local · 2 workers, 2 threads`` (jobs pending
+    on a batch queue; ``connecting`` or ``problem`` while the cluster is not there)."""
+    if not executor or executor.get("kind") != "dask":
+        return "native"
+    text = f"Dask {executor.get('cluster') or executor.get('spec')}"
+    if executor.get("problem"):
+        return f"{text} · problem"
+    if not executor.get("ready"):
+        return f"{text} · connecting"
+    workers, threads = executor.get("workers", 0), executor.get("threads", 0)
+    text += f" · {workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)}"
+    if executor.get("pending_jobs"):
+        text += f", {executor['pending_jobs']} jobs pending"
+    return text
+
+
+def executor_lines(executor: dict[str, Any] | None) -> list[str]:
+    """The tooltip's lines about the executor: the cluster's figures and its dashboard."""
+    if not executor or executor.get("kind") != "dask":
+        return ["executor: native worker processes"]
+    lines = [f"executor: Dask ({html.escape(str(executor.get('spec')))})"]
+    if executor.get("scheduler"):
+        lines.append(f"scheduler: {html.escape(executor['scheduler'])}")
+    if executor.get("ready"):
+        figures = f"{executor.get('workers', 0)} workers, {executor.get('threads', 0)} threads"
+        if executor.get("pending_jobs") is not None:
+            figures += f", {executor['pending_jobs']} jobs pending"
+        if executor.get("adapt"):
+            figures += " (adaptive {}–{})".format(*executor["adapt"])
+        lines.append(figures)
+        if executor.get("resources"):
+            lines.append(
+                "resources: "
+                + ", ".join(
+                    f"{html.escape(str(k))} {v:g}" for k, v in executor["resources"].items()
+                )
+            )
+    if executor.get("dashboard"):
+        url = html.escape(executor["dashboard"])
+        lines.append(f"dashboard: <a href='{url}'>{url}</a>")
+    if executor.get("problem"):
+        lines.append(f"<span style='color:#e06c75'>{html.escape(executor['problem'])}</span>")
+    return lines
 
 
 class SpawnDialog(QtWidgets.QDialog):
@@ -298,6 +350,8 @@ class ServersPanel(QtWidgets.QWidget):
                 Column("Workers", 64, priority=4),
                 Column("Queued", 60, priority=3),
                 Column("Uptime", 64, priority=2),
+                Column("Executor", metrics.horizontalAdvance("Dask local · 2 workers, 2 threads")
+                       + 12, priority=1),
             ],
         )  # fmt: skip
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
