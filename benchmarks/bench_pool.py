@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -37,6 +36,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 CORE = HERE.parent / "core"  # this checkout's runtime, for the servers too
 sys.path.insert(0, str(CORE))
+sys.path.insert(0, str(HERE))  # common
 
 from zmqruntime import ExecutionClient, ExecutionPool  # noqa: E402
 from zmqruntime.transport import free_port, port_accepts_tcp  # noqa: E402
@@ -218,7 +218,18 @@ def main() -> None:
         f"(pool/client {base['frames_per_s'] / direct['frames_per_s']:.2f})"
     )
     if args.json:
-        args.json.write_text(json.dumps({"pool": rows, "client": direct}, indent=2))
+        # stable keys: pool_<k>_servers_<figure> (k = 1, 2, 3) and client_<figure>, with
+        # figure one of trivial_runs_per_s, sleep_runs_per_s, frames_per_s, MB_per_s
+        import common
+
+        flat: dict[str, Any] = {
+            f"pool_{k}_servers_{key}": value
+            for k, row in zip((1, 2, 3), rows)
+            for key, value in row.items()
+        }
+        flat.update({f"client_{key}": value for key, value in direct.items()})
+        flat.update(pool=rows, client=direct)
+        common.write_json(args.json, "bench_pool", flat, sys.argv)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,36 @@
-"""zmqruntime side by side with raw pyzmq, Dask distributed and ipyparallel.
+"""zmqruntime side by side with raw pyzmq, Dask distributed, ipyparallel and Ray.
 
     python benchmarks/compare.py            # the full comparison (a few minutes)
     python benchmarks/compare.py --quick    # a reduced one (under a minute)
+    python benchmarks/compare.py --json out.json
 
-Six workloads (issue 6), each system in its own child process (the runner), one system
-after the other, so that no system's background threads or processes compete with
-another's measurement. The runner measures start-up from its own first line (before
+Six workloads (issues 6 and 19), each system in its own child process (the runner), one
+system after the other, so that no system's background threads or processes compete
+with another's measurement. The runner measures start-up from its own first line (before
 any third-party import) to the first result, then runs the workloads on the system
 it started, stops it and reports JSON; this process prints one markdown table.
 
 1. round trip: submit one trivial run, wait for its result (median, p99);
 2. throughput: N trivial runs submitted at once, all results gathered (runs/s);
-3. arrays back: N runs each returning a 2048x2048 uint16 array (frames/s);
-4. streaming: one run emitting N such frames, consumed live (frames/s);
+3. arrays back: N runs each returning a 2048x2048 uint16 array (frames/s), in two
+   rows that compare like with like: "live only" (the array travels in memory: Dask,
+   ipyparallel and Ray results, raw pyzmq) and "stored to disk" (zmqruntime's results,
+   which are always stored; the peers' tasks write the array with np.save to the same
+   filesystem and return its path, and the client np.loads it);
+4. streaming: one run sending N such frames, consumed as they come, again in two rows:
+   "live only" (zmqruntime's ctx.preview, Dask's distributed.Queue, ipyparallel's
+   publish_data, a Ray streaming generator, raw pyzmq) and "stored to disk"
+   (zmqruntime's ctx.emit -> stream(); the peers write each frame with np.save and
+   report its path through the same channel, and the client np.loads it);
 5. cancel: time from cancel() to the final state of a run in a busy loop, and whether
    the running code actually stopped (a heartbeat file it writes stops changing);
 6. start-up: from nothing to the first result.
+
+Two ceilings stand beside the systems: raw pyzmq (PUSH/PULL over loopback, for the
+live rows) and the result-file ceiling (the same frames written as result files by
+one process, the way zmqruntime's worker writes them, for the stored rows).
+Ray runs on loopback with as many CPUs as the others have workers
+(``ray.init(num_cpus=..., include_dashboard=False, _node_ip_address="127.0.0.1")``).
 
 Every system's state lives in a temporary directory (see common.isolation), and every
 process started is stopped at the end, also on errors and Ctrl-C.
@@ -48,12 +63,15 @@ if str(HERE) not in sys.path:
 
 import common  # noqa: E402
 
-SYSTEMS = ("pyzmq", "zmqruntime", "dask", "ipyparallel")
+SYSTEMS = ("pyzmq", "disk", "zmqruntime", "dask", "ipyparallel", "ray")
+PEERS = ("dask", "ipyparallel", "ray")
 LABELS = {
     "pyzmq": "raw pyzmq",
+    "disk": "result-file ceiling",
     "zmqruntime": "zmqruntime",
     "dask": "Dask distributed",
     "ipyparallel": "ipyparallel",
+    "ray": "Ray",
 }
 WORKLOADS = ("roundtrip", "throughput", "arrays", "streaming", "cancel", "startup")
 
@@ -123,6 +141,65 @@ def ipp_stream(n: int) -> int:
     return n
 
 
+def save_frame(directory: str, i: int = 0) -> str:
+    """A run whose result is stored: the frame written with np.save; its path returned."""
+    import numpy as np
+
+    path = f"{directory}/frame-{i:05d}.npy"
+    np.save(path, np.full((2048, 2048), i & 0xFFFF, np.uint16), allow_pickle=False)
+    return path
+
+
+def dask_stream_stored(queue_name: str, directory: str, n: int) -> int:
+    import numpy as np
+    from distributed import Queue
+
+    queue = Queue(queue_name)
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for i in range(n):
+        path = f"{directory}/stream-{i:05d}.npy"
+        np.save(path, frame, allow_pickle=False)
+        queue.put(path)
+    return n
+
+
+def ipp_stream_stored(directory: str, n: int) -> int:
+    import numpy as np
+    from ipyparallel.datapub import publish_data
+
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for i in range(n):
+        np.save(f"{directory}/stream-{i:05d}.npy", frame, allow_pickle=False)
+        publish_data({"i": i})  # newest wins: the client reads every file up to i
+    return n
+
+
+def ray_stream(n: int) -> Any:
+    import numpy as np
+
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for _ in range(n):
+        yield frame
+
+
+def ray_stream_stored(directory: str, n: int) -> Any:
+    import numpy as np
+
+    frame = np.full((2048, 2048), 7, np.uint16)
+    for i in range(n):
+        path = f"{directory}/stream-{i:05d}.npy"
+        np.save(path, frame, allow_pickle=False)
+        yield path
+
+
+def load_frame(path: str) -> Any:
+    import numpy as np
+
+    frame = np.load(path, allow_pickle=False)
+    assert frame.nbytes == common.FRAME_BYTES
+    return frame
+
+
 ZMQR_TRIVIAL = "def run(ctx, config):\n    return 1\n"
 ZMQR_ARRAY = (
     "import numpy as np\n\n"
@@ -135,6 +212,13 @@ ZMQR_STREAM = (
     "    frame = np.full((2048, 2048), 7, np.uint16)\n"
     "    for _ in range(config.n):\n"
     "        ctx.emit('frame', frame)\n"
+)
+ZMQR_PREVIEW = (
+    "import numpy as np\n\n"
+    "def run(ctx, config):\n"
+    "    frame = np.full((2048, 2048), 7, np.uint16)\n"
+    "    for _ in range(config.n):\n"
+    "        ctx.preview('frame', frame)\n"
 )
 ZMQR_BUSY = inspect.getsource(busy_loop) + (
     "\n\ndef run(ctx, config):\n    return busy_loop(config.marker, config.seconds)\n"
@@ -161,6 +245,7 @@ class System:
 
     name = ""
     streaming_mechanism = ""
+    stored_mechanism = ""
     cancel_mechanism = ""
     submit_api = ""
 
@@ -181,10 +266,20 @@ class System:
         raise NotImplementedError
 
     def arrays(self, n: int) -> None:
+        """N runs each returning a frame that travels in memory (NotImplementedError: none)."""
+        raise NotImplementedError
+
+    def arrays_stored(self, n: int, directory: Path) -> None:
+        """N runs each storing a frame on disk (under ``directory``); the client reads them."""
         raise NotImplementedError
 
     def streaming(self, n: int) -> int:
-        """Run one task emitting n frames; return how many the client saw."""
+        """Run one task sending n frames live; return how many the client saw."""
+        raise NotImplementedError
+
+    def streaming_stored(self, n: int, directory: Path) -> int:
+        """Run one task storing n frames on disk as it goes; the client reads each as it
+        is reported; return how many it read."""
         raise NotImplementedError
 
     def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
@@ -270,9 +365,35 @@ class RawZmq(System):
             self.pool.close()
 
 
+class DiskCeiling(System):
+    """The stored rows' ceiling: one process writing the frames as result files."""
+
+    name = "disk"
+    stored_mechanism = ""
+
+    def start(self) -> None:
+        pass
+
+    def ceiling_fps(self, n: int, directory: Path) -> float:
+        """Frames/s of writing ``n`` frames as result files (bench_stream.disk_ceiling)."""
+        from bench_stream import disk_ceiling
+
+        fps, self.stored_mechanism = disk_ceiling(n, directory)
+        return fps
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        return []
+
+    def stop(self) -> None:
+        pass
+
+
 class Zmqruntime(System):
     name = "zmqruntime"
-    streaming_mechanism = "ctx.emit() -> ExecutionClient.stream() (stored results)"
+    streaming_mechanism = "ctx.preview() -> ExecutionClient.stream() (live only, newest wins)"
+    stored_mechanism = (
+        "results stored by the worker; ctx.emit() -> stream(), execute_many() -> gather()"
+    )
     cancel_mechanism = (
         "client.cancel(): ctx.cancelled, then an interrupt after 0.25 s, a kill after the grace"
     )
@@ -301,13 +422,28 @@ class Zmqruntime(System):
         ids = self.client.execute_many(ZMQR_TRIVIAL, [None] * n)
         assert self.client.gather(ids) == [{"return": [1]}] * n
 
-    def arrays(self, n: int) -> None:
+    def arrays_stored(self, n: int, directory: Path) -> None:
         ids = self.client.execute_many(ZMQR_ARRAY, [{"i": i} for i in range(n)])
         for results in self.client.gather(ids):
             (frame,) = results["return"]
             assert frame.nbytes == common.FRAME_BYTES
 
     def streaming(self, n: int) -> int:
+        exec_id = self.client.execute(ZMQR_PREVIEW, config={"n": n})
+        count = 0
+        for event in self.client.stream(exec_id):
+            if event["kind"] == "preview":
+                assert event["value"].nbytes == common.FRAME_BYTES
+                count += 1
+            elif event["kind"] == "state" and event["status"]["state"] in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                assert event["status"]["state"] == "completed", event["status"]
+        return count  # previews are newest-wins: the client may see fewer than n
+
+    def streaming_stored(self, n: int, directory: Path) -> int:
         exec_id = self.client.execute(ZMQR_STREAM, config={"n": n})
         count = self.fetched = 0
         for event in self.client.stream(exec_id):
@@ -356,6 +492,10 @@ class Dask(System):
     streaming_mechanism = (
         "distributed.Queue (maxsize 16): worker put() -> scheduler -> client get()"
     )
+    stored_mechanism = (
+        "tasks np.save each frame and return its path (streaming: put it on the Queue); "
+        "the client np.loads it"
+    )
     cancel_mechanism = "Future.cancel(): the future is cancelled, the worker thread runs on"
     submit_api = "client.submit() / client.map(pure=False), client.gather()"
 
@@ -388,6 +528,12 @@ class Dask(System):
             assert frame.nbytes == common.FRAME_BYTES
         del futures
 
+    def arrays_stored(self, n: int, directory: Path) -> None:
+        futures = self.client.map(save_frame, [str(directory)] * n, range(n), pure=False)
+        for path in self.client.gather(futures):
+            load_frame(path)
+        del futures
+
     def streaming(self, n: int) -> int:
         from distributed import Queue
 
@@ -396,6 +542,17 @@ class Dask(System):
         future = self.client.submit(dask_stream, name, n, pure=False)
         for _ in range(n):
             assert queue.get(timeout=120).nbytes == common.FRAME_BYTES
+        assert future.result() == n
+        return n
+
+    def streaming_stored(self, n: int, directory: Path) -> int:
+        from distributed import Queue
+
+        name = f"paths-{time.monotonic_ns()}"
+        queue = Queue(name, maxsize=16)
+        future = self.client.submit(dask_stream_stored, name, str(directory), n, pure=False)
+        for _ in range(n):
+            load_frame(queue.get(timeout=120))
         assert future.result() == n
         return n
 
@@ -429,6 +586,10 @@ class Dask(System):
 class IPyParallel(System):
     name = "ipyparallel"
     streaming_mechanism = "datapub.publish_data() -> iopub -> AsyncResult.data (newest wins)"
+    stored_mechanism = (
+        "tasks np.save each frame and return its path (streaming: publish_data of the "
+        "newest index, the client reads every file up to it); the client np.loads it"
+    )
     cancel_mechanism = (
         "AsyncResult.abort() only drops queued tasks; Client.send_signal(SIGINT) stops running code"
     )
@@ -454,6 +615,26 @@ class IPyParallel(System):
     def arrays(self, n: int) -> None:
         for frame in self.view.map_async(make_frame, range(n), chunksize=1).get(timeout=600):
             assert frame.nbytes == common.FRAME_BYTES
+
+    def arrays_stored(self, n: int, directory: Path) -> None:
+        ar = self.view.map_async(save_frame, [str(directory)] * n, range(n), chunksize=1)
+        for path in ar.get(timeout=600):
+            load_frame(path)
+
+    def streaming_stored(self, n: int, directory: Path) -> int:
+        ar = self.view.apply_async(ipp_stream_stored, str(directory), n)
+        read = 0
+        deadline = time.monotonic() + 600
+        while read < n and time.monotonic() < deadline:
+            i = ar.data.get("i")
+            if i is None or i < read:
+                time.sleep(0.0005)
+                continue
+            while read <= i:
+                load_frame(f"{directory}/stream-{read:05d}.npy")
+                read += 1
+        assert ar.get(timeout=60) == n
+        return read
 
     def streaming(self, n: int) -> int:
         ar = self.view.apply_async(ipp_stream, n)
@@ -502,10 +683,111 @@ class IPyParallel(System):
                 print(f"ipyparallel stop_cluster failed: {exc}", file=sys.stderr)
 
 
+class Ray(System):
+    name = "ray"
+    streaming_mechanism = (
+        'a streaming generator (num_returns="streaming"): each yielded frame in the object '
+        "store, ray.get() by the client"
+    )
+    stored_mechanism = (
+        "tasks np.save each frame and return its path (streaming: the generator yields "
+        "it); the client np.loads it"
+    )
+    cancel_mechanism = "ray.cancel(ref, force=True): the worker process is killed"
+    submit_api = "f.remote() per run, ray.get() on the list"
+
+    def start(self) -> None:
+        import ray
+
+        self.ray = ray
+        ray.init(
+            num_cpus=self.workers,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(Path(os.environ["ZMQRUNTIME_DATA_DIR"]).parent / "ray"),
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+        self.trivial = ray.remote(trivial)
+        self.make_frame = ray.remote(make_frame)
+        self.save_frame = ray.remote(save_frame)
+        self.busy_loop = ray.remote(max_retries=0)(busy_loop)
+        self.stream = ray.remote(num_returns="streaming")(ray_stream)
+        self.stream_stored = ray.remote(num_returns="streaming")(ray_stream_stored)
+        ray.get(self.trivial.remote(0))
+
+    def wait_all_workers(self) -> None:
+        # Ray starts workers on demand: run one task per CPU at once so both exist
+        self.ray.get([self.trivial.remote(i) for i in range(self.workers * 4)])
+
+    def roundtrip(self) -> None:
+        self.ray.get(self.trivial.remote(1))
+
+    def throughput(self, n: int) -> None:
+        assert self.ray.get([self.trivial.remote(i) for i in range(n)]) == [1] * n
+
+    def arrays(self, n: int) -> None:
+        for frame in self.ray.get([self.make_frame.remote(i) for i in range(n)]):
+            assert frame.nbytes == common.FRAME_BYTES
+
+    def arrays_stored(self, n: int, directory: Path) -> None:
+        refs = [self.save_frame.remote(str(directory), i) for i in range(n)]
+        for path in self.ray.get(refs):
+            load_frame(path)
+
+    def streaming(self, n: int) -> int:
+        count = 0
+        for ref in self.stream.remote(n):
+            assert self.ray.get(ref).nbytes == common.FRAME_BYTES
+            count += 1
+        return count
+
+    def streaming_stored(self, n: int, directory: Path) -> int:
+        count = 0
+        for ref in self.stream_stored.remote(str(directory), n):
+            load_frame(self.ray.get(ref))
+            count += 1
+        return count
+
+    def cancel(self, marker: Path, seconds: float) -> list[dict[str, Any]]:
+        ref = self.busy_loop.remote(str(marker), seconds)
+        wait_for_heartbeat(marker)
+        t0 = time.perf_counter()
+        self.ray.cancel(ref, force=True)
+        try:
+            self.ray.get(ref, timeout=60)
+            state = "completed"
+        except self.ray.exceptions.TaskCancelledError:
+            state = "cancelled"
+        except self.ray.exceptions.RayError as exc:
+            state = type(exc).__name__
+        elapsed = time.perf_counter() - t0
+        result = {
+            "variant": "busy",
+            "cancel_to_final_s": elapsed,
+            "final_state": state,
+            "still_running": still_running(marker),
+        }
+        wait_quiet(marker, seconds)
+        return [result]
+
+    def stop(self) -> None:
+        ray = getattr(self, "ray", None)
+        if ray is not None:
+            try:
+                ray.shutdown()
+            except Exception as exc:
+                print(f"ray.shutdown() failed: {exc}", file=sys.stderr)
+
+
 SYSTEM_CLASSES: dict[str, type[System]] = {
-    cls.name: cls for cls in (RawZmq, Zmqruntime, Dask, IPyParallel)
+    cls.name: cls for cls in (RawZmq, DiskCeiling, Zmqruntime, Dask, IPyParallel, Ray)
 }
-PEER_PACKAGES = {"dask": ["dask", "distributed"], "ipyparallel": ["ipyparallel", "ipykernel"]}
+PEER_PACKAGES = {
+    "dask": ["dask", "distributed"],
+    "ipyparallel": ["ipyparallel", "ipykernel"],
+    "ray": ["ray"],
+}
 
 
 # --------------------------------------------------------------------------- the runner
@@ -527,13 +809,14 @@ def run_system(
     profiler = None
     report["notes"] = {
         "streaming": system.streaming_mechanism,
+        "stored": system.stored_mechanism,
         "cancel": system.cancel_mechanism,
         "submit": system.submit_api,
     }
     report["versions"] = common.versions(PEER_PACKAGES.get(name, []))
     try:
         system.start()
-        if "startup" in workloads:
+        if "startup" in workloads and name != "disk":
             figures["startup_s"] = time.perf_counter() - _T0
         system.wait_all_workers()
         if profile is not None:
@@ -545,6 +828,8 @@ def run_system(
             _log(f"  {name}: {workload}")
             try:
                 figures.update(WORKLOAD_FUNCS[workload](system, sizes))
+            except NotImplementedError:
+                pass  # the system has nothing to measure here (a ceiling)
             except Exception as exc:
                 errors[workload] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
@@ -552,6 +837,7 @@ def run_system(
         errors["startup"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     finally:
+        report["notes"]["stored"] = system.stored_mechanism  # the ceiling says it late
         if profiler is not None:
             report["profiles"] = [str(p) for p in profiler.stop()]
         try:
@@ -589,23 +875,56 @@ def w_throughput(system: System, sizes: Sizes) -> dict[str, float]:
     return {"throughput_runs_s": sizes.throughput / (time.perf_counter() - t0)}
 
 
+def stored_dir(tag: str) -> Path:
+    """A fresh folder for stored frames on the filesystem of zmqruntime's store."""
+    path = Path(os.environ["ZMQRUNTIME_DATA_DIR"]).parent / f"stored-{tag}-{time.monotonic_ns()}"
+    path.mkdir()
+    return path
+
+
+def _timed(call: Any, n: int, tag: str, stored: bool) -> tuple[float, Any]:
+    """(frames/s, what the call returned) of ``call(n[, directory])``; a warm-up first.
+    Stored frames are deleted after each call, outside the timing."""
+    import shutil
+
+    out = None
+    for k in (2, n):
+        directory = stored_dir(tag) if stored else None
+        try:
+            t0 = time.perf_counter()
+            out = call(k, directory) if stored else call(k)
+            elapsed = time.perf_counter() - t0
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+    return n / elapsed, out
+
+
 def w_arrays(system: System, sizes: Sizes) -> dict[str, float]:
-    system.arrays(2)  # warm-up
-    t0 = time.perf_counter()
-    system.arrays(sizes.arrays)
-    return {"arrays_frames_s": sizes.arrays / (time.perf_counter() - t0)}
+    n = sizes.arrays
+    if isinstance(system, DiskCeiling):
+        return {"arrays_stored_frames_s": system.ceiling_fps(n, stored_dir("ceiling"))}
+    out: dict[str, float] = {}
+    with contextlib.suppress(NotImplementedError):
+        out["arrays_live_frames_s"] = _timed(system.arrays, n, "arrays", False)[0]
+    with contextlib.suppress(NotImplementedError):
+        out["arrays_stored_frames_s"] = _timed(system.arrays_stored, n, "arrays", True)[0]
+    return out
 
 
 def w_streaming(system: System, sizes: Sizes) -> dict[str, float]:
-    system.streaming(5)  # warm-up
-    t0 = time.perf_counter()
-    seen = system.streaming(sizes.streaming)
-    out = {
-        "streaming_frames_s": sizes.streaming / (time.perf_counter() - t0),
-        "streaming_frames_seen": seen,
-    }
-    if hasattr(system, "fetched"):
-        out["streaming_frames_fetched"] = system.fetched
+    n = sizes.streaming
+    if isinstance(system, DiskCeiling):
+        return {"streaming_stored_frames_s": system.ceiling_fps(n, stored_dir("ceiling"))}
+    out: dict[str, float] = {}
+    with contextlib.suppress(NotImplementedError):
+        fps, seen = _timed(system.streaming, n, "stream", False)
+        out.update(streaming_live_frames_s=fps, streaming_live_frames_seen=seen)
+    with contextlib.suppress(NotImplementedError):
+        fps, seen = _timed(system.streaming_stored, n, "stream", True)
+        out.update(streaming_stored_frames_s=fps, streaming_stored_frames_seen=seen)
+        if hasattr(system, "fetched"):
+            out["streaming_stored_frames_fetched"] = system.fetched
     return out
 
 
@@ -635,8 +954,30 @@ ROWS = [
     ("roundtrip_median_ms", "1. round trip, median", "ms", True),
     ("roundtrip_p99_ms", "1. round trip, p99", "ms", True),
     ("throughput_runs_s", "2. throughput, {throughput} trivial runs", "runs/s", False),
-    ("arrays_frames_s", "3. arrays back, {arrays} runs x 2048² uint16", "frames/s", False),
-    ("streaming_frames_s", "4. streaming, one run emitting {streaming} frames", "frames/s", False),
+    (
+        "arrays_live_frames_s",
+        "3a. arrays back, live only (in memory): {arrays} runs x 2048² uint16",
+        "frames/s",
+        False,
+    ),
+    (
+        "arrays_stored_frames_s",
+        "3b. arrays back, stored to disk, read by the client: {arrays} runs",
+        "frames/s",
+        False,
+    ),
+    (
+        "streaming_live_frames_s",
+        "4a. streaming, live only: one run sending {streaming} frames",
+        "frames/s",
+        False,
+    ),
+    (
+        "streaming_stored_frames_s",
+        "4b. streaming, stored to disk: one run storing {streaming} frames, each read as reported",
+        "frames/s",
+        False,
+    ),
     ("cancel_busy_ms", "5. cancel → final state, busy loop", "ms", True),
     ("cancel_busy_still_running", "5. busy loop still running after the final state?", "", None),
     ("cancel_cooperative_ms", "5. cancel → final state, loop checking ctx.cancelled", "ms", True),
@@ -653,18 +994,33 @@ def target_verdict(key: str, fig: dict[str, dict[str, Any]]) -> str:
         return f"≤ 1 ms: {'met' if value <= 1.0 else 'missed'}"
     if key == "throughput_runs_s":
         return f"≥ 3,000/s: {'met' if value >= 3000 else 'missed'}"
-    if key == "streaming_frames_s":
+    if key == "streaming_live_frames_s":
         raw = fig.get("pyzmq", {}).get(key)
         if not raw:
             return "≥ 70% of raw pyzmq: n/a"
         share = value / raw
         return f"≥ 70% of raw pyzmq: {share:.0%}, {'met' if share >= 0.7 else 'missed'}"
+    if key in ("streaming_stored_frames_s", "arrays_stored_frames_s"):
+        goal = 0.9 if key.startswith("streaming") else 0.7
+        disk = fig.get("disk", {}).get(key)
+        if not disk:
+            return f"≥ {goal:.0%} of the ceiling: n/a"
+        share = value / disk
+        verdict = (
+            f"≥ {goal:.0%} of the ceiling: {share:.0%}, {'met' if share >= goal else 'missed'}"
+        )
+        fetched = z.get("streaming_stored_frames_fetched")
+        if key.startswith("streaming") and fetched is not None:
+            seen = z.get("streaming_stored_frames_seen") or 1
+            verdict += f"; fetched from the store {fetched} ({fetched / seen:.0%}, ≤ 5%: "
+            verdict += f"{'met' if fetched <= 0.05 * seen else 'missed'})"
+        return verdict
     return ""
 
 
 def ahead_of_peers(key: str, lower_better: bool | None, fig: dict[str, dict[str, Any]]) -> str:
     z = fig.get("zmqruntime", {}).get(key)
-    peers = [fig.get(p, {}).get(key) for p in ("dask", "ipyparallel")]
+    peers = [fig.get(p, {}).get(key) for p in PEERS]
     peers = [p for p in peers if isinstance(p, (int, float)) and not isinstance(p, bool)]
     if lower_better is None or not isinstance(z, (int, float)) or not peers:
         return ""
@@ -695,7 +1051,7 @@ def render(reports: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: 
         if "cancel_busy_still_running" in fig[s]:
             fig[s]["cancel_busy_still_running"] = bool(fig[s]["cancel_busy_still_running"])
     header = ["workload", "unit", *(LABELS[s] for s in systems), "zmqruntime target"]
-    header.append("zmqruntime ahead of both peers")
+    header.append("zmqruntime ahead of every peer")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, label, unit, lower in ROWS:
         if not any(key in fig[s] for s in systems):
@@ -717,22 +1073,31 @@ def render(reports: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: 
         f"({args.workers} workers per system; "
         f"{'quick' if args.quick else 'full'} sizes).",
         "Ratios in brackets: the figure ÷ zmqruntime's (times: > 1 means slower than "
-        "zmqruntime; rates: < 1 means slower).",
+        "zmqruntime; rates: < 1 means slower). 'Live only' rows keep nothing; 'stored to "
+        "disk' rows have every frame in a file on the same filesystem before the client "
+        "reads it. n/a: the system has no such mechanism (zmqruntime stores every result; "
+        "the ceilings are not systems).",
     ]
     for s in systems:
         r = reports[s]
         n = r.get("notes", {})
-        bits = [f"submit: {n.get('submit')}", f"streaming: {n.get('streaming')}"]
+        bits = []
+        if n.get("submit"):
+            bits.append(f"submit: {n['submit']}")
+        if n.get("streaming"):
+            bits.append(f"live: {n['streaming']}")
+        if n.get("stored"):
+            bits.append(f"stored: {n['stored']}")
         if n.get("cancel"):
             bits.append(f"cancel: {n['cancel']}")
-        if "streaming_frames_seen" in r["figures"] and s == "ipyparallel":
+        seen = r["figures"].get("streaming_live_frames_seen")
+        if seen is not None and seen != sizes.streaming:
             bits.append(
-                f"the client observed {r['figures']['streaming_frames_seen']} of "
-                f"{sizes.streaming} frames (data_pub overwrites)"
+                f"live, the client observed {seen} of {sizes.streaming} frames (newest wins)"
             )
-        if "streaming_frames_fetched" in r["figures"]:
+        if "streaming_stored_frames_fetched" in r["figures"]:
             bits.append(
-                f"{r['figures']['streaming_frames_fetched']} of {sizes.streaming} streamed "
+                f"{r['figures']['streaming_stored_frames_fetched']} of {sizes.streaming} stored "
                 "frames were dropped live and fetched from the store"
             )
         for what in ("busy", "cooperative"):
@@ -879,7 +1244,17 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"profiles in {args.profile}; summary: {summary}")
     _log(f"total {time.monotonic() - t0:.1f} s; command: {shlex.join(sys.argv)}")
     if args.json:
-        args.json.write_text(json.dumps({"sizes": asdict(sizes), "reports": reports}, indent=1))
+        # stable keys: "<system>_<figure>" at the top level (e.g.
+        # zmqruntime_streaming_stored_frames_s, ray_roundtrip_median_ms), the runners'
+        # whole reports under "reports"
+        flat = {
+            f"{name}_{key}": value
+            for name, report in reports.items()
+            for key, value in report.get("figures", {}).items()
+        }
+        common.write_json(
+            args.json, "compare", {**flat, "sizes": asdict(sizes), "reports": reports}, argv
+        )
     return 0
 
 

@@ -46,25 +46,42 @@ def row(table: str, label: str) -> list[str]:
     raise AssertionError(f"no row {label!r} in:\n{table}")
 
 
-def test_compare_prints_one_table_with_zmqruntime_and_raw_pyzmq() -> None:
+def test_compare_prints_one_table_with_zmqruntime_and_raw_pyzmq(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
     table = run_script(
         str(BENCH / "compare.py"),
         "--quick",
         "--only",
-        "pyzmq,zmqruntime",
+        "pyzmq,disk,zmqruntime",
         "--workloads",
         "roundtrip,streaming,startup",
+        "--json",
+        str(out),
     )
     header = row(table, "workload")
-    assert header[2:4] == ["raw pyzmq", "zmqruntime"]
+    assert header[2:5] == ["raw pyzmq", "result-file ceiling", "zmqruntime"]
     median = row(table, "1. round trip, median")
-    assert re.fullmatch(r"[\d.,]+", median[3]), median
+    assert re.fullmatch(r"[\d.,]+", median[4]), median
     assert re.match(r"[\d.,]+ \([\d.e+-]+×\)", median[2]), median
-    streaming = row(table, "4. streaming")
-    assert "of raw pyzmq" in streaming[4]
-    assert row(table, "6. start-up")[3] != "n/a"
+    live = row(table, "4a. streaming, live only")
+    assert "of raw pyzmq" in live[5] and live[3] == "n/a"
+    stored = row(table, "4b. streaming, stored to disk")
+    assert "of the ceiling" in stored[5] and "fetched from the store" in stored[5]
+    assert stored[2] == "n/a" and re.match(r"[\d.,]+ \(", stored[3]), stored
+    assert row(table, "6. start-up")[4] != "n/a"
     assert "Versions:" in table and "logical cores" in table
     assert table.count("| workload |") == 1
+    figures = json.loads(out.read_text())
+    for key in (
+        "pyzmq_streaming_live_frames_s",
+        "disk_streaming_stored_frames_s",
+        "zmqruntime_streaming_live_frames_s",
+        "zmqruntime_streaming_stored_frames_s",
+        "zmqruntime_streaming_stored_frames_fetched",
+        "zmqruntime_roundtrip_median_ms",
+    ):
+        assert figures[key] >= 0, key
+    assert figures["benchmark"] == "compare"
 
 
 def test_bench_stream_measures_throughput_ping_and_memory(tmp_path: Path) -> None:
