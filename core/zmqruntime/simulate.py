@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .acquisition import TEMPORARY_NAME, TIFF_SUFFIXES, natural_key
+from .folderwatch import TEMPORARY_NAME, TIFF_SUFFIXES, natural_key
 
 #: with partial writes, a file written in place is written in this many chunks
 CHUNKS = 4
