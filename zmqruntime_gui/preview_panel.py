@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -362,10 +363,10 @@ class PreviewPanel(QtWidgets.QWidget):
         elif box.preparer_alive:
             return  # the follower thread prepares the next one
         else:  # no follower (the run ended, or a box fed directly): prepare here
-            frame = box.take_frame(stream)
-            if frame is None:
+            taken = box.take_frame(stream)
+            if taken is None:
                 return
-            step, shown = None, None
+            frame, step, shown = taken, None, None
         self.frame = frame
         image = frame.image
         self.scale_bar.update(meta_of(frame.meta, image.shape), image.shape[-1])
@@ -601,7 +602,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.act_pause.setIcon(icon("play" if paused else "pause"))
         self.update_stats()
 
-    def pixel_at(self, x: float, y: float) -> tuple[int, int, object] | None:
+    def pixel_at(self, x: float, y: float) -> tuple[int, int, Any] | None:
         """(column, row, raw value) of the shown array at view coordinates, if inside."""
         array = self.displayed_array()
         if array is None:

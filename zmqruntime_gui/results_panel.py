@@ -26,7 +26,7 @@ from .model import (
     results_table,
     table_csv,
 )
-from .widgets import labelled, make_action, make_toolbar, named, setup_table
+from .widgets import AnyIndex, labelled, make_action, make_toolbar, named, setup_table
 
 SORT_ROLE = QtCore.Qt.ItemDataRole.UserRole + 2
 ALL_RESULTS = "All results"
@@ -52,10 +52,10 @@ class TableModel(QtCore.QAbstractTableModel):
         self.columns, self.rows = list(columns), list(rows)
         self.endResetModel()
 
-    def rowCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+    def rowCount(self, parent: AnyIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.rows)
 
-    def columnCount(self, parent: QtCore.QModelIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
+    def columnCount(self, parent: AnyIndex = QtCore.QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.columns)
 
     def headerData(self, section, orientation, role=QtCore.Qt.ItemDataRole.DisplayRole):
@@ -67,7 +67,7 @@ class TableModel(QtCore.QAbstractTableModel):
             return self.columns[section]
         return None
 
-    def data(self, index: QtCore.QModelIndex, role: int = QtCore.Qt.ItemDataRole.DisplayRole):
+    def data(self, index: AnyIndex, role: int = QtCore.Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
             return None
         value = self.rows[index.row()].get(self.columns[index.column()])
