@@ -53,7 +53,7 @@ def test_execute_many_validates_its_input(client):
     with pytest.raises(RemoteError, match="configs\\[1\\] must be a map"):
         client.execute_many(SQUARE, [{"x": 1}, 5])
     with pytest.raises(RemoteError, match="one entry per config"):
-        client._request(
+        client.connection.request(
             client_type("execute_many"),
             {"pipeline_code": SQUARE, "configs": [None], "names": ["a", "b"]},
         )

@@ -19,8 +19,13 @@ from zmqruntime import (
     UnknownExecution,
 )
 from zmqruntime import cli as zcli
-from zmqruntime.pool import keys_for, parse_endpoint, read_servers_file
-from zmqruntime.transport import free_port, generate_keys
+from zmqruntime.transport import (
+    free_port,
+    generate_keys,
+    keys_for,
+    parse_endpoint,
+    read_servers_file,
+)
 
 PIPE = """
 import time

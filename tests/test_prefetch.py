@@ -49,5 +49,5 @@ def test_fetched_results_arrive_whole_through_the_prefetcher(client, tmp_path):
     for i, path in enumerate(results["frame"]):
         frame = np.load(path)
         assert frame.shape == (1024, 1024) and (frame == i).all()
-    fetched = list(client._fetch_results(exec_id, 0, 6))  # 4 MiB each: one per reply
+    fetched = list(client.fetch_results(exec_id, 0, 6))  # 4 MiB each: one per reply
     assert [int(e["value"][0, 0]) for e in fetched] == list(range(6))

@@ -18,7 +18,7 @@ import zmq
 from reliability_util import QUICK
 
 from zmqruntime import AuthenticationFailed, ExecutionClient, local, protocol
-from zmqruntime.client import HANDSHAKE_FAILED
+from zmqruntime.connection import HANDSHAKE_FAILED
 from zmqruntime.server import ExecutionServer, InsecureBindRefused
 from zmqruntime.transport import ClientSecurity, free_port, generate_keys, port_accepts_tcp
 

@@ -148,7 +148,7 @@ def test_a_forced_gap_is_filled_from_the_store(server):
     sub = client.subscribe(exec_id)
     lossy = LossySub(sub)
     try:
-        events = list(follow(lossy, exec_id, client.get_status, client._fetch_results))
+        events = list(follow(lossy, exec_id, client.get_status, client.fetch_results))
     finally:
         sub.close()
     results = [e for e in events if e["kind"] == "result"]

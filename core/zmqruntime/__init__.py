@@ -7,6 +7,7 @@
 """
 
 from ._version import __version__
+from .api import ExecutionAPI
 from .client import ExecutionClient, raise_for_status
 from .context import Config, Context
 from .errors import (
@@ -28,6 +29,7 @@ __all__ = [
     "AuthenticationFailed",
     "Config",
     "Context",
+    "ExecutionAPI",
     "ExecutionCancelled",
     "ExecutionClient",
     "ExecutionFailed",

@@ -95,7 +95,8 @@ def _client(args: argparse.Namespace, spawn: bool = False):
 
     servers = list(getattr(args, "server", None) or [])
     if servers or getattr(args, "servers_file", None):  # a pool has the client's contract
-        from .pool import ExecutionPool, read_servers_file
+        from .pool import ExecutionPool
+        from .transport import read_servers_file
 
         try:
             if args.servers_file:

@@ -1,16 +1,13 @@
 """ExecutionClient: submit runs, ask about them, fetch their results, follow them live.
 
-Every request has a timeout; a socket whose request timed out is closed and replaced,
-so a dead server never leaves the client stuck. One lock serialises the control
-socket, so threads may share a client (the GUI polls from a timer while another
-thread streams).
+Requests go through the client's :class:`~zmqruntime.connection.Connection` (every
+request has a timeout; a socket whose request timed out is replaced, so a dead server
+never leaves the client stuck). Threads may share a client (the GUI polls from a timer
+while another thread streams).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,21 +16,14 @@ from typing import Any
 import psutil
 import zmq
 
-from . import local, protocol, shm
-from .errors import (
-    AuthenticationFailed,
-    ExecutionCancelled,
-    ExecutionFailed,
-    ProtocolError,
-    RemoteError,
-    ServerUnavailable,
-    UnknownExecution,
-)
+from . import shm
+from .connection import Connection
+from .errors import ExecutionCancelled, ExecutionFailed, ProtocolError
 from .export import FORMATS, export_run
 from .localstore import StoreReader
-from .protocol import FINAL_STATES, ControlMessageType, ErrorCode
+from .protocol import FINAL_STATES, ControlMessageType
 from .stream import DirectorySink, MemorySink, Subscription, follow
-from .transport import ClientSecurity, data_port_of, is_loopback, port_accepts_tcp, tcp_url
+from .transport import data_port_of, tcp_url
 
 #: a long-poll wait is re-issued this often, so a dead server is noticed within
 #: WAIT_CHUNK + LIVENESS_MARGIN seconds
@@ -46,11 +36,6 @@ INLINE_WHEN_LOCAL = 256 * 1024
 #: loop turn, so 1,000 at a time held other clients' pings for up to ~100 ms; 100 keep
 #: them in single milliseconds at the same throughput (benchmarks/bench_stream.py)
 BATCH = 100
-HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
 
 
 class ExecutionClient:
@@ -72,33 +57,33 @@ class ExecutionClient:
         data_dir: str | Path | None = None,
         spawn_timeout: float = 60.0,
     ) -> None:
-        self.host = host
-        self.port = int(port)
-        self.auto_spawn = auto_spawn
-        self.timeout = float(timeout)
-        self.workers = workers
-        self.data_dir = Path(data_dir) if data_dir else None
+        #: the control channel: requests, their timeouts, the server it may spawn
+        self.connection = Connection(
+            host,
+            port,
+            timeout=timeout,
+            keys=keys,
+            auto_spawn=auto_spawn,
+            workers=workers,
+            data_dir=data_dir,
+            spawn_timeout=spawn_timeout,
+        )
+        conn = self.connection
+        self.host, self.port, self.endpoint = conn.host, conn.port, conn.endpoint
+        self.timeout, self.keys, self.security = conn.timeout, conn.keys, conn.security
+        self.auto_spawn, self.workers, self.data_dir = auto_spawn, workers, conn.data_dir
         self.spawn_timeout = spawn_timeout
-        self.security = ClientSecurity.from_dir(Path(keys)) if keys else None
-        self.keys = Path(keys) if keys else None
-        self.endpoint = tcp_url(host, self.port)
-        self.spawned: psutil.Process | None = None  # the server this client started
-        self._zctx = zmq.Context()
-        self._lock = threading.RLock()
-        self._sock: zmq.Socket | None = None
-        self._monitor: zmq.Socket | None = None
-        self._req_ids = itertools.count(1)
-        self._server_info: dict[str, Any] | None = None
         self._reader_checked: StoreReader | bool | None = None  # False: files not readable
-        self._closed = False
+
+    @property
+    def spawned(self) -> psutil.Process | None:
+        """The server process this client started (None if it found one running)."""
+        return self.connection.spawned
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Close every socket of this client, including those of unfinished streams."""
-        with self._lock:
-            self._discard_socket()
-            self._closed = True
-        self._zctx.destroy(linger=0)  # term() would wait for an abandoned stream()'s socket
+        self.connection.close()
 
     def __enter__(self) -> ExecutionClient:
         return self
@@ -136,7 +121,7 @@ class ExecutionClient:
         }
         if resources:
             body["resources"] = dict(resources)
-        return self._request(ControlMessageType.EXECUTE, body)["id"]
+        return self.connection.request(ControlMessageType.EXECUTE, body)["id"]
 
     def execute_many(
         self,
@@ -159,7 +144,7 @@ class ExecutionClient:
                 "names": None if names is None else list(names[start : start + BATCH]),
                 "retries": int(retries),
             }
-            ids += self._request(ControlMessageType.EXECUTE_MANY, body)["ids"]
+            ids += self.connection.request(ControlMessageType.EXECUTE_MANY, body)["ids"]
         return ids
 
     def gather(
@@ -181,7 +166,7 @@ class ExecutionClient:
             chunk = list(exec_ids[start : start + BATCH])
             while True:
                 wait = _poll_chunk(deadline)
-                reply = self._request(
+                reply = self.connection.request(
                     ControlMessageType.WAIT_MANY,
                     {
                         "ids": chunk,
@@ -212,7 +197,7 @@ class ExecutionClient:
                 sink = MemorySink()
                 items = stored.get(exec_id)
                 if items is None:  # left out of the reply for size: fetch on its own
-                    items = self._fetch_results(exec_id, 0, status["n_results"])
+                    items = self.fetch_results(exec_id, 0, status["n_results"])
                 for item in items:
                     sink.add(item["index"], item["name"], item["value"])
                 out[exec_id] = sink.close()
@@ -220,7 +205,7 @@ class ExecutionClient:
 
     def get_status(self, exec_id: str) -> dict[str, Any]:
         """The run's status dict; raises UnknownExecution for an id never issued."""
-        return self._request(ControlMessageType.STATUS, {"id": exec_id})
+        return self.connection.request(ControlMessageType.STATUS, {"id": exec_id})
 
     def wait(
         self, exec_id: str, timeout: float | None = None, *, _with_results: bool = False
@@ -233,7 +218,7 @@ class ExecutionClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             chunk = _poll_chunk(deadline)
-            status = self._request(
+            status = self.connection.request(
                 ControlMessageType.WAIT,
                 {
                     "id": exec_id,
@@ -292,29 +277,31 @@ class ExecutionClient:
         )
         items = status.pop("results", None)
         if items is None:
-            items = self._fetch_results(exec_id, 0, status["n_results"])
+            items = self.fetch_results(exec_id, 0, status["n_results"])
         for item in items:
             sink.add(item["index"], item["name"], item["value"], item.get("meta"))
         return sink.close()
 
     def cancel(self, exec_id: str) -> dict[str, Any]:
         """Ask the run to stop; returns ``{"cancelled": bool, "state", "message"}``."""
-        return self._request(ControlMessageType.CANCEL, {"id": exec_id})
+        return self.connection.request(ControlMessageType.CANCEL, {"id": exec_id})
 
     def list_executions(
         self, limit: int = 200, states: list[str] | None = None
     ) -> list[dict[str, Any]]:
         """Recent runs, newest first."""
         body = {"limit": limit, "states": states}
-        return self._request(ControlMessageType.LIST, body)["executions"]
+        return self.connection.request(ControlMessageType.LIST, body)["executions"]
 
     def get_logs(self, exec_id: str, start: int = 0) -> list[dict[str, Any]]:
         """Stored log lines of a run: ``[{"index", "t", "text"}]``."""
-        return self._request(ControlMessageType.LOGS, {"id": exec_id, "start": start})["logs"]
+        return self.connection.request(ControlMessageType.LOGS, {"id": exec_id, "start": start})[
+            "logs"
+        ]
 
     def get_source(self, exec_id: str) -> dict[str, Any]:
         """What the run was submitted with: ``pipeline_code``, ``config_code``, ``config``."""
-        return self._request(ControlMessageType.SOURCE, {"id": exec_id})
+        return self.connection.request(ControlMessageType.SOURCE, {"id": exec_id})
 
     def list_results(
         self, exec_id: str, start: int = 0, limit: int = RESULTS_BATCH
@@ -325,7 +312,7 @@ class ExecutionClient:
         ``value``. Fetch one result's value with :meth:`get_result`.
         """
         body = {"id": exec_id, "start": start, "limit": limit, "values": False}
-        return self._request(ControlMessageType.RESULTS, body)["results"]
+        return self.connection.request(ControlMessageType.RESULTS, body)["results"]
 
     def get_result_meta(self, exec_id: str, index: int) -> dict[str, Any] | None:
         """The image metadata the pipeline stated for stored result ``index`` (or None).
@@ -352,7 +339,7 @@ class ExecutionClient:
     def get_result(self, exec_id: str, index: int) -> Any:
         """The value of one stored result, by index (running runs included)."""
         body = {"id": exec_id, "start": index, "limit": 1}
-        batch = self._request(ControlMessageType.RESULTS, body)["results"]
+        batch = self.connection.request(ControlMessageType.RESULTS, body)["results"]
         if not batch or batch[0]["index"] != index:
             raise IndexError(f"execution {exec_id} has no stored result {index}")
         return batch[0]["value"]
@@ -360,13 +347,13 @@ class ExecutionClient:
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
         t0 = time.perf_counter()
-        info = self._request(ControlMessageType.PING, {}, timeout=timeout)
+        info = self.connection.request(ControlMessageType.PING, {}, timeout=timeout)
         info["rtt_ms"] = (time.perf_counter() - t0) * 1000
         return info
 
     def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server to stop (running runs end as failed; queued ones wait for a restart)."""
-        return self._request(ControlMessageType.SHUTDOWN, {}, timeout=timeout)
+        return self.connection.request(ControlMessageType.SHUTDOWN, {}, timeout=timeout)
 
     def stream(
         self, exec_id: str, *, previews: bool = True, poll_interval: float = 0.5
@@ -382,7 +369,7 @@ class ExecutionClient:
                 sub,
                 exec_id,
                 self._probe_status,
-                self._fetch_results,
+                self.fetch_results,
                 previews=previews,
                 poll_interval=poll_interval,
             )
@@ -400,11 +387,11 @@ class ExecutionClient:
         process: a viewer that only wants the newest frame passes a small one, so
         frames it would drop anyway are dropped before they cost a copy.
         """
-        info = self._ensure_server()
+        info = self.connection.server_info()
         where = info.get("data_local") or {}
         use_local = local is not False and shm.probe_matches(where.get("shm_probe"))
         rings = shm.RingReader() if use_local else None
-        sock = self._zctx.socket(zmq.SUB)
+        sock = self.connection.zctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, hwm)
         if self.security:
@@ -424,14 +411,7 @@ class ExecutionClient:
         """
         return self.subscribe(topic, hwm=hwm, local=False).socket
 
-    # ------------------------------------------------------------------ internals
-    def _probe_status(self, exec_id: str) -> dict[str, Any]:
-        """get_status with the budget of one wait chunk: a quiet stream notices a dead
-        server as fast as wait() does (within poll_interval + 3 s by default)."""
-        timeout = min(self.timeout, WAIT_CHUNK + LIVENESS_MARGIN)
-        return self._request(ControlMessageType.STATUS, {"id": exec_id}, timeout=timeout)
-
-    def _fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
+    def fetch_results(self, exec_id: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
         """Stored results ``start <= index < stop`` as result events, in batches.
 
         A result is streamed before its file is written; one not stored yet is waited for.
@@ -444,7 +424,7 @@ class ExecutionClient:
             body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
             if reader is not None:
                 body["values"] = False  # a listing: the files are read here
-            reply = self._request(ControlMessageType.RESULTS, body)
+            reply = self.connection.request(ControlMessageType.RESULTS, body)
             batch = reply["results"]
             if not batch:
                 if reply["state"] in FINAL_STATES:
@@ -464,6 +444,13 @@ class ExecutionClient:
                 yield {"kind": "result", "id": exec_id, "seq": None, "fetched": True, **item}
                 index = item["index"] + 1
 
+    # ------------------------------------------------------------------ internals
+    def _probe_status(self, exec_id: str) -> dict[str, Any]:
+        """get_status with the budget of one wait chunk: a quiet stream notices a dead
+        server as fast as wait() does (within poll_interval + 3 s by default)."""
+        timeout = min(self.timeout, WAIT_CHUNK + LIVENESS_MARGIN)
+        return self.connection.request(ControlMessageType.STATUS, {"id": exec_id}, timeout=timeout)
+
     def _inline_results_bytes(self) -> int:
         """How many bytes of arrays a final status may bring along: few when this client
         reads the files itself (faster than the socket), else the server's default."""
@@ -472,8 +459,9 @@ class ExecutionClient:
     def _store_reader(self) -> StoreReader | None:
         """A reader of the server's result files, if this client sees them (checked once)."""
         if self._reader_checked is None:
-            self._reader_checked = StoreReader.for_server(self._ensure_server()) or False
-        return self._reader_checked or None
+            self._reader_checked = StoreReader.for_server(self.connection.server_info()) or False
+        reader = self._reader_checked
+        return reader if isinstance(reader, StoreReader) else None
 
     def _read_listed(self, reader: StoreReader, exec_id: str, entry: dict) -> dict[str, Any]:
         """One listed result with its value: from its file, or over the socket if need be."""
@@ -481,7 +469,7 @@ class ExecutionClient:
             value = reader.read(exec_id, entry)
         except (OSError, ProtocolError, ValueError):
             body = {"id": exec_id, "start": entry["index"], "limit": 1}
-            fetched = self._request(ControlMessageType.RESULTS, body)["results"]
+            fetched = self.connection.request(ControlMessageType.RESULTS, body)["results"]
             if not fetched or fetched[0]["index"] != entry["index"]:
                 raise ProtocolError(
                     f"the server has no stored result {entry['index']} of {exec_id}"
@@ -492,151 +480,12 @@ class ExecutionClient:
             item["meta"] = entry["meta"]
         return item
 
-    def _ensure_server(self) -> dict[str, Any]:
-        """Check (once) that a zmqruntime server answers, spawning one if allowed."""
-        if self._server_info is not None:
-            return self._server_info
-        with self._lock:
-            if self._server_info is not None:
-                return self._server_info
-            local_host = is_loopback(self.host)
-            if local_host and not port_accepts_tcp(self.host, self.port):
-                if not self.auto_spawn:
-                    raise ServerUnavailable(
-                        f"no zmqruntime server at {self.endpoint} (connection refused) and "
-                        "auto_spawn is off: start one with 'zmqruntime serve --port "
-                        f"{self.port}'"
-                    )
-                self._spawn()
-            self._server_info = self._raw_request(ControlMessageType.PING, {}, self.timeout)
-            if self._server_info.get("server") != "zmqruntime":
-                raise ProtocolError(f"{self.endpoint} answered, but not as a zmqruntime server")
-            return self._server_info
-
-    def _spawn(self) -> None:
-        lock = local.spawn_lock(self.port)
-        try:
-            lock.acquire(timeout=self.spawn_timeout)
-        except TimeoutError as exc:
-            raise ServerUnavailable(
-                f"timed out waiting for another client spawning a server on port {self.port}"
-            ) from exc
-        try:
-            if port_accepts_tcp(self.host, self.port):
-                return  # another client won the race
-            extra = ["--keys", str(self.keys)] if self.keys else []
-            proc = local.spawn_server(self.port, self.host, self.workers, self.data_dir, extra)
-            deadline = time.monotonic() + self.spawn_timeout
-            while time.monotonic() < deadline:
-                if not _running(proc):
-                    log_dir = self.data_dir or local.default_data_dir(self.port)
-                    said = local.last_words(log_dir / "spawn.out")
-                    raise ServerUnavailable(
-                        f"the server spawned on port {self.port} exited at once"
-                        + (f": {said}" if said else "")
-                        + f" (see {log_dir / 'spawn.out'})"
-                    )
-                if port_accepts_tcp(self.host, self.port):
-                    self.spawned = proc
-                    return
-                time.sleep(0.02)
-            raise ServerUnavailable(
-                f"a spawned server did not open port {self.port} within {self.spawn_timeout:g} s"
-            )
-        finally:
-            lock.release()
-
-    def _request(
-        self, msg_type: ControlMessageType, body: dict[str, Any], timeout: float | None = None
-    ) -> dict[str, Any]:
-        self._ensure_server()
-        return self._raw_request(msg_type, body, self.timeout if timeout is None else timeout)
-
-    def _raw_request(
-        self, msg_type: ControlMessageType, body: dict[str, Any], timeout: float
-    ) -> dict[str, Any]:
-        with self._lock:
-            if self._closed:
-                raise ServerUnavailable("this client is closed")
-            req = next(self._req_ids)
-            frames = protocol.request(msg_type, req, body)
-            # checked here, where it is clear, rather than by a server that drops the frame
-            protocol.check_request_size(sum(memoryview(f).nbytes for f in frames))
-            sock = self._socket()
-            sock.send_multipart(frames, copy=False)
-            deadline = time.monotonic() + timeout
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            if self._monitor is not None:  # a refused handshake ends the wait at once
-                poller.register(self._monitor, zmq.POLLIN)
-            while True:
-                remaining = deadline - time.monotonic()
-                ready = dict(poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
-                if sock not in ready:
-                    self._on_timeout(msg_type, timeout)
-                header = protocol.decode(sock.recv_multipart(copy=False))
-                if header.get("req") == req:
-                    break
-        reply_body = header.get("body") or {}
-        if header.get("type") == protocol.ReplyType.ERROR.value:
-            raise _remote_error(reply_body)
-        return reply_body
-
-    def _socket(self) -> zmq.Socket:
-        if self._sock is None:
-            sock = self._zctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            if self.security:
-                self.security.apply(sock)
-            self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
-            sock.connect(self.endpoint)
-            self._sock = sock
-        return self._sock
-
-    def _discard_socket(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
-
-    def _on_timeout(self, msg_type: ControlMessageType, timeout: float) -> None:
-        refused = self._monitor is not None and self._monitor.poll(0)
-        self._discard_socket()
-        if refused:
-            if self.security is None:
-                advice = "the server requires keys: pass keys=DIR (see 'zmqruntime keys')"
-            else:  # libzmq rarely says which side of the handshake went wrong
-                advice = (
-                    "check that this client's client.key is in the server's authorized_clients, "
-                    "that server.key is that server's public key, and that the server runs "
-                    "with --keys"
-                )
-            raise AuthenticationFailed(
-                f"{self.endpoint} refused this client's credentials (CURVE handshake failed): "
-                + advice
-            )
-        raise ServerUnavailable(
-            f"no reply from the zmqruntime server at {self.endpoint} within {timeout:g} s "
-            f"({msg_type.value} request)"
-        )
-
 
 def _poll_chunk(deadline: float | None) -> float:
     """How long the next long poll may park: one chunk, cut short by the caller's deadline."""
     if deadline is None:
         return WAIT_CHUNK
     return min(WAIT_CHUNK, max(0.0, deadline - time.monotonic()))
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def raise_for_status(status: dict[str, Any]) -> None:
@@ -651,16 +500,3 @@ def raise_for_status(status: dict[str, Any]) -> None:
         raise ExecutionCancelled(
             f"execution {status['id']} was cancelled: {status.get('message')}", status=status
         )
-
-
-def _remote_error(body: dict[str, Any]) -> Exception:
-    code, message = body.get("code", "internal"), body.get("message", "error")
-    if code == ErrorCode.UNKNOWN_EXECUTION.value:
-        return UnknownExecution(message)
-    if code in (
-        ErrorCode.PROTOCOL_VERSION.value,
-        ErrorCode.UNKNOWN_TYPE.value,
-        ErrorCode.TOO_LARGE.value,
-    ):
-        return ProtocolError(message, code=code)
-    return RemoteError(code, message)

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import ExecutionClient, raise_for_status
 from .errors import (
@@ -60,7 +60,10 @@ from .errors import (
 )
 from .protocol import FINAL_STATES, ControlMessageType, ErrorCode, EventKind
 from .stream import DirectorySink, MemorySink
-from .transport import tcp_url
+from .transport import endpoint_key, keys_for, parse_endpoint, tcp_url
+
+if TYPE_CHECKING:
+    from .api import ExecutionAPI
 
 log = logging.getLogger("zmqruntime.pool")
 
@@ -71,65 +74,6 @@ TRACK_CHUNK = 0.1
 SWEEP_INTERVAL = 0.2
 #: a fresh pool waits this long for slow servers' first answer before dispatching
 FIRST_CONTACT = 0.5
-
-
-# --------------------------------------------------------------------------- endpoints
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``tcp://host:port``, ``host:port`` or ``[v6addr]:port`` -> (host, port)."""
-    text = endpoint.strip()
-    if text.startswith("tcp://"):
-        text = text[len("tcp://") :]
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"not a server endpoint (expected tcp://HOST:PORT): {endpoint!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def endpoint_key(host: str, port: int) -> str:
-    """The server part of a pool id: ``host:port`` (IPv6 in brackets)."""
-    return tcp_url(host, port)[len("tcp://") :]
-
-
-def read_servers_file(path: str | Path) -> list[str]:
-    """Endpoints listed one per line; blank lines and ``#`` comments are skipped."""
-    out = []
-    for raw in Path(path).read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            parse_endpoint(line)  # fail early, with the offending line
-            out.append(line)
-    return out
-
-
-def keys_for(keys: str | Path | Mapping[str, str | Path] | None, host: str, port: int):
-    """The key directory for one server.
-
-    ``keys`` is one directory for all servers (it holds ``server.key``), a directory of
-    per-server directories named ``host_port`` or ``host``, or a mapping from
-    ``host:port`` (or ``host``) to a directory.
-    """
-    if keys is None:
-        return None
-    key = endpoint_key(host, port)
-    if isinstance(keys, Mapping):
-        found = keys.get(key, keys.get(host))
-        if found is None:
-            raise ValueError(f"no key directory given for server {key}")
-        return Path(found).expanduser()
-    base = Path(keys).expanduser()
-    if (base / "server.key").exists():
-        return base
-    for name in (f"{host}_{port}", host):
-        if (base / name / "server.key").exists():
-            return base / name
-    raise FileNotFoundError(
-        f"no keys for server {key} in {base}: expected {base}/server.key, "
-        f"{base}/{host}_{port}/server.key or {base}/{host}/server.key"
-    )
 
 
 # --------------------------------------------------------------------------- state
@@ -267,12 +211,11 @@ class ExecutionPool:
                     raise ValueError(f"server {key} is listed twice")
                 seen.add(key)
                 kdir = keys_for(keys, host, port)
-                common = dict(port=port, host=host, auto_spawn=False, timeout=timeout, keys=kdir)
-                self._servers.append(
-                    _Server(
-                        i, host, port, key, ExecutionClient(**common), ExecutionClient(**common)
-                    )
+                ctl, mon = (
+                    ExecutionClient(port, host, auto_spawn=False, timeout=timeout, keys=kdir)
+                    for _ in range(2)
                 )
+                self._servers.append(_Server(i, host, port, key, ctl, mon))
         except BaseException:
             for s in self._servers:
                 s.ctl.close()
@@ -333,8 +276,8 @@ class ExecutionPool:
         """
         run = self._runs.get(exec_id)
         if run is None:
-            s, sid = self._resolve(exec_id)
-            return _decorate(s.ctl.get_status(sid), exec_id, s, sid)
+            found, fsid = self._resolve(exec_id)
+            return _decorate(found.ctl.get_status(fsid), exec_id, found, fsid)
         with self._cond:
             if run.final is not None:
                 return dict(run.final)
@@ -428,8 +371,8 @@ class ExecutionPool:
         """Ask the run to stop, wherever it is; a cancelled run is never resubmitted."""
         run = self._runs.get(exec_id)
         if run is None:
-            s, sid = self._resolve(exec_id)
-            return s.ctl.cancel(sid)
+            found, fsid = self._resolve(exec_id)
+            return found.ctl.cancel(fsid)
         with self._cond:
             if run.final is not None:
                 state = run.final["state"]
@@ -471,9 +414,9 @@ class ExecutionPool:
         """
         run = self._runs.get(exec_id)
         if run is None:
-            s, sid = self._resolve(exec_id)
-            for event in s.ctl.stream(sid, previews=previews, poll_interval=poll_interval):
-                yield _rewrite_event(event, exec_id, s, sid)
+            found, fsid = self._resolve(exec_id)
+            for event in found.ctl.stream(fsid, previews=previews, poll_interval=poll_interval):
+                yield _rewrite_event(event, exec_id, found, fsid)
             return
         last_sid: str | None = None
         while True:
@@ -737,7 +680,7 @@ class ExecutionPool:
             "retries": max(0, run.retries - run.reruns),
         }
         # the reply's status says whether the run started already (it matters on failover)
-        reply = target.ctl._request(ControlMessageType.EXECUTE, body)
+        reply = target.ctl.connection.request(ControlMessageType.EXECUTE, body)
         return reply["id"], reply.get("status") or {}
 
     def _place(self, run: _Run, target: _Server, sid: str, status: dict[str, Any]) -> bool:
@@ -902,7 +845,7 @@ class ExecutionPool:
         if run.prefetch and status["state"] == "completed":
             # a server lost during this fetch is handled like one lost while running
             sink = MemorySink()
-            for event in s.mon._fetch_results(sid, 0, status["n_results"]):
+            for event in s.mon.fetch_results(sid, 0, status["n_results"]):
                 sink.add(event["index"], event["name"], event["value"])
             results = sink.close()
         self._finalize(run, status, sid=sid, results=results)
@@ -1194,3 +1137,9 @@ def _note_move(run: _Run, old_key: str, old_server: _Server | None, reason: str)
             "time": time.time(),
         }
     )
+
+
+if TYPE_CHECKING:  # mypy: both classes implement the execute/status/results contract
+
+    def _implements_the_contract(c: ExecutionClient, p: ExecutionPool) -> list[ExecutionAPI]:
+        return [c, p]

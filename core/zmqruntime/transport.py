@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,68 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
             return port
     raise RuntimeError("no free pair of ports found")
+
+
+# --------------------------------------------------------------------------- endpoints
+# (as given to ExecutionPool, the CLI's --server and the GUI's server field)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``tcp://host:port``, ``host:port`` or ``[v6addr]:port`` -> (host, port)."""
+    text = endpoint.strip()
+    if text.startswith("tcp://"):
+        text = text[len("tcp://") :]
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"not a server endpoint (expected tcp://HOST:PORT): {endpoint!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def endpoint_key(host: str, port: int) -> str:
+    """The server part of a pool id: ``host:port`` (IPv6 in brackets)."""
+    return tcp_url(host, port)[len("tcp://") :]
+
+
+def read_servers_file(path: str | Path) -> list[str]:
+    """Endpoints listed one per line; blank lines and ``#`` comments are skipped."""
+    out = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            parse_endpoint(line)  # fail early, with the offending line
+            out.append(line)
+    return out
+
+
+def keys_for(
+    keys: str | Path | Mapping[str, str | Path] | None, host: str, port: int
+) -> Path | None:
+    """The key directory for one server.
+
+    ``keys`` is one directory for all servers (it holds ``server.key``), a directory of
+    per-server directories named ``host_port`` or ``host``, or a mapping from
+    ``host:port`` (or ``host``) to a directory.
+    """
+    if keys is None:
+        return None
+    key = endpoint_key(host, port)
+    if isinstance(keys, Mapping):
+        found = keys.get(key, keys.get(host))
+        if found is None:
+            raise ValueError(f"no key directory given for server {key}")
+        return Path(found).expanduser()
+    base = Path(keys).expanduser()
+    if (base / "server.key").exists():
+        return base
+    for name in (f"{host}_{port}", host):
+        if (base / name / "server.key").exists():
+            return base / name
+    raise FileNotFoundError(
+        f"no keys for server {key} in {base}: expected {base}/server.key, "
+        f"{base}/{host}_{port}/server.key or {base}/{host}/server.key"
+    )
 
 
 # --------------------------------------------------------------------------- CURVE keys
@@ -126,7 +189,7 @@ class ServerSecurity:
             raise FileNotFoundError(
                 f"{secret_file} not found: create keys with 'zmqruntime keys generate {directory}'"
             )
-        public, secret = zmq.auth.load_certificate(secret_file)
+        public, secret = _secret_pair(secret_file)
         authorized = directory / "authorized_clients"
         if not authorized.is_dir():
             raise FileNotFoundError(f"{authorized} not found: it lists the allowed client keys")
@@ -164,7 +227,7 @@ class ClientSecurity:
                 raise FileNotFoundError(
                     f"{f} not found: copy the client keys and the server's public key there"
                 )
-        public, secret = zmq.auth.load_certificate(secret_file)
+        public, secret = _secret_pair(secret_file)
         server_public, _ = zmq.auth.load_certificate(server_file)
         return cls(public, secret, server_public)
 
@@ -172,3 +235,11 @@ class ClientSecurity:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_serverkey = self.server_public
+
+
+def _secret_pair(path: Path) -> tuple[bytes, bytes]:
+    """The public and secret key of a ``*.key_secret`` file."""
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key")
+    return public, secret
