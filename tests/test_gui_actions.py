@@ -79,6 +79,9 @@ ACTIONS: dict[str, str] = {
     "results_csv": "test_submit_details_results_by_keyboard_and_mouse",
     "results_plot": "test_submit_details_results_by_keyboard_and_mouse",
     "log_wrap": "test_submit_details_results_by_keyboard_and_mouse",
+    "result_napari": (
+        "test_gui_channels.py::test_live_composite_channels_levels_and_z_slider_from_a_server"
+    ),
     # preview
     "pause": "test_preview_actions_by_keyboard",
     "auto_levels": "test_preview_actions_by_keyboard",

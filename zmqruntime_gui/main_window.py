@@ -57,6 +57,7 @@ SHORTCUTS = (
     ("Ctrl+L", "Auto levels (once)"),
     ("Ctrl+S", "Snapshot the frame to TIFF"),
     ("Ctrl+Shift+S", "Save the view as PNG"),
+    ("Ctrl+Shift+O", "Open the run's images in napari"),
     ("F5", "Refresh now"),
     ("Ctrl+Q", "Quit"),
 )
@@ -160,7 +161,10 @@ class MainWindow(QtWidgets.QMainWindow):
         run_menu.addAction(self.act_refresh)
         run_menu.addSeparator()  # the followed run's results (the Results panel's toolbar)
         results = self.results_panel
-        for act in (results.act_show, results.act_save, results.act_csv, results.act_plot):
+        for act in (
+            results.act_show, results.act_save, results.act_csv, results.act_plot,
+            results.act_napari,
+        ):  # fmt: skip
             run_menu.addAction(act)
 
         view_menu = menu.addMenu("&View")

@@ -18,7 +18,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from zmqruntime.imagemeta import ImageMeta
+
 from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
+from .channels import ChannelControls, composite, layout_of, plane_of
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
 from .widgets import icon, labelled, make_action, make_button, make_toolbar, named
 
@@ -74,6 +77,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.title = ""
         self.frame: Frame | None = None  # the frame on screen (live)
         self.static: np.ndarray | None = None  # an array shown from the results panel
+        self.static_meta: ImageMeta | None = None  # its image metadata, if it has any
+        #: the plane drawn of a multi-channel or stacked array: (c, rows, cols) or (rows, cols)
+        self.plane: np.ndarray | None = None
         self.levels: tuple[float, float] | None = None
         self.needs_autolevel = True
         self._levels_at = 0.0  # when continuous levels were last computed (monotonic)
@@ -87,6 +93,8 @@ class PreviewPanel(QtWidgets.QWidget):
         self._histogram_stale = False
         self._shown_shape: tuple[int, ...] | None = None
         self._shown_step = 1
+        # a slider per z/t axis and a box and levels per channel (channels.py)
+        self.channels = ChannelControls()
 
         # -- controls
         bar = make_toolbar()
@@ -191,6 +199,8 @@ class PreviewPanel(QtWidgets.QWidget):
         self.stack = QtWidgets.QStackedWidget()
         self.stack.addWidget(self.empty_page)
         self.stack.addWidget(self.graphics)
+        self.channels.sigChanged.connect(self._redraw_planes)
+        self.channels.sigLevelsTyped.connect(lambda: self.continuous.setChecked(False))
 
         # -- status line
         self.info = named(QtWidgets.QLabel(), "previewInfo")
@@ -220,6 +230,7 @@ class PreviewPanel(QtWidgets.QWidget):
         layout.addWidget(bar)
         layout.addWidget(self.banner)
         layout.addWidget(self.stack, 1)
+        layout.addWidget(self.channels)
         layout.addLayout(info_row)
 
         self.frame_timer = QtCore.QTimer(self)
@@ -247,6 +258,8 @@ class PreviewPanel(QtWidgets.QWidget):
         self.title = title
         self.frame = None
         self.static = None
+        self.static_meta = None
+        self._forget_planes()
         self.needs_autolevel = True
         self.recv_meter.reset()
         self.disp_meter.reset()
@@ -289,19 +302,23 @@ class PreviewPanel(QtWidgets.QWidget):
                 "Its stored results are in the Results panel."
             )
 
-    def show_array(self, array: np.ndarray, title: str) -> None:
-        """Show a stored array (a result) instead of the live stream."""
+    def show_array(self, array: np.ndarray, title: str, meta: dict | None = None) -> None:
+        """Show a stored array (a result) instead of the live stream; ``meta`` is its image
+        metadata (axes, scale, channels): channels as a composite, z/t with sliders."""
         array = np.asarray(array)
-        if array.ndim == 3 and array.shape[-1] not in (3, 4):
-            array = array[0]  # a stack: its first plane
         self.box = None
         self.frame = None
         self.static = array
-        self.scale_bar.update(None, 0)
+        self.static_meta = meta_of(meta, array.shape)
+        self.scale_bar.update(self.static_meta, array.shape[-1])
         self.title = title
         self.stream_combo.clear()
-        self.levels = auto_levels(array)
-        self._display(array, self.levels)
+        self.needs_autolevel = True
+        if not self._draw_planes(array, self.static_meta):
+            while array.ndim > 2 and not (array.ndim == 3 and array.shape[-1] in (3, 4)):
+                array = array[0]  # not an image by its axes: its first plane
+            self.levels = auto_levels(array)
+            self._display(array, self.levels)
         self._histogram_stale = True
         self._update_histogram()
         self.update_stats()
@@ -319,6 +336,9 @@ class PreviewPanel(QtWidgets.QWidget):
             act.setEnabled(shown)
         for field in (self.level_min, self.level_max, self.gamma):
             field.setEnabled(shown)  # nothing shown: no levels to type
+        if self.channels.composite:  # each channel has its own levels, under the image
+            self.level_min.setEnabled(False)
+            self.level_max.setEnabled(False)
         self.act_pause.setEnabled(self.box is not None)
 
     def current_stream(self) -> str:
@@ -369,7 +389,11 @@ class PreviewPanel(QtWidgets.QWidget):
             frame, step, shown = taken, None, None
         self.frame = frame
         image = frame.image
-        self.scale_bar.update(meta_of(frame.meta, image.shape), image.shape[-1])
+        meta = meta_of(frame.meta, image.shape)
+        self.scale_bar.update(meta, image.shape[-1])
+        if self._draw_planes(image, meta):  # channels or a stack: a composite or a plane
+            self._histogram_stale = not self.channels.composite
+            return
         now = time.monotonic()
         continuous_due = (
             self.continuous.isChecked() and now - self._levels_at >= CONTINUOUS_LEVELS_S
@@ -430,15 +454,20 @@ class PreviewPanel(QtWidgets.QWidget):
 
     def _range_changed(self, *args) -> None:
         """After a zoom, redraw the shown frame at the new resolution."""
-        array = self.displayed_array()
-        if array is None or array.shape != self._shown_shape:
+        active = self.channels.active and self.plane is not None
+        array = self.plane if active else self.displayed_array()
+        if array is None or array.shape[-2:] != self._shown_shape:
             return
         size = self.view.size()
+        shape = array.shape[-2:]
         step = display_step(
-            array.shape, size.width(), size.height(), min(self.view.viewPixelSize()), array.shape
+            shape, size.width(), size.height(), min(self.view.viewPixelSize()), shape
         )
         if step != self._shown_step:
-            self._display(array, self.levels, new=False)
+            if active:
+                self._redraw_planes()
+            else:
+                self._display(array, self.levels, new=False)
 
     def _update_histogram(self) -> None:
         if not self._histogram_stale or self.image.image is None:
@@ -463,7 +492,12 @@ class PreviewPanel(QtWidgets.QWidget):
             self.continuous.setChecked(False)
 
     def update_stats(self) -> None:
-        if self._levels_stale and self.continuous.isChecked() and self.frame is not None:
+        if (
+            self._levels_stale
+            and self.continuous.isChecked()
+            and self.frame is not None
+            and not self.channels.composite
+        ):
             # the last frame came sooner than continuous levels follow: its levels now
             self._levels_stale = False
             self._levels_at = time.monotonic()
@@ -496,7 +530,8 @@ class PreviewPanel(QtWidgets.QWidget):
             parts.append(f"displayed <b>{self.displayed_fps:.1f}</b> fps")
             if self.act_pause.isChecked():
                 parts.append("<span style='color:#e5c07b'>paused</span>")
-        if self.levels is not None and (self.frame is not None or self.static is not None):
+        shown = self.frame is not None or self.static is not None
+        if self.levels is not None and shown and not self.channels.composite:
             spec = ".0f" if self._integer_image() else ".4g"
             parts.append(f"levels {self.levels[0]:{spec}}–{self.levels[1]:{spec}}")
             self._show_levels(*self.levels)
@@ -506,6 +541,70 @@ class PreviewPanel(QtWidgets.QWidget):
         """Where the run itself is ("frame 95 of 3000 · 2m 10s left"), from its progress;
         the frame count beside it is what this window received."""
         self.run_progress = text or ""
+
+    # ------------------------------------------------------------------ channels, planes
+    def _shown_meta(self) -> ImageMeta | None:
+        """The image metadata of what is shown (the live frame's or the result's)."""
+        if self.static is not None:
+            return self.static_meta
+        if self.frame is not None:
+            return meta_of(self.frame.meta, self.frame.image.shape)
+        return None
+
+    def _forget_planes(self) -> None:
+        self.plane = None
+        if self.channels.set_layout(None):
+            self.hist.show()
+            self._update_actions()
+
+    def _draw_planes(self, array: np.ndarray, meta: ImageMeta | None, new: bool = True) -> bool:
+        """Draw the chosen plane of a multi-channel or stacked array (a composite of the
+        channels, or one plane with the histogram); False for a plain 2-D or RGB image."""
+        layout = layout_of(array.shape, meta)
+        if layout is None or layout.plain:
+            self._forget_planes()
+            return False
+        if self.channels.set_layout(layout, bool(np.issubdtype(array.dtype, np.integer))):
+            self.needs_autolevel = True
+            self.hist.setVisible(layout.channel is None)
+            self._update_actions()
+        plane = plane_of(array, layout, self.channels.index)
+        self.plane = plane
+        now = time.monotonic()
+        due = self.continuous.isChecked() and now - self._levels_at >= CONTINUOUS_LEVELS_S
+        if layout.channel is None:  # a z or t stack: this plane, drawn as a 2-D frame
+            if self.needs_autolevel or due:
+                self.levels = auto_levels(plane, max_samples=65_536)
+                self._levels_at = now
+                self.needs_autolevel = False
+            self._display(plane, self.levels, new=new)
+            return True
+        size = self.view.size()
+        shape = plane.shape[1:]
+        pixel = min(self.view.viewPixelSize()) if self._shown_shape == shape else None
+        step = display_step(shape, size.width(), size.height(), pixel, self._shown_shape)
+        shown = [downsample(p, step) for p in plane]
+        if self.needs_autolevel or due:
+            self.channels.auto_levels(shown)
+            self._levels_at = now
+            self.needs_autolevel = False
+        rgb = composite(
+            shown, self.channels.levels, layout.colours, self.channels.visible(), self.gamma.value()
+        )
+        self._display(plane[0], (0.0, 255.0), step, rgb, new=new)
+        return True
+
+    def _redraw_planes(self) -> None:
+        """A slider, a channel's box or levels, gamma or the zoom changed: draw again."""
+        array = self.displayed_array()
+        if array is None or not self.channels.active:
+            return
+        if not self._draw_planes(array, self._shown_meta(), new=False):
+            return
+        if not self.channels.composite:
+            self._histogram_stale = True
+            self._update_histogram()
+        self.update_stats()
 
     # ------------------------------------------------------------------ levels, gamma
     def _level_field(self, name: str, tip: str) -> QtWidgets.QDoubleSpinBox:
@@ -550,6 +649,9 @@ class PreviewPanel(QtWidgets.QWidget):
         self.set_levels(low, high)
 
     def _gamma_changed(self) -> None:
+        if self.channels.composite:
+            self._redraw_planes()  # the composite bends each channel by gamma itself
+            return
         if abs(self.gamma.value() - 1.0) < 1e-6:
             self.hist.gradientChanged()  # the colour map's own table again
         else:
@@ -571,8 +673,12 @@ class PreviewPanel(QtWidgets.QWidget):
         return self.frame.image if self.frame is not None else None
 
     def autolevel_once(self) -> None:
-        array = self.displayed_array()
+        array = self.plane if self.channels.active else self.displayed_array()
         if array is None:
+            return
+        if self.channels.composite:
+            self.channels.auto_levels(array)
+            self._redraw_planes()
             return
         self.levels = auto_levels(array)
         self.image.setLevels(self.levels)
@@ -608,6 +714,11 @@ class PreviewPanel(QtWidgets.QWidget):
         if array is None:
             return None
         col, row = int(np.floor(x)), int(np.floor(y))
+        if self.channels.active and self.plane is not None:
+            rows, cols = self.plane.shape[-2:]
+            if 0 <= row < rows and 0 <= col < cols:
+                return col, row, self.plane[..., row, col]
+            return None
         if 0 <= row < array.shape[0] and 0 <= col < array.shape[1]:
             return col, row, array[row, col]
         return None
@@ -634,13 +745,14 @@ class PreviewPanel(QtWidgets.QWidget):
             self.cursor.setText("")
             return
         col, row, value = hit
-        value_text = (
-            ", ".join(f"{v:g}" for v in np.ravel(value)) if np.ndim(value) else f"{value:g}"
-        )
-        where = ""
-        if self.static is None and self.frame is not None:
-            where = physical_text(meta_of(self.frame.meta, self.frame.image.shape), col, row)
-        self.cursor.setText(f"x {col}  y {row} {where} value <b>{value_text}</b>")
+        if self.channels.composite and self.plane is not None:
+            value_text = self.channels.readout(self.plane, row, col)
+        else:
+            value_text = "value <b>" + (
+                ", ".join(f"{v:g}" for v in np.ravel(value)) if np.ndim(value) else f"{value:g}"
+            ) + "</b>"  # fmt: skip
+        where = physical_text(self._shown_meta(), col, row)
+        self.cursor.setText(f"x {col}  y {row} {where} {value_text}")
 
     def snapshot_tiff(self, path: str | Path | None = None) -> Path | None:
         """Write the current frame, raw (dtype and shape intact), to an OME-TIFF file with
@@ -660,7 +772,7 @@ class PreviewPanel(QtWidgets.QWidget):
         write_ome_snapshot(
             path,
             array,
-            meta_of(frame.meta, array.shape) if frame is not None else None,
+            self._shown_meta(),
             run_id=self.box.key.exec_id if self.box is not None else None,
             stream=self.current_stream() or self.title or "frame",
             frame=frame.number if frame is not None else None,

@@ -26,11 +26,13 @@ from .model import (
     results_table,
     table_csv,
 )
+from .napari_bridge import NapariOpener
 from .widgets import AnyIndex, labelled, make_action, make_toolbar, named, setup_table
 
 SORT_ROLE = QtCore.Qt.ItemDataRole.UserRole + 2
 ALL_RESULTS = "All results"
 __all__ = ["RESULT_ORDER", "PlotDialog", "ResultsPanel", "ResultsView", "TableModel"]
+CATCH_UP_MS = 2000  # a live run's listing is refreshed this often (results.refresh)
 
 
 class TableModel(QtCore.QAbstractTableModel):
@@ -90,7 +92,7 @@ class TableModel(QtCore.QAbstractTableModel):
 class ResultsView(QtWidgets.QWidget):
     """A run's stored results as a sortable table, with CSV export, a plot, view and save."""
 
-    sigShowArray = QtCore.Signal(object, str)  # array, title
+    sigShowArray = QtCore.Signal(object, str, object)  # array, title, image metadata or None
     sigStatus = QtCore.Signal(str)
     sigTableChanged = QtCore.Signal()
 
@@ -153,19 +155,28 @@ class ResultsView(QtWidgets.QWidget):
             self, "results_plot", "Plot a column of the results…", self.open_plot, icon_name="plot",
             tip="Plot a numeric column against the row order or another column",
         )  # fmt: skip
+        self.napari = NapariOpener(controller, self)
+        self.napari.sigStatus.connect(self.sigStatus)
+        self.act_napari = make_action(
+            self, "result_napari", "Open the run's images in napari", self.open_in_napari,
+            icon_name="link", shortcuts=["Ctrl+Shift+O"],
+            tip="Open the run's array results in napari: physical scale, a coloured layer per "
+            'channel, labels as Labels layers (Ctrl+Shift+O; needs pip install '
+            '"zmqruntime[napari]")',
+        )  # fmt: skip
         # short words on the toolbar, the whole sentence in menus
         for act, short in (
             (self.act_show, "Show"), (self.act_save, "Save…"),
-            (self.act_csv, "CSV…"), (self.act_plot, "Plot…"),
+            (self.act_csv, "CSV…"), (self.act_plot, "Plot…"), (self.act_napari, "napari"),
         ):  # fmt: skip
             act.setIconText(short)
         bar = make_toolbar()
         bar.addWidget(labelled("Table", self.choice))
-        for act in (self.act_show, self.act_save, self.act_csv, self.act_plot):
+        for act in (self.act_show, self.act_save, self.act_csv, self.act_plot, self.act_napari):
             bar.addAction(act)
         self.toolbar = bar
         self.table.setContextMenuPolicy(QtCore.Qt.ContextMenuPolicy.ActionsContextMenu)
-        for act in (self.act_show, self.act_save, self.act_csv, self.act_plot):
+        for act in (self.act_show, self.act_save, self.act_csv, self.act_plot, self.act_napari):
             self.table.addAction(act)
 
         self.label = named(QtWidgets.QLabel(), "hint")
@@ -329,6 +340,7 @@ class ResultsView(QtWidgets.QWidget):
         self.act_csv.setEnabled(bool(rows))
         self.numeric.extend(columns, rows)
         self.act_plot.setEnabled(bool(self.numeric.columns))
+        self.act_napari.setEnabled(any(s.get("kind") == "array" for s in self.summaries))
 
     # ------------------------------------------------------------------ actions
     def _fetch_value(self, summary: dict[str, Any], then) -> None:
@@ -355,10 +367,16 @@ class ResultsView(QtWidgets.QWidget):
         title = f"{summary['name']} [{summary['index']}] of {self.key.exec_id}"
 
         def show(value: Any) -> None:
-            self.sigShowArray.emit(np.asarray(value), title)
+            self.sigShowArray.emit(np.asarray(value), title, summary.get("meta"))
             self.sigStatus.emit(f"showing {title}")  # replaces "fetching …"
 
         self._fetch_value(summary, show)
+
+    def open_in_napari(self) -> bool:
+        """The run's array results as napari layers (says how to install napari if not)."""
+        if self.key is None:
+            return False
+        return self.napari.open_run(self.key)
 
     def save_selected(self, path: str | Path | None = None) -> None:
         summary = self.selected_summary()
@@ -452,6 +470,20 @@ class ResultsPanel(ResultsView):
         )
         controller.sigResultNotice.connect(self._notice)
         controller.sigRunFinished.connect(self._notice)
+        # the dock's toolbar has no room for napari at full HD: it is in the Runs menu
+        # (Ctrl+Shift+O) and the table's context menu; the run details' toolbar has it
+        self.toolbar.removeAction(self.act_napari)
+        # results stored before the follower subscribed come with no notice: while the run
+        # is live, list what is new now and then (one small request; nothing if none)
+        self.catch_up = QtCore.QTimer(self)
+        self.catch_up.setInterval(CATCH_UP_MS)
+        self.catch_up.timeout.connect(self._catch_up)
+        self.catch_up.start()
+
+    def _catch_up(self) -> None:
+        row = self.controller.runs.rows.get(self.key) if self.key is not None else None
+        if row is not None and row.is_live and self.isVisible():
+            self.refresh()
 
     def _notice(self, key: RunKey, status: dict[str, Any] | None = None) -> None:
         if key == self.key and (status or {}).get("state") != LOST:

@@ -16,7 +16,7 @@ from .widgets import mono_font, named, on_activated
 class RunDetailsDialog(QtWidgets.QDialog):
     """Everything the server knows about one run, fetched off the GUI thread."""
 
-    sigShowArray = QtCore.Signal(object, str)
+    sigShowArray = QtCore.Signal(object, str, object)  # array, title, image metadata or None
 
     def __init__(
         self, controller: Controller, key: RunKey, parent: QtWidgets.QWidget | None = None

@@ -75,10 +75,13 @@ def layer_data(
     return data, kwargs, "image"
 
 
-def run_layers(client: Any, exec_id: str, *, timeout: float | None = None) -> list[LayerData]:
-    """Every array result of a finished run as layer specs (one per image, as the
-    OME-Zarr export groups them: a name's same-shaped results stacked along t)."""
-    status = client.wait(exec_id, timeout)
+def run_layers(
+    client: Any, exec_id: str, *, timeout: float | None = None, wait: bool = True
+) -> list[LayerData]:
+    """Every array result of a run as layer specs (one per image, as the OME-Zarr export
+    groups them: a name's same-shaped results stacked along t). ``wait``: for the run to
+    finish first (up to ``timeout`` s); otherwise what a running run stored so far."""
+    status = client.wait(exec_id, timeout) if wait else client.get_status(exec_id)
     listing = client._listing(exec_id, status["n_results"])
     images, _ = plan_images(listing, "ome-zarr")
     return [
