@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 #: watchfiles batching: the watcher looks for news every STEP ms, a batch lasts <= DEBOUNCE
 #: (a file renamed into the folder is seen 2 steps after its event; a follower waiting for
@@ -125,7 +125,8 @@ def tiff_problem(path: Path) -> tuple[str | None, int]:
                     return "no image in the file", 0
                 fmt, fhandle = tif.tiff, tif.filehandle
                 for i in range(n):
-                    page = pages[i]
+                    # TiffFile.pages gives TiffPage objects (TiffFrame only with useframes)
+                    page = cast(tifffile.TiffPage, pages[i])
                     # the page's IFD (some writers put it after the data: last in the file)
                     fhandle.seek(page.offset)
                     head = fhandle.read(fmt.tagnosize)
