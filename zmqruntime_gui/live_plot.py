@@ -106,6 +106,10 @@ class PlotDialog(QtWidgets.QDialog):
             combo.setToolTip("Type the start of a column's name to pick it")
             combo.currentIndexChanged.connect(lambda *_: self.redraw())
         self.count = named(QtWidgets.QLabel(), "plot_count")
+        # room for "12345 points, newest 1234.56" without the row shifting as it grows
+        self.count.setMinimumWidth(
+            self.fontMetrics().horizontalAdvance("00000 points, newest 0000.000")
+        )
         self.plot = pg.PlotWidget(background="#15171b")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.curve = self.plot.plot(
