@@ -54,7 +54,8 @@ def test_calibrated_frames_get_a_scale_bar_readout_and_ome_snapshot(panel, qtbot
 
     scene_pos = panel.view.mapViewToScene(QtCore.QPointF(20.5, 10.5))
     panel._mouse_moved(scene_pos)
-    assert "(13.33 µm, 6.825 µm)" in panel.cursor.text() and "x 20" in panel.cursor.text()
+    readout = panel.cursor_label.text()
+    assert "(13.33 µm, 6.825 µm)" in readout and "x 20" in readout
 
     path = panel.snapshot_tiff(tmp_path / "frame.ome.tif")
     with tifffile.TiffFile(path) as tif:
@@ -76,7 +77,7 @@ def test_calibrated_frames_get_a_scale_bar_readout_and_ome_snapshot(panel, qtbot
     qtbot.waitUntil(lambda: panel.frame.number == 2)
     assert panel.scale_bar.text == "" and not panel.scale_bar.item.isVisible()
     panel._mouse_moved(scene_pos)
-    assert "µm" not in panel.cursor.text()
+    assert "µm" not in panel.cursor_label.text()
     plain = panel.snapshot_tiff(tmp_path / "plain.ome.tif")
     with tifffile.TiffFile(plain) as tif:
         pixels = ome_types.from_xml(tif.ome_metadata).images[0].pixels

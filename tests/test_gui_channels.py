@@ -125,7 +125,7 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     # the scale bar and the readout in micrometres, a value per channel
     assert preview.scale_bar.text == "10 µm"
     preview._mouse_moved(preview.view.mapViewToScene(QtCore.QPointF(10.5, 80.5)))
-    text = preview.cursor.text()
+    text = preview.cursor_label.text()
     assert "(5.25 µm, 40.25 µm)" in text
     assert "DAPI</span> <b>1000</b>" in text and "GFP</span> <b>0</b>" in text
     screenshot(window, "channels-composite")
@@ -181,7 +181,7 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     assert preview.findChild(QtWidgets.QLabel, "plane_z_label").text() == "3 / 5"
     qtbot.waitUntil(lambda: int(preview.image.image.min()) == 200)
     preview._mouse_moved(preview.view.mapViewToScene(QtCore.QPointF(40.5, 3.5)))
-    assert "value <b>202</b>" in preview.cursor.text()
+    assert "value <b>202</b>" in preview.cursor_label.text()
     screenshot(window, "channels-zstack")
     window.resize(1024, 700)
     qtbot.wait(300)
@@ -216,8 +216,8 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     qtbot.keyClick(slider, QtCore.Qt.Key.Key_End)
     assert preview.channels.index["z"] == 3
     preview._mouse_moved(preview.view.mapViewToScene(QtCore.QPointF(10.5, 80.5)))
-    assert "DAPI</span> <b>4000</b>" in preview.cursor.text()  # plane 4 of 4: 1000 * 4
-    assert "µm" in preview.cursor.text()
+    assert "DAPI</span> <b>4000</b>" in preview.cursor_label.text()  # plane 4 of 4: 1000 * 4
+    assert "µm" in preview.cursor_label.text()
     window.grab().save("/tmp/gui-channels-result-1024.png")
 
     # Open in napari: without napari it says how to install it, with it opens the layers

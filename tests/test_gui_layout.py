@@ -129,7 +129,7 @@ def check_clipping(window) -> list[str]:
 
 
 def check_preview_texts(window) -> list[str]:
-    info, cursor = window.preview.info, window.preview.cursor
+    info, cursor = window.preview.info, window.preview.cursor_label
     if cursor.isVisible() and cursor.text() and info.geometry().intersects(cursor.geometry()):
         return ["the preview's status text runs into the pixel readout"]
     return []

@@ -83,8 +83,8 @@ def test_levels_colour_map_cursor_pause_and_snapshots(panel, qtbot, tmp_path):
     assert panel.pixel_at(-1, 5) is None and panel.pixel_at(400, 5) is None
     scene_pos = panel.view.mapViewToScene(QtCore.QPointF(20.5, 10.5))
     panel._mouse_moved(scene_pos)
-    assert "x 20" in panel.cursor.text() and "y 10" in panel.cursor.text()
-    assert str(9000 + 30) in panel.cursor.text()
+    assert "x 20" in panel.cursor_label.text() and "y 10" in panel.cursor_label.text()
+    assert str(9000 + 30) in panel.cursor_label.text()
 
     # pause: frames keep arriving (received count grows) but the view stays
     panel.act_pause.setChecked(True)
@@ -173,26 +173,26 @@ def test_pixel_readout_never_outlives_its_frame(panel, qtbot):
     box.put_frame("big", np.full((500, 500), 121, np.uint16), seq=0, t=None)
     qtbot.waitUntil(lambda: panel.frame is not None)
     panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(250.5, 236.5)))
-    assert "x 250" in panel.cursor.text() and "121" in panel.cursor.text()
+    assert "x 250" in panel.cursor_label.text() and "121" in panel.cursor_label.text()
     # the next frame under a still mouse: the readout says the new value
     box.put_frame("big", np.full((500, 500), 7, np.uint16), seq=1, t=None)
-    qtbot.waitUntil(lambda: "<b>7</b>" in panel.cursor.text())
+    qtbot.waitUntil(lambda: "<b>7</b>" in panel.cursor_label.text())
     # another stream: its frame is 130x130, the old point is outside it
     box.put_frame("small", np.full((130, 130), 3, np.uint16), seq=2, t=None)
     qtbot.waitUntil(lambda: panel.stream_combo.count() == 2)
     panel.stream_combo.setCurrentText("small")
-    assert panel.cursor.text() == ""
+    assert panel.cursor_label.text() == ""
     qtbot.waitUntil(lambda: panel.frame.name == "small")
-    assert "x 250" not in panel.cursor.text()  # outside the 130x130 frame: no readout
+    assert "x 250" not in panel.cursor_label.text()  # outside the 130x130 frame: no readout
     # the mouse leaves the image
     panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(20.5, 20.5)))
-    assert "x 20" in panel.cursor.text()
+    assert "x 20" in panel.cursor_label.text()
     QtWidgets.QApplication.sendEvent(panel.graphics, QtCore.QEvent(QtCore.QEvent.Type.Leave))
-    assert panel.cursor.text() == ""
+    assert panel.cursor_label.text() == ""
     # another source
     panel._mouse_moved(panel.view.mapViewToScene(QtCore.QPointF(20.5, 20.5)))
     panel.set_source(None)
-    assert panel.cursor.text() == ""
+    assert panel.cursor_label.text() == ""
 
 
 def test_continuous_percentile_levels_manual_fields_and_gamma(panel, qtbot):

@@ -205,15 +205,15 @@ class PreviewPanel(QtWidgets.QWidget):
         # -- status line
         self.info = named(QtWidgets.QLabel(), "previewInfo")
         self.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        self.cursor = named(QtWidgets.QLabel(), "previewCursor")
-        self.cursor.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
+        self.cursor_label = named(QtWidgets.QLabel(), "previewCursor")
+        self.cursor_label.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
         # both wrap instead of widening the window (or running into each other)
         self.info.setWordWrap(True)
-        self.cursor.setWordWrap(True)
+        self.cursor_label.setWordWrap(True)
         info_row = QtWidgets.QHBoxLayout()
         info_row.setContentsMargins(8, 2, 8, 4)
         info_row.addWidget(self.info, 1)
-        info_row.addWidget(self.cursor)
+        info_row.addWidget(self.cursor_label)
 
         # -- shown over the image while the followed run's server does not answer
         self.banner = named(QtWidgets.QFrame(), "lostBanner")
@@ -324,7 +324,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.update_stats()
 
     def _show_placeholder(self, html: str, demo: bool = False) -> None:
-        self.cursor.setText("")  # nothing shown: nothing under the mouse
+        self.cursor_label.setText("")  # nothing shown: nothing under the mouse
         self.placeholder.setText(html)
         self.demo_button.setVisible(demo)
         self.stack.setCurrentWidget(self.empty_page)
@@ -347,7 +347,7 @@ class PreviewPanel(QtWidgets.QWidget):
     def _stream_changed(self, name: str) -> None:
         self.needs_autolevel = True
         self.recv_meter.reset()
-        self.cursor.setText("")  # the readout was of the other stream's frame
+        self.cursor_label.setText("")  # the readout was of the other stream's frame
 
     def _refresh_streams(self) -> None:
         if self.box is None:
@@ -737,12 +737,12 @@ class PreviewPanel(QtWidgets.QWidget):
         """The readout under the mouse, from the frame shown now (so it never tells a
         value of an earlier frame, or of another stream)."""
         if self._cursor_scene is None or self.stack.currentWidget() is not self.graphics:
-            self.cursor.setText("")
+            self.cursor_label.setText("")
             return
         point = self.view.mapSceneToView(self._cursor_scene)
         hit = self.pixel_at(point.x(), point.y())
         if hit is None:
-            self.cursor.setText("")
+            self.cursor_label.setText("")
             return
         col, row, value = hit
         if self.channels.composite and self.plane is not None:
@@ -752,7 +752,7 @@ class PreviewPanel(QtWidgets.QWidget):
                 ", ".join(f"{v:g}" for v in np.ravel(value)) if np.ndim(value) else f"{value:g}"
             ) + "</b>"  # fmt: skip
         where = physical_text(self._shown_meta(), col, row)
-        self.cursor.setText(f"x {col}  y {row} {where} {value_text}")
+        self.cursor_label.setText(f"x {col}  y {row} {where} {value_text}")
 
     def snapshot_tiff(self, path: str | Path | None = None) -> Path | None:
         """Write the current frame, raw (dtype and shape intact), to an OME-TIFF file with
