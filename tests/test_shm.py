@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,34 @@ def test_regions_in_use_are_never_overwritten_and_hold_back_allocation():
         assert again is not None and again.ctypes.data == held[0].ctypes.data
         assert ring.alloc(3 * FRAME, wait=False) is None  # more than half the ring: never
     finally:
+        ring.close()
+
+
+def test_results_waiting_for_the_disk_hold_at_most_half_the_ring():
+    """The other half keeps the newest written results readable for a lagging watcher."""
+    ring = shm.Ring(capacity=4 * FRAME)
+    reader = shm.RingReader()
+    got: list = []
+    try:
+        written = ring.alloc(FRAME, wait=True)
+        written[:] = 9
+        descriptor = ring.describe([written])
+        ring.free(written)  # on disk: still readable
+        held = [ring.alloc(FRAME, wait=True) for _ in range(2)]  # half the ring waits
+        late = threading.Thread(target=lambda: got.append(ring.alloc(FRAME, wait=True)))
+        late.start()
+        late.join(0.3)
+        assert late.is_alive() and not got  # a third would pass the half: it waits...
+        (copy,) = reader.read(descriptor)  # ...so the written one is still there
+        assert (copy == 9).all()
+        preview = ring.alloc(FRAME, wait=False)
+        assert preview is not None  # previews are not held back
+        ring.free(preview)  # given back at once, as the worker does once it is sent
+        ring.free(held[0])  # one result reached the disk
+        late.join(30)
+        assert not late.is_alive() and got[0] is not None
+    finally:
+        reader.close()
         ring.close()
 
 
@@ -188,7 +217,7 @@ def test_a_local_watcher_that_lags_a_whole_ring_still_gets_every_result(client):
         """)
     )
     stream = client.stream(exec_id)
-    first = next(stream)  # subscribed; now fall behind while 320 MiB pass a 64 MiB ring
+    first = next(stream)  # subscribed; now fall behind while 320 MiB pass a 128 MiB ring
     time.sleep(3.0)
     events = [first, *stream]
     results = [e for e in events if e["kind"] == "result"]

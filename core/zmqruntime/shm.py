@@ -15,9 +15,11 @@ ring publishes its new *head* (a byte position that counts up forever) in its fi
 page; a copy is valid if the head, read after the copy, has not passed the copy's start
 by a whole capacity (a sequence lock). That rests on x86-64's ordering of stores and of
 loads, so rings are only used on x86-64 Linux; elsewhere arrays travel in the sockets.
-A result's region is reused only once the result is on disk, so a watcher that lags a
-whole ring behind fetches it from the store; a preview it lagged on is dropped (newest
-wins).
+A result's region is reused only once the result is on disk, and results waiting for the
+disk hold at most half the ring: the other half keeps the newest results already written,
+so a watcher on the host may lag the disk writer by half a ring and still read them
+here. One that lags further fetches them from the store (from the disk, competing with the
+writer); a preview it lagged on is dropped (newest wins).
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ HEADER = 4096
 #: arrays at least this large travel through the ring; smaller ones are cheaper in a socket
 MIN_BYTES = 256 * 1024
 #: bytes of a worker's ring by default; results not yet on disk hold their room (the
-#: write-behind), and a watcher that lags by more than a ring reads from the store
-RING_BYTES = 64 * 1024 * 1024
+#: write-behind, at most HELD_SHARE of it), and a watcher that lags by more than a ring
+#: reads from the store. 128 MiB: 64 MiB of write-behind (as the 64 MiB ring had) and
+#: 64 MiB behind it for late watchers (issue 19: with 64 MiB, all of it write-behind in a
+#: disk-bound run, a watcher scheduled late by some 30 ms fell off the ring for the rest
+#: of the run on a loaded 2-core machine)
+RING_BYTES = 128 * 1024 * 1024
+#: the share of the ring that results waiting for the disk may hold
+HELD_SHARE = 0.5
 BLOCK = 4096
 _ID_BYTES = 16
 _HEAD_AT = 64
@@ -113,13 +121,16 @@ class Ring:
         self._tail = 0  # start of the oldest region still in use
         self._regions: collections.deque[list] = collections.deque()  # [start, end, in use]
         self._live: dict[int, int] = {}  # address of a region in use -> its position
+        self._held = 0  # bytes of regions in use (results not yet on disk)
         self._cond = threading.Condition()
 
     def alloc(self, nbytes: int, wait: bool) -> np.ndarray | None:
         """A page-aligned uint8 region of at least ``nbytes`` (padded to whole pages).
 
-        With ``wait`` it blocks until freed room suffices (results waiting for the disk);
-        without, it returns None instead. None too for arrays too large for the ring.
+        With ``wait`` it blocks until freed room suffices (results waiting for the disk),
+        and until the regions in use leave room under HELD_SHARE of the ring, so that
+        the newest written results stay readable for watchers that lag; without, it
+        returns None instead. None too for arrays too large for the ring.
         """
         size = _round_up(max(nbytes, 1))
         if size > self.capacity // 2:
@@ -130,7 +141,9 @@ class Ring:
                 phys = start % self.capacity
                 if phys + size > self.capacity:  # no room before the end: go round
                     start += self.capacity - phys
-                if start + size - self._tail <= self.capacity:
+                if start + size - self._tail <= self.capacity and (
+                    not wait or self._held + size <= max(size, self.capacity * HELD_SHARE)
+                ):
                     break
                 if not wait:
                     return None
@@ -138,6 +151,7 @@ class Ring:
             if start != self._head:
                 self._regions.append([self._head, start, False])  # the skipped end
             self._regions.append([start, start + size, True])
+            self._held += size
             self._head = start + size
             self._head_cell[0] = self._head  # published before the region is written
             self._trim()
@@ -156,6 +170,7 @@ class Ring:
             for entry in self._regions:
                 if entry[0] == start:
                     entry[2] = False
+                    self._held -= entry[1] - entry[0]
                     break
             self._trim()
             self._cond.notify_all()
