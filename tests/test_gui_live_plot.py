@@ -176,3 +176,52 @@ def test_live_plot_grows_while_the_acquisition_runs(
         if writer.poll() is None:
             writer.kill()
         writer.wait(10)
+
+
+#: a run that stores a per-frame row 100 times a second: faster than the plot redraws
+FAST_ROWS = """
+import time
+
+def run(ctx, config):
+    for i in range(config.n):
+        ctx.emit("frames", {"frame": i, "nuclei": i % 7})
+        time.sleep(0.01)
+"""
+
+
+def test_live_plot_redraws_are_throttled_while_rows_pour_in(qtbot, window, make_server) -> None:
+    n = 400
+    server = make_server("fast", workers=1)
+    ep = Endpoint("127.0.0.1", server.port)
+    window.controller.watch(ep)
+    qtbot.waitUntil(
+        lambda: (
+            (row := window.controller.servers.get(ep)) is not None
+            and row.state == ServerState.ALIVE
+        ),
+        timeout=30_000,
+    )
+    before = set(window.controller.runs.rows)
+    window.controller.submit_run(ep, FAST_ROWS, None, config={"n": n}, name="fast rows")
+    qtbot.waitUntil(lambda: bool(set(window.controller.runs.rows) - before), timeout=20_000)
+    (key,) = set(window.controller.runs.rows) - before
+    results = window.results_panel
+    window.results_dock.raise_()
+    qtbot.waitUntil(lambda: results.act_plot.isEnabled(), timeout=30_000)
+    results.act_plot.trigger()  # as the Runs menu does
+    (plot,) = results.plots
+    changes = []
+    results.sigTableChanged.connect(lambda: changes.append(len(results.model.rows)))
+    redraws, started = plot.redraws, time.monotonic()
+    rows = window.controller.runs.rows
+    qtbot.waitUntil(lambda: rows[key].state == "completed", timeout=60_000)
+    qtbot.waitUntil(lambda: len(plotted(plot)[0]) == n, timeout=10_000)
+    elapsed = time.monotonic() - started
+    redrawn = plot.redraws - redraws
+    print(f"{len(changes)} table changes, {redrawn} redraws in {elapsed:.1f} s")
+    assert redrawn <= elapsed / REDRAW_INTERVAL_S + 2, (redrawn, elapsed)
+    assert redrawn < len(changes), (redrawn, len(changes))  # the throttle took effect
+    xs, ys = plotted(plot)
+    assert xs == [float(i) for i in range(n)] and ys == [float(i % 7) for i in range(n)]
+    # the table holds every row once, read incrementally (not rebuilt per result)
+    assert [r["frame"] for r in results.model.rows] == list(range(n))
