@@ -11,9 +11,12 @@ the server made for its tasks (a task never holds a key of the server's users):
   carry the result's bytes (the server writes the file: a Dask worker need not share the
   server's disk), and ``done`` last.
 
-Every frame list starts with this execution's identity (``TOKEN.NONCE``): the server takes
-messages only from the execution it said ``go`` to, so a dead attempt's late messages are
-never mixed with the next attempt's.
+The two connections (a :class:`Link`) are kept by the Dask worker process between tasks,
+one per task running at a time: a connection and its CURVE handshake per task cost about
+4 ms a run. Every frame list therefore starts with this execution's identity
+(``TOKEN.NONCE``), and the server's replies carry it back: the server takes messages only
+from the execution it said ``go`` to, so a dead attempt's late messages are never mixed with
+the next attempt's, and a task ignores replies meant for the link's previous task.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ SERVER_TIMEOUT = 15.0
 HELLO_TIMEOUT = 60.0
 #: a reliable send (a result) that the server does not take for this long fails the run
 SEND_TIMEOUT_MS = 120_000
+#: what a kept link may still deliver when its Dask worker process exits
+LINK_LINGER_MS = 5_000
+#: an idle link to another server (e.g. one that restarted: new ports, new keys) is closed
+LINK_IDLE_CLOSE = 60.0
 
 _codes = CodeCache()  # per Dask worker process: a repeated pipeline compiles once
 
@@ -65,29 +72,76 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         session.close()
 
 
+class Link:
+    """A Dask worker process's two connections to one server's task sockets, used by one
+    task at a time and kept for the next (see :func:`_acquire`)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        keys = spec["keys"]
+        self.key = (spec["ctl"], spec["events"], keys["server"])
+        security = ClientSecurity(keys["public"], keys["secret"], keys["server"])
+        # one context per Dask worker process: its I/O thread delivers a task's "done"
+        # while the next task starts
+        zctx: zmq.Context = zmq.Context.instance()
+        self.ctl = zctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        security.apply(self.ctl)
+        self.ctl.connect(spec["ctl"])
+        self.events = zctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.SNDHWM, EVENT_HWM)
+        self.events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        self.events.setsockopt(zmq.LINGER, LINK_LINGER_MS)
+        security.apply(self.events)
+        self.events.connect(spec["events"])
+        self.idle_since = 0.0
+
+    def close(self, linger_ms: int = LINK_LINGER_MS) -> None:
+        self.ctl.close(linger=0)
+        self.events.close(linger=linger_ms)  # what is queued may still leave
+
+
+_links: dict[tuple[str, str, str], list[Link]] = {}  # idle links, per server
+_links_lock = threading.Lock()
+
+
+def _acquire(spec: dict[str, Any]) -> Link:
+    """An idle link to the spec's server, or a new one; idle links to other servers that
+    waited LINK_IDLE_CLOSE are closed."""
+    key = (spec["ctl"], spec["events"], spec["keys"]["server"])
+    now = time.monotonic()
+    stale: list[Link] = []
+    with _links_lock:
+        for other, idle in list(_links.items()):
+            if other != key:
+                stale += [link for link in idle if now - link.idle_since > LINK_IDLE_CLOSE]
+                idle[:] = [link for link in idle if now - link.idle_since <= LINK_IDLE_CLOSE]
+                if not idle:
+                    del _links[other]
+        mine = _links.get(key)
+        link = mine.pop() if mine else None
+    for old in stale:
+        old.close()
+    return link if link is not None else Link(spec)
+
+
+def _give_back(link: Link) -> None:
+    link.idle_since = time.monotonic()
+    with _links_lock:
+        _links.setdefault(link.key, []).append(link)
+
+
 class TaskSession:
-    """The two sockets of one execution, an io thread, and the runner."""
+    """One execution: a link to the server, an io thread, and the runner."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.exec_id: str = spec["id"]
         self.identity = f"{spec['token']}.{secrets.token_hex(4)}".encode()
         self.task = spec["task"]
-        keys = spec["keys"]
-        security = ClientSecurity(keys["public"], keys["secret"], keys["server"])
-        # one context per Dask worker process, kept: a new one per task costs about 2 ms,
-        # and its I/O thread delivers the "done" (linger) while the next task starts
         self.zctx: zmq.Context = zmq.Context.instance()
-        self.ctl = self.zctx.socket(zmq.DEALER)
-        self.ctl.setsockopt(zmq.IDENTITY, self.identity)
-        self.ctl.setsockopt(zmq.LINGER, 0)
-        security.apply(self.ctl)
-        self.ctl.connect(spec["ctl"])
-        self.events = self.zctx.socket(zmq.PUSH)
-        self.events.setsockopt(zmq.SNDHWM, EVENT_HWM)
-        self.events.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        self.events.setsockopt(zmq.LINGER, SEND_TIMEOUT_MS)
-        security.apply(self.events)
-        self.events.connect(spec["events"])
+        self.link = _acquire(spec)
+        self.ctl = self.link.ctl
+        self.events = self.link.events
+        self.reusable = False  # the link goes back to the pool only after a clean run
         self.events_lock = threading.Lock()
         # the io thread sleeps in poll(); this pair wakes it when the run ends
         wake_url = f"inproc://zmqruntime-task-wake-{id(self)}"
@@ -105,6 +159,7 @@ class TaskSession:
     # -- the task's thread
     def run(self) -> dict[str, Any]:
         reply = self._hello()
+        self.reusable = bool(reply.pop("answered", False))  # the server answers on this link
         if reply.get("type") != "go":
             return {"type": "aborted", "id": self.exec_id, "reason": reply.get("reason")}
         io_thread = threading.Thread(target=self._io_loop, name="zmqruntime-task-io", daemon=True)
@@ -123,10 +178,15 @@ class TaskSession:
             if self.server_lost:
                 done.update(state="failed", error="the zmqruntime server stopped answering")
             self._send_frames(protocol.encode(done))
+        except BaseException:
+            self.reusable = False  # e.g. a result the server took nothing of for minutes
+            raise
         finally:
             self.stop.set()
             self._wake_tx.send(b"")  # the next task may start at once: no wait for a poll
             io_thread.join(timeout=5)
+            if io_thread.is_alive() or self.server_lost:
+                self.reusable = False
         return done
 
     def _hello(self) -> dict[str, Any]:
@@ -137,10 +197,15 @@ class TaskSession:
         except ValueError:  # not in a Dask worker (a test calling run_task directly)
             worker = None
         hello = {"type": "hello", "id": self.exec_id, "worker": worker, "pid": os.getpid()}
-        self.ctl.send_multipart(protocol.encode(hello))
-        if not self.ctl.poll(int(HELLO_TIMEOUT * 1000)):
-            return {"type": "abort", "reason": "the zmqruntime server did not answer"}
-        return protocol.decode(self.ctl.recv_multipart())
+        self.ctl.send_multipart([self.identity, *protocol.encode(hello)])
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        while self.ctl.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            frames = self.ctl.recv_multipart()
+            if frames[0] != self.identity:
+                continue  # a late reply to the link's previous task
+            with contextlib.suppress(protocol.ProtocolError):
+                return {**protocol.decode(frames[1:]), "answered": True}
+        return {"type": "abort", "reason": "the zmqruntime server did not answer"}
 
     def _send(self, kind: str, body: dict[str, Any], reliable: bool) -> None:
         if kind == "preview":  # newest wins at the source, as in a native worker
@@ -184,11 +249,13 @@ class TaskSession:
             if self._wake_rx in ready:
                 break
             if self.ctl in ready:
-                with contextlib.suppress(protocol.ProtocolError):
-                    msg = protocol.decode(self.ctl.recv_multipart())
-                    last_heard = time.monotonic()
-                    if msg.get("type") == "cancel":
-                        self._cancel()
+                frames = self.ctl.recv_multipart()
+                if frames[0] == self.identity:  # else: meant for the link's previous task
+                    with contextlib.suppress(protocol.ProtocolError):
+                        msg = protocol.decode(frames[1:])
+                        last_heard = time.monotonic()
+                        if msg.get("type") == "cancel":
+                            self._cancel()
             now = time.monotonic()
             if self.interrupt_at is not None and now >= self.interrupt_at:
                 self.interrupt_at = None
@@ -199,7 +266,8 @@ class TaskSession:
                     ctx.flush_logs()
                 last_flush = now
             if now - last_beat >= HEARTBEAT_INTERVAL:
-                self.ctl.send_multipart(protocol.encode({"type": "heartbeat"}))
+                beat = protocol.encode({"type": "heartbeat"})
+                self.ctl.send_multipart([self.identity, *beat])
                 last_beat = now
             if now - last_heard > SERVER_TIMEOUT and not self.server_lost:
                 self.server_lost = True  # nobody would store what this run makes: stop it
@@ -211,11 +279,12 @@ class TaskSession:
             self.interrupt_at = time.monotonic() + INTERRUPT_DELAY
 
     def close(self) -> None:
-        linger = 0 if self.server_lost else SEND_TIMEOUT_MS
-        self.ctl.close(linger=0)
         self._wake_rx.close(linger=0)
         self._wake_tx.close(linger=0)
-        self.events.close(linger=linger)  # the "done" still leaves (the context lingers)
+        if self.reusable:
+            _give_back(self.link)  # the "done" leaves while the next task starts
+        else:  # a server that did not answer, or a thread still on the link
+            self.link.close(linger_ms=0 if self.server_lost else LINK_LINGER_MS)
         if self.results_dir is not None:
             shutil.rmtree(self.results_dir, ignore_errors=True)
 
