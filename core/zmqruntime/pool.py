@@ -38,13 +38,10 @@ lost while running.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,117 +49,28 @@ from .client import ExecutionClient, raise_for_status
 from .errors import (
     ExecutionCancelled,
     ExecutionFailed,
-    ProtocolError,
-    RemoteError,
     ServerUnavailable,
     UnknownExecution,
     ZmqRuntimeError,
 )
-from .protocol import FINAL_STATES, ControlMessageType, ErrorCode, EventKind
-from .stream import DirectorySink, MemorySink
+from .pool_dispatch import Dispatcher
+from .pool_state import (
+    MapItem,
+    ServerSlot,
+    decorate,
+    rewrite_event,
+    run_status,
+    state_event,
+    synth_status,
+)
+from .protocol import FINAL_STATES, EventKind
+from .stream import DirectorySink
 from .transport import endpoint_key, keys_for, parse_endpoint, tcp_url
 
 if TYPE_CHECKING:
     from .api import ExecutionAPI
 
-log = logging.getLogger("zmqruntime.pool")
-
-#: how long a tracker's long-poll waits on one run before looking at the others
-TRACK_CHUNK = 0.1
-#: a tracker lists the server's queued and running runs at least this often, and at once
-#: after one of this pool's runs there ended
-SWEEP_INTERVAL = 0.2
-#: a fresh pool waits this long for slow servers' first answer before dispatching
-FIRST_CONTACT = 0.5
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass(eq=False)
-class _Server:
-    index: int
-    host: str
-    port: int
-    key: str
-    ctl: ExecutionClient  # the caller's requests
-    mon: ExecutionClient  # the tracker's requests (never waits behind the caller's)
-    up: bool | None = None  # None until the first ping answers or fails
-    info: dict[str, Any] = field(default_factory=dict)
-    last_error: str | None = None
-    last_contact: float = 0.0
-    last_ping: float = 0.0
-    last_sweep: float = 0.0
-    down_since: float | None = None
-    others: int = 0  # runs of other clients running or queued there, at the last look
-    last_chosen: int = 0
-    inflight: dict[str, _Run] = field(default_factory=dict)  # server id -> run
-    orphans: set[str] = field(default_factory=set)  # superseded ids to cancel on revival
-    wake: threading.Event = field(default_factory=threading.Event)
-    checked: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    @property
-    def workers(self) -> int:
-        return int(self.info.get("workers") or 0)
-
-    def free(self) -> int:
-        """Free workers: the other clients' load at the last look, plus ours as of now."""
-        # a ping can count our newest run as another client's until the sweep: never < 0
-        return max(0, self.workers - self.others - len(self.inflight))
-
-
-@dataclass(eq=False)
-class _Run:
-    pipeline_code: str
-    config_code: str | None
-    config: dict[str, Any] | None
-    name: str | None
-    retries: int
-    prefetch: bool
-    created: float = field(default_factory=time.time)
-    order: int = 0
-    id: str = ""
-    server: _Server | None = None
-    sid: str | None = None
-    state: str = "queued"  # as last seen
-    status: dict[str, Any] | None = None  # last status seen on its current server
-    final: dict[str, Any] | None = None
-    results: dict[str, list[Any]] | None = None
-    reruns: int = 0  # resubmissions of a run that had started (these use up retries)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    cancel_requested: bool = False
-    pending_since: float | None = None
-    callbacks: list[Callable[[str], None]] = field(default_factory=list)
-
-
-@dataclass
-class MapItem:
-    """One finished run of :meth:`ExecutionPool.map`.
-
-    ``results`` holds ``{name: [values]}`` of a completed run (None with ``fetch=False``
-    or when the run did not complete); ``error`` the ExecutionFailed/ExecutionCancelled
-    of a run that did not. ``result()`` returns the one or raises the other.
-    """
-
-    index: int
-    config: dict[str, Any]
-    id: str
-    status: dict[str, Any]
-    results: dict[str, list[Any]] | None
-    error: ZmqRuntimeError | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def result(self) -> dict[str, list[Any]] | None:
-        if self.error is not None:
-            raise self.error
-        return self.results
-
-
-# --------------------------------------------------------------------------- the pool
+__all__ = ["ExecutionPool", "MapItem"]
 
 
 class ExecutionPool:
@@ -191,17 +99,7 @@ class ExecutionPool:
         self.timeout = float(timeout)
         self.heartbeat = float(heartbeat)
         self.pending_timeout = float(pending_timeout)
-        self._cond = threading.Condition(threading.RLock())
-        self._closing = threading.Event()
-        self._runs: dict[str, _Run] = {}
-        self._pending: list[_Run] = []
-        self._order = itertools.count()
-        self._chosen = itertools.count(1)
-        self._started = time.monotonic()
-        self._stats = dict.fromkeys(
-            ("submitted", "resubmitted", "finished", "failed_by_pool", "superseded_ignored"), 0
-        )
-        self._servers: list[_Server] = []
+        slots: list[ServerSlot] = []
         seen = set()
         try:
             for i, endpoint in enumerate(servers):
@@ -215,36 +113,26 @@ class ExecutionPool:
                     ExecutionClient(port, host, auto_spawn=False, timeout=timeout, keys=kdir)
                     for _ in range(2)
                 )
-                self._servers.append(_Server(i, host, port, key, ctl, mon))
+                slots.append(ServerSlot(i, host, port, key, ctl, mon))
         except BaseException:
-            for s in self._servers:
+            for s in slots:
                 s.ctl.close()
                 s.mon.close()
             raise
-        self._by_key = {s.key: s for s in self._servers}
-        self.endpoint = ", ".join(tcp_url(s.host, s.port) for s in self._servers)
-        for s in self._servers:
-            s.thread = threading.Thread(
-                target=self._track, args=(s,), name=f"zmqruntime-pool-{s.key}", daemon=True
-            )
-            s.thread.start()
+        self._core = Dispatcher(
+            slots,
+            timeout=self.timeout,
+            heartbeat=self.heartbeat,
+            pending_timeout=self.pending_timeout,
+        )
+        self._runs = self._core.runs  # (the tests look at a run's records)
+        self.endpoint = ", ".join(tcp_url(s.host, s.port) for s in slots)
+        self._core.start()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Stop following the servers (their runs go on) and close every connection."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        for s in self._servers:
-            s.wake.set()
-        for s in self._servers:
-            if s.thread is not None:
-                s.thread.join(timeout=self.timeout + 5)
-        for s in self._servers:
-            s.ctl.close()
-            s.mon.close()
-        with self._cond:
-            self._cond.notify_all()
+        self._core.close()
 
     def __enter__(self) -> ExecutionPool:
         return self
@@ -266,7 +154,7 @@ class ExecutionPool:
         retries: int = 0,
     ) -> str:
         """Queue a run on the server with the most free capacity; return its pool id."""
-        return self._execute(pipeline_code, config_code, config, name, retries, prefetch=False)
+        return self._core.execute(pipeline_code, config_code, config, name, retries, prefetch=False)
 
     def get_status(self, exec_id: str) -> dict[str, Any]:
         """The run's status dict plus ``server``, ``server_id``, ``resubmitted``, ``history``.
@@ -274,53 +162,53 @@ class ExecutionPool:
         While the run's server does not answer, the last status seen is returned with
         ``server_up: False``; the pool's failover decides what happens to the run.
         """
-        run = self._runs.get(exec_id)
+        run = self._core.runs.get(exec_id)
         if run is None:
-            found, fsid = self._resolve(exec_id)
-            return _decorate(found.ctl.get_status(fsid), exec_id, found, fsid)
-        with self._cond:
+            found, fsid = self._core.resolve(exec_id)
+            return decorate(found.ctl.get_status(fsid), exec_id, found, fsid)
+        with self._core.cond:
             if run.final is not None:
                 return dict(run.final)
             s, sid = run.server, run.sid
             if s is None or sid is None:
-                return self._synth(run, "queued", run.history[-1]["reason"] if run.history else "")
+                return synth_status(run, "queued", run.history[-1]["reason"] if run.history else "")
         try:
             status = s.ctl.get_status(sid)
         except ServerUnavailable as exc:
-            with self._cond:
+            with self._core.cond:
                 if run.final is not None:
                     return dict(run.final)
-                out = self._decorate(run, run.status or self._synth(run, run.state, ""))
+                out = run_status(run, run.status or synth_status(run, run.state, ""))
                 out.update(server_up=False, message=f"server not answering: {exc}")
                 return out
         except UnknownExecution:
-            with self._cond:
+            with self._core.cond:
                 if run.final is not None:
                     return dict(run.final)
-                return self._decorate(run, run.status or self._synth(run, run.state, ""))
+                return run_status(run, run.status or synth_status(run, run.state, ""))
         if status["state"] in FINAL_STATES:
             if not run.prefetch:
-                self._finalize(run, status, sid=sid)
-            with self._cond:
+                self._core.finalize(run, status, sid=sid)
+            with self._core.cond:
                 if run.final is not None:
                     return dict(run.final)
                 if run.sid == sid:  # completed there; results on their way to the pool
                     status = {**status, "state": "running", "message": "fetching results"}
-        with self._cond:
+        with self._core.cond:
             if run.sid == sid:
                 run.status, run.state = status, status["state"]
-            return self._decorate(run, status)
+            return run_status(run, status)
 
     def wait(self, exec_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the run ends (wherever it ended up) and return its final status."""
-        run = self._runs.get(exec_id)
+        run = self._core.runs.get(exec_id)
         if run is None:
-            s, sid = self._resolve(exec_id)
-            return _decorate(s.ctl.wait(sid, timeout), exec_id, s, sid)
+            s, sid = self._core.resolve(exec_id)
+            return decorate(s.ctl.wait(sid, timeout), exec_id, s, sid)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._core.cond:
             while run.final is None:
-                if self._closing.is_set():
+                if self._core.closing.is_set():
                     raise ServerUnavailable("this pool is closed")
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
@@ -328,9 +216,9 @@ class ExecutionPool:
                         raise TimeoutError(
                             f"execution {exec_id} still {run.state} after {timeout:g} s"
                         )
-                    self._cond.wait(min(remaining, 1.0))
+                    self._core.cond.wait(min(remaining, 1.0))
                 else:
-                    self._cond.wait(1.0)
+                    self._core.cond.wait(1.0)
             return dict(run.final)
 
     def get_results(
@@ -350,9 +238,9 @@ class ExecutionPool:
         """
         status = self.wait(exec_id, timeout)
         raise_for_status(status)
-        run = self._runs.get(exec_id)
+        run = self._core.runs.get(exec_id)
         if format != "npy":
-            s, sid = self._where(exec_id, run)
+            s, sid = self._core.where(exec_id, run)
             return s.ctl.get_results(sid, timeout, directory=directory, format=format)
         if run is not None and run.results is not None:
             if directory is None:
@@ -364,16 +252,16 @@ class ExecutionPool:
                     sink.add(index, name, value)
                     index += 1
             return sink.close()
-        s, sid = self._where(exec_id, run)
+        s, sid = self._core.where(exec_id, run)
         return s.ctl.get_results(sid, timeout, directory=directory)
 
     def cancel(self, exec_id: str) -> dict[str, Any]:
         """Ask the run to stop, wherever it is; a cancelled run is never resubmitted."""
-        run = self._runs.get(exec_id)
+        run = self._core.runs.get(exec_id)
         if run is None:
-            found, fsid = self._resolve(exec_id)
+            found, fsid = self._core.resolve(exec_id)
             return found.ctl.cancel(fsid)
-        with self._cond:
+        with self._core.cond:
             if run.final is not None:
                 state = run.final["state"]
                 return {
@@ -384,10 +272,10 @@ class ExecutionPool:
             run.cancel_requested = True
             s, sid = run.server, run.sid
             if s is None or sid is None:  # waiting in the pool for a server
-                self._pending = [r for r in self._pending if r is not run]
+                self._core.pending = [r for r in self._core.pending if r is not run]
         if s is None or sid is None:
-            self._finalize(
-                run, self._synth(run, "cancelled", "cancelled while waiting for a server")
+            self._core.finalize(
+                run, synth_status(run, "cancelled", "cancelled while waiting for a server")
             )
             return {"cancelled": True, "state": "cancelled", "message": "cancelled in the pool"}
         try:
@@ -412,26 +300,26 @@ class ExecutionPool:
         results too) start again from the new attempt. The last event is the final
         ``state``.
         """
-        run = self._runs.get(exec_id)
+        run = self._core.runs.get(exec_id)
         if run is None:
-            found, fsid = self._resolve(exec_id)
+            found, fsid = self._core.resolve(exec_id)
             for event in found.ctl.stream(fsid, previews=previews, poll_interval=poll_interval):
-                yield _rewrite_event(event, exec_id, found, fsid)
+                yield rewrite_event(event, exec_id, found, fsid)
             return
         last_sid: str | None = None
         while True:
-            with self._cond:
+            with self._core.cond:
                 while run.final is None and run.server is None:  # waiting for a server
-                    if self._closing.is_set():
+                    if self._core.closing.is_set():
                         raise ServerUnavailable("this pool is closed")
-                    self._cond.wait(0.5)
+                    self._core.cond.wait(0.5)
                 final, s, sid = run.final, run.server, run.sid
             if final is not None and final.get("by_pool"):
-                yield _state_event(final)
+                yield state_event(final)
                 return
             assert s is not None and sid is not None
             if last_sid is not None and sid != last_sid:  # announce the move
-                yield _state_event(self.get_status(exec_id))
+                yield state_event(self.get_status(exec_id))
             last_sid = sid
             try:
                 for event in s.ctl.stream(sid, previews=previews, poll_interval=poll_interval):
@@ -439,24 +327,24 @@ class ExecutionPool:
                         event["status"]["state"] in FINAL_STATES
                     ):
                         if not run.prefetch:
-                            self._finalize(run, event["status"], sid=sid)
+                            self._core.finalize(run, event["status"], sid=sid)
                         break
                     if run.sid != sid:  # moved while we listened to the old attempt
                         break
-                    yield _rewrite_event(event, exec_id, s, sid, run)
+                    yield rewrite_event(event, exec_id, s, sid, run)
             except (ServerUnavailable, UnknownExecution):
                 pass  # the tracker notices too and decides the run's fate
-            with self._cond:  # the pool's verdict: ended on this attempt, or moved on
+            with self._core.cond:  # the pool's verdict: ended on this attempt, or moved on
                 while run.final is None and run.sid == sid:
-                    if self._closing.is_set():
+                    if self._core.closing.is_set():
                         raise ServerUnavailable("this pool is closed")
-                    self._cond.wait(0.5)
+                    self._core.cond.wait(0.5)
                 if run.final is not None and run.sid == sid:
                     final = dict(run.final)
                 else:
                     final = None
             if final is not None:
-                yield _state_event(final)
+                yield state_event(final)
                 return
 
     def map(
@@ -487,14 +375,14 @@ class ExecutionPool:
         exhausted = False
         try:
             while True:
-                limit = window or self._default_window()
+                limit = window or self._core.default_window()
                 while not exhausted and len(out) < limit:
                     try:
                         config = next(configs_iter)
                     except StopIteration:
                         exhausted = True
                         break
-                    exec_id = self._execute(
+                    exec_id = self._core.execute(
                         pipeline_code,
                         config_code,
                         config,
@@ -514,7 +402,7 @@ class ExecutionPool:
                         f"no run of this map finished within {timeout:g} s ({len(out)} out)"
                     ) from None
                 i, config = out.pop(exec_id)
-                run = self._runs[exec_id]
+                run = self._core.runs[exec_id]
                 assert run.final is not None
                 results, error = None, None
                 try:
@@ -536,11 +424,11 @@ class ExecutionPool:
         done: queue.Queue[str] = queue.Queue()
         wanted = set()
         for exec_id in exec_ids:
-            run = self._runs.get(exec_id)
+            run = self._core.runs.get(exec_id)
             if run is None:
                 raise UnknownExecution(f"{exec_id!r} was not submitted through this pool")
             wanted.add(exec_id)
-            with self._cond:
+            with self._core.cond:
                 if run.final is not None:
                     done.put(exec_id)
                 else:
@@ -554,19 +442,19 @@ class ExecutionPool:
                 ) from None
             if exec_id in wanted:
                 wanted.discard(exec_id)
-                yield dict(self._runs[exec_id].final or {})
+                yield dict(self._core.runs[exec_id].final or {})
 
     def list_executions(
         self, limit: int = 200, states: list[str] | None = None
     ) -> list[dict[str, Any]]:
         """Recent runs of every answering server, newest first, ids as ``host:port/id``."""
         out: list[dict[str, Any]] = []
-        for s in self._servers:
+        for s in self._core.servers:
             if s.up is False:
                 continue
             try:
                 for status in s.ctl.list_executions(limit=limit, states=states):
-                    out.append(_decorate(status, f"{s.key}/{status['id']}", s, status["id"]))
+                    out.append(decorate(status, f"{s.key}/{status['id']}", s, status["id"]))
             except ServerUnavailable:
                 continue
         out.sort(key=lambda st: st.get("created") or 0, reverse=True)
@@ -574,7 +462,7 @@ class ExecutionPool:
 
     def get_logs(self, exec_id: str, start: int = 0) -> list[dict[str, Any]]:
         """Stored log lines of the run's current attempt."""
-        s, sid = self._where(exec_id, self._runs.get(exec_id))
+        s, sid = self._core.where(exec_id, self._core.runs.get(exec_id))
         return s.ctl.get_logs(sid, start)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
@@ -588,12 +476,12 @@ class ExecutionPool:
             "workers": sum(s["workers"] for s in live),
             "workers_busy": sum(s["workers_busy"] for s in live),
             "queued": sum(s["queued"] for s in live),
-            "pending": len(self._pending),
+            "pending": len(self._core.pending),
         }
 
     def servers(self) -> list[dict[str, Any]]:
         """What the pool knows of each server: up/down, capacity, its last error."""
-        with self._cond:
+        with self._core.cond:
             return [
                 {
                     "server": s.key,
@@ -608,12 +496,14 @@ class ExecutionPool:
                     "last_error": s.last_error,
                     "down_since": s.down_since,
                 }
-                for s in self._servers
+                for s in self._core.servers
             ]
 
     def refresh(self) -> None:
         """Ping every server now (the trackers do it every ``heartbeat`` seconds anyway)."""
-        threads = [threading.Thread(target=self._ping_quietly, args=(s,)) for s in self._servers]
+        threads = [
+            threading.Thread(target=self._core.ping_quietly, args=(s,)) for s in self._core.servers
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -621,522 +511,8 @@ class ExecutionPool:
 
     def stats(self) -> dict[str, int]:
         """Counters: submitted, resubmitted, finished, failed_by_pool, superseded_ignored."""
-        with self._cond:
-            return dict(self._stats)
-
-    # ------------------------------------------------------------------ submission
-    def _execute(
-        self,
-        pipeline_code: str,
-        config_code: str | None,
-        config: dict[str, Any] | None,
-        name: str | None,
-        retries: int,
-        *,
-        prefetch: bool,
-        callback: Callable[[str], None] | None = None,
-    ) -> str:
-        if not isinstance(pipeline_code, str):
-            raise TypeError("pipeline_code must be Python source code (a str)")
-        if self._closing.is_set():
-            raise ServerUnavailable("this pool is closed")
-        self._first_contact()
-        run = _Run(pipeline_code, config_code, config, name, max(0, int(retries)), prefetch)
-        run.order = next(self._order)
-        if callback is not None:
-            run.callbacks.append(callback)
-        tried: set[_Server] = set()
-        while True:
-            target = self._choose(tried)
-            if target is None:
-                raise ServerUnavailable(
-                    "no server of this pool is answering: " + self._down_summary()
-                )
-            tried.add(target)
-            try:
-                sid, status = self._submit(target, run)
-            except ServerUnavailable as exc:
-                self._confirm_down(target, exc)
-                continue
-            except RemoteError as exc:
-                if exc.code in (ErrorCode.SHUTTING_DOWN.value, ErrorCode.NO_SPACE.value):
-                    continue  # that server takes no runs now: another one may
-                raise
-            with self._cond:
-                run.id = f"{target.key}/{sid}"
-                self._runs[run.id] = run
-                self._stats["submitted"] += 1
-                placed = self._place(run, target, sid, status)
-            if not placed:  # the server went down while we submitted: move the run on
-                self._resubmit(run, {target}, f"server {target.key} went down at submission")
-            return run.id
-
-    def _submit(self, target: _Server, run: _Run) -> tuple[str, dict[str, Any]]:
-        body = {
-            "pipeline_code": run.pipeline_code,
-            "config_code": run.config_code,
-            "config": run.config,
-            "name": run.name,
-            "retries": max(0, run.retries - run.reruns),
-        }
-        # the reply's status says whether the run started already (it matters on failover)
-        reply = target.ctl.connection.request(ControlMessageType.EXECUTE, body)
-        return reply["id"], reply.get("status") or {}
-
-    def _place(self, run: _Run, target: _Server, sid: str, status: dict[str, Any]) -> bool:
-        """Record that ``target`` holds the run as ``sid`` (pool lock held)."""
-        run.server, run.sid = target, sid
-        run.status = status or None
-        run.state = status.get("state", "queued") if status else "queued"
-        run.pending_since = None
-        if target.up is False:
-            target.orphans.add(sid)
-            return False
-        target.inflight[sid] = run
-        target.last_chosen = next(self._chosen)
-        target.wake.set()
-        return True
-
-    def _choose(self, exclude: set[_Server]) -> _Server | None:
-        with self._cond:
-            live = [s for s in self._servers if s.up and s not in exclude and s.workers > 0]
-            if not live:
-                return None
-            return max(live, key=lambda s: (s.free(), s.workers, -s.last_chosen, -s.index))
-
-    def _first_contact(self) -> None:
-        """Before the first dispatch, give every server a moment to answer its first ping."""
-        deadline = self._started + self.timeout + 1.0
-        while time.monotonic() < deadline and not self._closing.is_set():
-            checked = [s.checked.is_set() for s in self._servers]
-            if all(checked):
-                return
-            any_up = any(s.up for s in self._servers)
-            if any_up and time.monotonic() - self._started >= FIRST_CONTACT:
-                return
-            time.sleep(0.01)
-
-    def _default_window(self) -> int:
-        with self._cond:
-            return max(1, sum(2 * s.workers for s in self._servers if s.up))
-
-    def _down_summary(self) -> str:
-        with self._cond:
-            return "; ".join(f"{s.key}: {s.last_error or 'not answering'}" for s in self._servers)
-
-    # ------------------------------------------------------------------ tracking
-    def _track(self, s: _Server) -> None:
-        """One thread per server: ping it, follow this pool's runs there, notice its death."""
-        ended = True
-        while not self._closing.is_set():
-            try:
-                s.wake.clear()  # a submission from now on wakes the waits below
-                now = time.monotonic()
-                if s.up is not True or now - s.last_ping >= self.heartbeat:
-                    self._ping(s)
-                if s.up:
-                    with self._cond:
-                        runs = list(s.inflight.items())
-                    if runs:
-                        if ended or now - s.last_sweep >= SWEEP_INTERVAL:
-                            self._sweep(s, runs)
-                            s.last_sweep = now
-                        ended = self._long_poll(s)
-                    else:
-                        s.wake.wait(self.heartbeat)
-                else:
-                    s.wake.wait(self.heartbeat)
-            except (ServerUnavailable, ProtocolError) as exc:
-                if self._closing.is_set():
-                    break
-                self._confirm_down(s, exc)
-            except Exception:  # a bug here must not stop the tracking of this server
-                if self._closing.is_set():
-                    break
-                log.exception("pool tracker of %s failed; going on", s.key)
-                self._closing.wait(self.heartbeat)
-            self._expire_pending()
-
-    def _ping(self, s: _Server) -> None:
-        try:
-            info = s.mon.ping(timeout=self.timeout)
-        except (ServerUnavailable, ProtocolError) as exc:
-            s.last_ping = time.monotonic()
-            self._mark_down(s, exc)
-            return
-        if info.get("server") != "zmqruntime":
-            self._mark_down(s, ProtocolError(f"{s.key} answered, but not as a zmqruntime server"))
-            return
-        with self._cond:
-            was = s.up
-            s.info = info
-            s.up = True
-            s.down_since = None
-            s.last_error = None
-            s.last_ping = s.last_contact = time.monotonic()
-            # ours are in ``inflight`` (a run that ended unseen makes this conservative)
-            s.others = max(0, info["workers_busy"] + info["queued"] - len(s.inflight))
-            orphans, s.orphans = s.orphans, set()
-            s.checked.set()
-            self._cond.notify_all()
-        if was is not True:
-            if was is False:
-                log.info("server %s answers again", s.key)
-            for sid in orphans:  # superseded attempts must not run again after a restart
-                with contextlib.suppress(ZmqRuntimeError):
-                    s.mon.cancel(sid)
-            self._drain_pending()
-
-    def _ping_quietly(self, s: _Server) -> None:
-        with contextlib.suppress(Exception):
-            self._ping(s)
-
-    def _sweep(self, s: _Server, runs: list[tuple[str, _Run]]) -> None:
-        """One LIST of the server's queued and running runs; ask about the rest one by one."""
-        limit = 2 * len(runs) + 1000
-        listed = s.mon.list_executions(limit=limit, states=["queued", "running"])
-        s.last_contact = time.monotonic()
-        live = {st["id"]: st for st in listed}
-        with self._cond:
-            if len(listed) < limit:  # a complete picture of the server's load
-                s.others = sum(1 for st in listed if st["id"] not in s.inflight)
-            for sid, run in runs:
-                st = live.get(sid)
-                if st is not None and run.sid == sid and run.final is None:
-                    run.status, run.state = st, st["state"]
-        for sid, run in runs:
-            if sid in live or run.final is not None or run.sid != sid:
-                continue
-            try:
-                status = s.mon.get_status(sid)
-            except UnknownExecution:
-                self._lost(s, run, sid, f"server {s.key} no longer knows run {sid}")
-                continue
-            self._observe(s, run, sid, status)
-
-    def _long_poll(self, s: _Server) -> bool:
-        """Wait (briefly) on the oldest run there; True if it ended (others may have too)."""
-        with self._cond:
-            candidates = [r for r in s.inflight.values() if r.final is None]
-            if not candidates:
-                return True
-            run = min(candidates, key=lambda r: r.order)
-            sid = run.sid
-        assert sid is not None
-        try:
-            status = s.mon.wait(sid, timeout=TRACK_CHUNK)
-        except TimeoutError:
-            return False
-        except UnknownExecution:
-            self._lost(s, run, sid, f"server {s.key} no longer knows run {sid}")
-            return True
-        s.last_contact = time.monotonic()
-        self._observe(s, run, sid, status)
-        return True
-
-    def _observe(self, s: _Server, run: _Run, sid: str, status: dict[str, Any]) -> None:
-        with self._cond:
-            if run.sid != sid or run.final is not None:
-                return
-            run.status, run.state = status, status["state"]
-        if status["state"] not in FINAL_STATES:
-            return
-        results = None
-        if run.prefetch and status["state"] == "completed":
-            # a server lost during this fetch is handled like one lost while running
-            sink = MemorySink()
-            for event in s.mon.fetch_results(sid, 0, status["n_results"]):
-                sink.add(event["index"], event["name"], event["value"])
-            results = sink.close()
-        self._finalize(run, status, sid=sid, results=results)
-
-    def _finalize(
-        self,
-        run: _Run,
-        status: dict[str, Any],
-        *,
-        sid: str | None = None,
-        results: dict[str, list[Any]] | None = None,
-        by_pool: bool = False,
-    ) -> bool:
-        """Record the run's end, once: a superseded attempt's end is ignored."""
-        with self._cond:
-            if sid is not None and run.sid != sid:
-                self._stats["superseded_ignored"] += 1
-                return False
-            if run.final is not None:  # seen by another thread first
-                return False
-            if run.server is not None and run.sid is not None:
-                run.server.inflight.pop(run.sid, None)
-            run.final = self._decorate(run, status)
-            run.state = status["state"]
-            run.results = results
-            self._stats["finished"] += 1
-            if by_pool:
-                self._stats["failed_by_pool"] += 1
-            callbacks = list(run.callbacks)
-            run.callbacks.clear()
-            self._cond.notify_all()
-        for callback in callbacks:
-            callback(run.id)
-        return True
-
-    # ------------------------------------------------------------------ failover
-    def _confirm_down(self, s: _Server, exc: Exception) -> None:
-        """A request failed: one ping with the full timeout decides whether it is down."""
-        if s.up is False:
-            return
-        try:
-            info = s.mon.ping(timeout=self.timeout)
-            if info.get("server") == "zmqruntime":
-                log.info("server %s was slow (%s) but answers", s.key, exc)
-                return
-        except (ServerUnavailable, ProtocolError):
-            pass
-        self._mark_down(s, exc)
-
-    def _mark_down(self, s: _Server, exc: Exception) -> None:
-        with self._cond:
-            s.last_error = str(exc)
-            s.checked.set()
-            if s.up is False:
-                return
-            first = s.up is None
-            s.up = False
-            s.down_since = time.time()
-            victims = [(sid, run) for sid, run in s.inflight.items()]
-            s.inflight.clear()
-            for sid, _ in victims:
-                s.orphans.add(sid)
-            self._cond.notify_all()
-        if not first:
-            log.warning(
-                "server %s stopped answering (%s): %d run(s) to fail over", s.key, exc, len(victims)
-            )
-        reason = f"server {s.key} stopped answering ({exc})"
-        for sid, run in victims:
-            self._recover(s, run, sid, reason)
-
-    def _lost(self, s: _Server, run: _Run, sid: str, reason: str) -> None:
-        with self._cond:  # whoever takes the run out of ``inflight`` decides its fate
-            if s.inflight.get(sid) is not run or run.final is not None:
-                return
-            del s.inflight[sid]
-        self._recover(s, run, sid, reason)
-
-    def _recover(self, s: _Server, run: _Run, sid: str, reason: str) -> None:
-        """Decide the fate of a run its server lost: resubmit it, or report it failed."""
-        with self._cond:
-            if run.final is not None or run.sid != sid:
-                return
-            state = run.state
-        if run.cancel_requested:
-            self._finalize(
-                run, self._synth(run, "cancelled", f"cancel requested, then {reason}"), by_pool=True
-            )
-        elif state == "queued":
-            self._resubmit(run, {s}, f"{reason} while the run was queued")
-        elif run.reruns < run.retries:
-            run.reruns += 1
-            self._resubmit(
-                run, {s}, f"{reason} while the run was {state}; retry {run.reruns} of {run.retries}"
-            )
-        elif state == "completed":
-            error = (
-                f"the run completed on {s.key}, but {reason} before its results were "
-                "fetched; they stay in that server's store (retries=0, so it was not re-run)"
-            )
-            self._finalize(run, self._synth(run, "failed", error, error=error), by_pool=True)
-        else:
-            error = (
-                f"{reason} while the run was running; it was not resubmitted elsewhere "
-                f"because retries={run.retries} (submit with retries>0 to allow that)"
-            )
-            self._finalize(run, self._synth(run, "failed", error, error=error), by_pool=True)
-
-    def _resubmit(self, run: _Run, exclude: set[_Server], reason: str) -> None:
-        tried = set(exclude)
-        old_server = run.server
-        old_key = f"{old_server.key}/{run.sid}" if old_server is not None else None
-        while not self._closing.is_set():
-            target = self._choose(tried)
-            if target is None:
-                with self._cond:
-                    if run.final is not None:
-                        return
-                    if old_key is not None:
-                        _note_move(run, old_key, old_server, reason)
-                    run.server, run.sid, run.state = None, None, "queued"
-                    run.status = None
-                    run.pending_since = time.monotonic()
-                    self._pending.append(run)
-                log.warning("run %s waits for a server: %s", run.id, reason)
-                return
-            tried.add(target)
-            try:
-                sid, status = self._submit(target, run)
-            except ServerUnavailable as exc:
-                self._confirm_down(target, exc)
-                continue
-            except RemoteError:
-                continue
-            with self._cond:
-                if run.final is not None:  # cancelled meanwhile: the new attempt is unwanted
-                    cancel_new = True
-                else:
-                    cancel_new = False
-                    if old_key is not None:
-                        _note_move(run, old_key, old_server, reason)
-                    self._stats["resubmitted"] += 1
-                    placed = self._place(run, target, sid, status)
-            if cancel_new:
-                with contextlib.suppress(ZmqRuntimeError):
-                    target.ctl.cancel(sid)
-                return
-            log.info("run %s resubmitted to %s as %s: %s", run.id, target.key, sid, reason)
-            if placed:
-                return
-            old_server, old_key = target, f"{target.key}/{sid}"
-            reason = f"server {target.key} went down at resubmission"
-        # closing: leave the run as it is
-
-    def _drain_pending(self) -> None:
-        with self._cond:
-            waiting, self._pending = self._pending, []
-        for run in waiting:
-            if run.final is not None:
-                continue
-            self._resubmit(run, set(), "a server answers again")
-
-    def _expire_pending(self) -> None:
-        now = time.monotonic()
-        with self._cond:
-            expired = [
-                r
-                for r in self._pending
-                if r.pending_since is not None and now - r.pending_since > self.pending_timeout
-            ]
-            if not expired:
-                return
-            self._pending = [r for r in self._pending if r not in expired]
-        for run in expired:
-            reason = run.history[-1]["reason"] if run.history else "its server was lost"
-            error = (
-                f"{reason}; no server of this pool answered within {self.pending_timeout:g} s "
-                "to take the run over"
-            )
-            self._finalize(run, self._synth(run, "failed", error, error=error), by_pool=True)
-
-    # ------------------------------------------------------------------ ids and statuses
-    def _resolve(self, exec_id: str) -> tuple[_Server, str]:
-        """A pool id not issued by this pool: ``host:port/sid``, or a bare server id."""
-        key, sep, sid = exec_id.rpartition("/")
-        if sep:
-            s = self._by_key.get(key)
-            if s is None:
-                raise UnknownExecution(
-                    f"execution id {exec_id!r} names server {key}, which is not in this pool "
-                    f"({', '.join(self._by_key)})"
-                )
-            return s, sid
-        for s in self._servers:
-            if s.up is False:
-                continue
-            try:
-                s.ctl.get_status(exec_id)
-                return s, exec_id
-            except (UnknownExecution, ServerUnavailable):
-                continue
-        raise UnknownExecution(f"no server of this pool knows execution id {exec_id!r}")
-
-    def _where(self, exec_id: str, run: _Run | None) -> tuple[_Server, str]:
-        if run is None:
-            return self._resolve(exec_id)
-        with self._cond:
-            s, sid = run.server, run.sid
-        if s is None or sid is None:
-            raise ServerUnavailable(f"run {exec_id} has no server at the moment")
-        return s, sid
-
-    def _decorate(self, run: _Run, status: dict[str, Any]) -> dict[str, Any]:
-        s, sid = run.server, run.sid
-        out = _decorate(status, run.id, s, sid)
-        out["resubmitted"] = len(run.history)
-        out["history"] = [dict(h) for h in run.history]
-        out["retries"] = run.retries
-        return out
-
-    def _synth(
-        self, run: _Run, state: str, message: str, *, error: str | None = None
-    ) -> dict[str, Any]:
-        """A status the pool writes itself (waiting for a server, or lost for good)."""
-        base = dict(run.status or {})
-        final = state in FINAL_STATES
-        base.update(
-            id=run.sid or run.id,
-            name=run.name or run.id,
-            state=state,
-            message=message,
-            error=error,
-            traceback=None,
-            created=base.get("created") or run.created,
-            started=base.get("started"),
-            finished=time.time() if final else None,
-            progress=base.get("progress"),
-            n_results=0 if final else base.get("n_results", 0),
-            n_logs=base.get("n_logs", 0),
-        )
-        out = self._decorate(run, base)
-        out["by_pool"] = True
-        return out
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _decorate(
-    status: dict[str, Any], exec_id: str, s: _Server | None, sid: str | None
-) -> dict[str, Any]:
-    out = dict(status)
-    out["id"] = exec_id
-    out["server"] = s.key if s is not None else None
-    out["server_id"] = sid
-    return out
-
-
-def _rewrite_event(
-    event: dict[str, Any], exec_id: str, s: _Server, sid: str, run: _Run | None = None
-) -> dict[str, Any]:
-    out = dict(event)
-    out["id"] = exec_id
-    out["server"] = s.key
-    if "status" in out:
-        out["status"] = _decorate(out["status"], exec_id, s, sid)
-        if run is not None:
-            out["status"]["resubmitted"] = len(run.history)
-    return out
-
-
-def _state_event(status: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "kind": EventKind.STATE.value,
-        "id": status["id"],
-        "seq": None,
-        "server": status.get("server"),
-        "status": status,
-    }
-
-
-def _note_move(run: _Run, old_key: str, old_server: _Server | None, reason: str) -> None:
-    """Record in a run's history the attempt it is leaving, and why."""
-    run.history.append(
-        {
-            "id": old_key,
-            "server": old_server.key if old_server else None,
-            "reason": reason,
-            "time": time.time(),
-        }
-    )
+        with self._core.cond:
+            return dict(self._core.stats)
 
 
 if TYPE_CHECKING:  # mypy: both classes implement the execute/status/results contract
