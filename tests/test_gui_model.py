@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from zmqruntime.formatting import fmt_duration
 from zmqruntime_gui.model import (
     Endpoint,
     FollowBox,
@@ -17,7 +18,6 @@ from zmqruntime_gui.model import (
     auto_levels,
     describe_result,
     downsample,
-    fmt_duration,
 )
 
 

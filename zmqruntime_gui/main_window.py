@@ -9,6 +9,7 @@ from typing import Any
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from zmqruntime import __version__
+from zmqruntime.formatting import fmt_duration, fmt_time
 from zmqruntime.resources import example, list_examples
 
 from . import net
@@ -20,8 +21,6 @@ from .model import (
     Endpoint,
     RunKey,
     ServerState,
-    fmt_duration,
-    fmt_time,
 )
 from .preview_panel import PreviewPanel
 from .results_panel import ResultsPanel

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from zmqruntime.formatting import fmt_bytes, fmt_duration
 from zmqruntime.protocol import FINAL_STATES, STATES
 from zmqruntime.transport import is_loopback
 
@@ -436,36 +437,9 @@ def elapsed(status: dict[str, Any], now: float | None = None) -> float | None:
     return max(0.0, end - started)
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    if h >= 24:
-        return f"{h // 24}d {h % 24:02d}h"
-    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s} s")
-
-
 def fmt_count(n: int | float) -> str:
     """A progress count: 95, 2.5."""
     return f"{n:g}" if isinstance(n, float) and not n.is_integer() else f"{int(n)}"
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "–"
 
 
 def describe_result(summary: dict[str, Any]) -> str:

@@ -6,9 +6,11 @@ from typing import Any
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from zmqruntime.formatting import fmt_duration, fmt_time
+
 from .controller import Controller
 from .logs_panel import LogView
-from .model import STATE_COLOURS, RunKey, fmt_duration, fmt_time, log_line, short_repr
+from .model import STATE_COLOURS, RunKey, log_line, short_repr
 from .results_panel import ResultsView
 from .widgets import mono_font, named, on_activated
 

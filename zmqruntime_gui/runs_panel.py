@@ -6,8 +6,10 @@ import time
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from zmqruntime.formatting import fmt_duration, fmt_time
+
 from .controller import Controller
-from .model import CONNECTION_LOST, STATE_COLOURS, RunKey, RunRow, fmt_duration, fmt_time
+from .model import CONNECTION_LOST, STATE_COLOURS, RunKey, RunRow
 from .widgets import (
     AnyIndex,
     Column,
