@@ -508,7 +508,9 @@ class _CancelView:
         return self._ctx.wait(timeout)
 
 
-def follow_in_context(ctx: Any, path: str | os.PathLike[str], pattern: str, **options: Any):
+def follow_in_context(
+    ctx: Any, path: str | os.PathLike[str], pattern: str, **options: Any
+) -> Iterator[Path]:
     """``ctx.follow_folder``: a FolderFollower wired to the run's cancel, log and progress."""
     from . import protocol
 
