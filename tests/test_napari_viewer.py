@@ -156,3 +156,37 @@ def test_in_a_real_viewer_the_widget_streams_and_napari_stays_responsive(
     stats = follow_live(qtbot, viewer, viewer_server)
     print(f"\n10 ms timer lateness while streaming: p99 {stats['p99_ms']:.1f} ms")
     assert stats["p99_ms"] < 50, stats
+
+
+def test_the_windows_open_in_napari_gives_the_same_layers(
+    make_window, qtbot, viewer_server, run_id, request
+):
+    """Runs > Open the run's images in napari (Ctrl+Shift+O) in the desktop window: the
+    run's results as layers, through zmqruntime_napari. Offscreen, napari's Qt-free
+    ViewerModel stands in for the window (napari.Viewer needs OpenGL); under a display the
+    real napari.Viewer (make_napari_viewer) is opened."""
+    from gui_support import press
+    from test_gui_actions import watch_server
+
+    from zmqruntime_gui.model import RunKey
+
+    window = make_window()
+    ep = watch_server(qtbot, window, viewer_server.port)
+    key = RunKey(ep.key, run_id)
+    window.controller.follow(key)
+    results = window.results_panel
+    qtbot.waitUntil(lambda: results.key == key and results.act_napari.isEnabled(), timeout=10_000)
+    opened = []
+    results.napari.sigOpened.connect(opened.append)
+    said: list[str] = []
+    results.sigStatus.connect(said.append)
+    if DRAWS:
+        results.napari.viewer_factory = request.getfixturevalue("make_napari_viewer")
+    else:
+        results.napari.viewer_factory = ViewerModel
+    press(qtbot, window, "Ctrl+Shift+O")
+    qtbot.waitUntil(lambda: bool(opened), timeout=20_000)
+    (viewer,) = opened
+    assert viewer.title == f"zmqruntime run {run_id}"
+    check_layers(viewer)
+    assert f"{run_id} opened in napari (4 layers)" in said

@@ -10,8 +10,8 @@ says how to install it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+from collections.abc import Callable
 from typing import Any
 
 from PySide6 import QtCore, QtWidgets
@@ -23,10 +23,14 @@ INSTALL = 'pip install "zmqruntime[napari]"'
 
 
 def napari_installed() -> bool:
-    return (
-        importlib.util.find_spec("napari") is not None
-        and importlib.util.find_spec("zmqruntime_napari") is not None
-    )
+    """Whether napari and the plugin import (the first call takes napari's import time)."""
+    try:
+        import napari  # noqa: F401
+
+        import zmqruntime_napari  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_specs(client: Any, exec_id: str) -> list[Any]:
@@ -48,6 +52,9 @@ class NapariOpener(QtCore.QObject):
         self.controller = controller
         self.widget = parent
         self.viewers: list[Any] = []
+        #: makes the viewer (keyword ``title``); None: ``napari.Viewer``. Tests give
+        #: napari's own ``ViewerModel`` where no OpenGL canvas can be drawn.
+        self.viewer_factory: Callable[..., Any] | None = None
 
     def open_run(self, key: RunKey) -> bool:
         """Fetch ``key``'s array results and open them in a new napari viewer; False (after
@@ -81,7 +88,8 @@ class NapariOpener(QtCore.QObject):
 
         from zmqruntime_napari import add_layers
 
-        viewer = napari.Viewer(title=f"zmqruntime run {key.exec_id}")
+        factory = self.viewer_factory or napari.Viewer
+        viewer = factory(title=f"zmqruntime run {key.exec_id}")
         layers = add_layers(viewer, specs)
         self.viewers.append(viewer)
         self.sigStatus.emit(f"{key.exec_id} opened in napari ({len(layers)} layers)")
