@@ -19,8 +19,7 @@ import psutil
 import shiboken6
 from PySide6 import QtCore
 
-from zmqruntime import AuthenticationFailed, UnknownExecution, local
-from zmqruntime.protocol import FINAL_STATES
+from zmqruntime import FINAL_STATES, AuthenticationFailed, UnknownExecution, local
 
 from . import net
 from .follower import RunFollower

@@ -19,8 +19,7 @@ import numpy as np
 import zmq
 from PySide6 import QtCore
 
-from zmqruntime import ExecutionClient
-from zmqruntime.protocol import EventKind
+from zmqruntime import EventKind, ExecutionClient
 
 from .model import FollowBox
 

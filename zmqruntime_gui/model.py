@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from zmqruntime import FINAL_STATES, STATES
 from zmqruntime.formatting import fmt_bytes, fmt_duration
-from zmqruntime.protocol import FINAL_STATES, STATES
-from zmqruntime.transport import is_loopback
+from zmqruntime.local import is_loopback
 
 #: what the window shows for a run whose server stopped answering: its true state is
 #: unknown until the server answers again (the last known progress stays on screen)

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from zmqruntime import ExecutionClient, ServerUnavailable, local
-from zmqruntime.transport import free_port, port_accepts_tcp
+from zmqruntime.local import free_port, port_accepts_tcp
 
 from .model import DEFAULT_PORT, Endpoint
 

@@ -22,10 +22,13 @@ from .errors import (
     ZmqRuntimeError,
 )
 from .pool import ExecutionPool, MapItem
+from .protocol import FINAL_STATES, STATES, EventKind
 from .server import ExecutionServer
 from .stream import load_directory
 
 __all__ = [
+    "FINAL_STATES",
+    "STATES",
     "AuthenticationFailed",
     "Config",
     "Context",
@@ -34,6 +37,7 @@ __all__ = [
     "ExecutionClient",
     "ExecutionFailed",
     "ExecutionPool",
+    "EventKind",
     "ExecutionServer",
     "MapItem",
     "ProtocolError",

@@ -27,6 +27,11 @@ import platformdirs
 import psutil
 from filelock import FileLock
 
+# the port checks that tools managing this host's servers need (the GUI among them)
+from .transport import free_port as free_port
+from .transport import is_loopback as is_loopback
+from .transport import port_accepts_tcp as port_accepts_tcp
+
 APP = "zmqruntime"
 
 
@@ -205,7 +210,7 @@ class DataDirLock:
 
 def _lock_fd(fd: int) -> None:
     """An exclusive, non-blocking lock on an open file; OSError if someone holds it."""
-    if os.name == "nt":  # pragma: no cover - Windows
+    if sys.platform == "win32":  # pragma: no cover - Windows (mypy checks per platform)
         import msvcrt
 
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -295,7 +300,7 @@ def spawn_server(
     log_dir = default_data_dir(port) if data_dir is None else Path(data_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     out_file = log_dir / "spawn.out"
-    if os.name == "posix":
+    if sys.platform != "win32":  # (mypy then checks the Windows branch on Windows only)
         launched = subprocess.run(
             [sys.executable, "-c", _LAUNCHER, str(out_file), *cmd],
             capture_output=True,
