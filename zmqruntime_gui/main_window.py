@@ -239,7 +239,6 @@ class MainWindow(QtWidgets.QMainWindow):
             self.restoreState(state, STATE_VERSION)
         else:
             self._default_dock_sizes()
-        self._default_state = None
 
     def save_settings(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())

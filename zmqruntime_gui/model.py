@@ -697,10 +697,6 @@ class FollowBox:
             self._taken[name] = prepared[0].number
             return prepared
 
-    def peek_frame(self, name: str) -> Frame | None:
-        with self._lock:
-            return self._frames.get(name)
-
     def take_news(
         self,
     ) -> tuple[

@@ -50,7 +50,6 @@ class SubmitDialog(QtWidgets.QDialog):
         self.setWindowTitle("Submit a run")
         self.resize(760, 620)
         self._pipeline_code = ""
-        self._loaded_config = ""
 
         # -- what
         self.use_example = named(QtWidgets.QRadioButton("Bundled example"), "use_example")

@@ -83,10 +83,6 @@ class TaskRunner(QtCore.QObject):
         with self._lock:
             return key in self._keys
 
-    def in_flight(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
     @QtCore.Slot()
     def _deliver(self) -> None:
         while True:
@@ -114,10 +110,6 @@ class TaskRunner(QtCore.QObject):
                     )
             except Exception:  # a bad callback must not take the event loop down
                 log.exception("error in a task callback")
-
-    def process_pending(self) -> None:
-        """Deliver finished tasks now (tests and shutdown; normally the signal does it)."""
-        self._deliver()
 
     def shutdown(self, wait_s: float = 8.0) -> bool:
         """Drop queued jobs and wait for running ones (each bounded by its timeout)."""
