@@ -217,6 +217,7 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     slider.setFocus()
     qtbot.keyClick(slider, QtCore.Qt.Key.Key_End)
     assert preview.channels.index["z"] == 3
+    assert preview.channels.levels[0] == pytest.approx((0, 4000))  # continuous: this plane's
     preview._mouse_moved(preview.view.mapViewToScene(QtCore.QPointF(10.5, 80.5)))
     assert "DAPI</span> <b>4000</b>" in preview.cursor_label.text()  # plane 4 of 4: 1000 * 4
     assert "µm" in preview.cursor_label.text()

@@ -599,6 +599,8 @@ class PreviewPanel(QtWidgets.QWidget):
         array = self.displayed_array()
         if array is None or not self.channels.active:
             return
+        if self.continuous.isChecked():  # another plane or zoom: levels of what is shown now
+            self.needs_autolevel = True
         if not self._draw_planes(array, self._shown_meta(), new=False):
             return
         if not self.channels.composite:
