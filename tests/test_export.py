@@ -128,6 +128,64 @@ def test_ome_zarr_reads_back_with_its_metadata_and_bytes(export_server, run_id, 
     _check_values(tmp_path, manifest)
 
 
+#: a time-lapse that states its frame interval: 250 ms between results, as scale "t"
+INTERVAL_PIPELINE = """
+import numpy as np
+
+def run(ctx, config):
+    for i in range(4):
+        ctx.emit("timelapse", np.full((2, 8, 12), i, np.uint16), axes="cyx",
+                 scale={"t": 250, "y": 0.5, "x": 0.5}, units={"t": "ms"},
+                 channels=["DAPI", "GFP"])
+"""
+
+
+def test_a_stated_frame_interval_and_ome_zarr_0_5(export_server, tmp_path):
+    """The interval between a name's results is the stacked t's scale and unit in OME-Zarr
+    0.4 and 0.5 and OME-TIFF's TimeIncrement; 0.5 is Zarr v3 with the NGFF under "ome"."""
+    client = export_server.client()
+    exec_id = client.execute(INTERVAL_PIPELINE)
+    assert client.wait(exec_id, timeout=60)["state"] == "completed"
+    expected = np.stack([np.full((2, 8, 12), i, np.uint16) for i in range(4)])
+
+    client.get_results(exec_id, directory=tmp_path / "v04", format="ome-zarr")
+    ms = zarr.open_group(str(tmp_path / "v04" / "timelapse.ome.zarr"), mode="r").attrs[
+        "multiscales"
+    ][0]
+    assert ms["axes"][0] == {"name": "t", "type": "time", "unit": "millisecond"}
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [250.0, 1.0, 0.5, 0.5]
+
+    client.get_results(exec_id, directory=tmp_path / "tif", format="ome-tiff")
+    with tifffile.TiffFile(tmp_path / "tif" / "timelapse.ome.tif") as tif:
+        pixels = ome_types.from_xml(tif.ome_metadata).images[0].pixels
+    assert pixels.time_increment == 250 and pixels.time_increment_unit.value == "ms"
+    assert pixels.size_t == 4
+
+    if int(zarr.__version__.split(".")[0]) < 3:
+        with pytest.raises(ValueError, match="zarr >= 3"):
+            client.get_results(exec_id, directory=tmp_path / "v05", format="ome-zarr-0.5")
+        return
+    out = client.get_results(exec_id, directory=tmp_path / "v05", format="ome-zarr-0.5")
+    path = out["timelapse"][0]
+    assert path == tmp_path / "v05" / "timelapse.ome.zarr"
+    group_json = json.loads((path / "zarr.json").read_text())
+    assert group_json["zarr_format"] == 3 and group_json["node_type"] == "group"
+    ome = group_json["attributes"]["ome"]
+    assert ome["version"] == "0.5" and "version" not in ome["multiscales"][0]
+    assert ome["multiscales"][0]["axes"][0]["unit"] == "millisecond"
+    assert ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
+        250.0, 1.0, 0.5, 0.5,
+    ]  # fmt: skip
+    assert [c["label"] for c in ome["omero"]["channels"]] == ["DAPI", "GFP"]
+    assert group_json["attributes"]["zmqruntime"]["execution"] == exec_id
+    array_json = json.loads((path / "0" / "zarr.json").read_text())
+    assert array_json["dimension_names"] == ["t", "c", "y", "x"]
+    data = zarr.open_group(str(path), mode="r")["0"][...]
+    assert data.dtype == np.uint16 and data.tobytes() == expected.tobytes()
+    manifest = json.loads((tmp_path / "v05" / "manifest.json").read_text())
+    assert manifest["format"] == "ome-zarr-0.5" and manifest["images"][0]["scale"][0] == 250.0
+
+
 def _check_values(directory: Path, manifest: dict) -> None:
     assert manifest["table"] == "values.csv"
     with open(directory / "values.csv", newline="") as f:

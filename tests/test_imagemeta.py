@@ -79,11 +79,27 @@ def test_to_dict_round_trips_through_json():
         ((1, 8, 8), {"axes": "cyx", "channels": [{"name": "a", "color": "teal-ish"}]}, "colour"),
         ((1, 8, 8), {"axes": "cyx", "channels": [{"name": "a", "lut": 1}]}, "unknown keys"),
         ((8, 8), {"kind": "mask"}, "kind must be"),
+        ((8, 8), {"scale": {"t": -1.0}}, "positive"),
+        ((8, 8), {"units": {"t": "s"}}, "no frame interval"),
+        ((8, 8), {"scale": {"t": 1.0}, "units": {"t": "micrometer"}}, "time unit"),
     ],
 )
 def test_bad_metadata_is_a_value_error_saying_why(shape, keywords, says):
     with pytest.raises(ValueError, match=says):
         meta_for(np.zeros(shape, np.uint8), **keywords)
+
+
+def test_a_frame_interval_on_results_without_a_t_axis():
+    """scale["t"] on a result without t: the time between the name's results (seconds)."""
+    meta = meta_for(np.zeros((8, 8), np.uint16), scale={"t": 2.5, "y": 0.5, "x": 0.5})
+    assert meta == {
+        "axes": "yx",
+        "scale": {"y": 0.5, "x": 0.5, "t": 2.5},
+        "units": {"y": "micrometer", "x": "micrometer", "t": "second"},
+    }
+    assert ImageMeta.from_dict(meta, (8, 8)).scale_of("t") == 2.5
+    ms = meta_for(np.zeros((8, 8)), scale={"t": 40}, units={"t": "ms"})
+    assert ms["units"]["t"] == "millisecond" and ms["scale"] == {"t": 40.0}
 
 
 def test_labels_must_be_integers_and_metadata_needs_an_array():

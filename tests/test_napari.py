@@ -97,11 +97,16 @@ def test_colormaps_from_channel_colours():
     assert custom["colors"][0] == [0, 0, 0, 1] and custom["name"] == "#804020"
 
 
-def test_the_reader_opens_an_ome_zarr_export(napari_server, run_id, tmp_path):
+@pytest.mark.parametrize("fmt", ["ome-zarr", "ome-zarr-0.5"])
+def test_the_reader_opens_an_ome_zarr_export(napari_server, run_id, tmp_path, fmt):
+    import zarr
+
     from zmqruntime_napari.reader import get_reader, read
 
+    if fmt == "ome-zarr-0.5" and int(zarr.__version__.split(".")[0]) < 3:
+        pytest.skip("OME-Zarr 0.5 (Zarr v3) needs zarr >= 3: Python >= 3.11")
     out = tmp_path / "export"
-    napari_server.client().get_results(run_id, directory=out, format="ome-zarr")
+    napari_server.client().get_results(run_id, directory=out, format=fmt)
     assert get_reader(str(out)) is read
     assert get_reader(str(out / "cells.ome.zarr")) is read
     assert get_reader(str(tmp_path)) is None  # not an export

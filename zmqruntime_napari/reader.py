@@ -1,10 +1,11 @@
-"""napari reader for results exported with ``--format ome-zarr``: a results directory
-(its ``manifest.json``) or one ``.ome.zarr`` image, as lazily read layers.
+"""napari reader for results exported with ``--format ome-zarr`` (or ``ome-zarr-0.5``): a
+results directory (its ``manifest.json``) or one ``.ome.zarr`` image, as lazily read layers.
 
 It reads OME-NGFF 0.4 attributes (``multiscales`` axes, units and scale of the first
-dataset, ``omero`` channel labels and colours) plus zmqruntime's own ``kind``, so it also
-opens other single-scale NGFF 0.4 images. napari-ome-zarr reads these files too; this
-reader needs nothing but zarr, and knows labels results.
+dataset, ``omero`` channel labels and colours; 0.5's are the same under ``ome`` in
+``zarr.json``) plus zmqruntime's own ``kind``, so it also opens other single-scale NGFF
+images. napari-ome-zarr reads these files too; this reader needs nothing but zarr, and
+knows labels results.
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def _readable(path: Path) -> bool:
     manifest = path / "manifest.json"
     if manifest.is_file():
         try:
-            return json.loads(manifest.read_text()).get("format") == "ome-zarr"
+            return json.loads(manifest.read_text()).get("format") in ("ome-zarr", "ome-zarr-0.5")
         except (OSError, ValueError):
             return False
-    return (path / ".zattrs").is_file() and "multiscales" in _attrs(path)
+    return "multiscales" in _attrs(path)
 
 
 def _attrs(path: Path) -> dict[str, Any]:
+    """The image's NGFF attributes: 0.4's ``.zattrs``, or 0.5's ``zarr.json`` attributes
+    with what is under ``ome`` lifted to the top (as 0.4 has it)."""
     try:
+        if (path / "zarr.json").is_file():
+            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            return {**attrs.pop("ome", {}), **attrs}
         return json.loads((path / ".zattrs").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return {}
 
 

@@ -9,7 +9,11 @@ where it belongs, so at most about one frame is in memory whatever the run's siz
   frame by frame becomes one time series), unless their axes already contain ``t``;
   a result that breaks the run starts the name's next image (``NAME-2``, ...);
 * ``ome-zarr``: one ``NAME.ome.zarr`` per image, OME-NGFF 0.4 on Zarr v2 (axes with units,
-  scale in ``multiscales``, channel names/colours/windows in ``omero``);
+  scale in ``multiscales``, channel names/colours/windows in ``omero``); ``ome-zarr-0.5``:
+  the same as OME-NGFF 0.5 on Zarr v3 (the attributes under ``ome``, axis names as the
+  array's ``dimension_names``; needs zarr >= 3, so Python >= 3.11);
+* a stacked ``t`` gets the frame interval the pipeline stated (``scale={"t": seconds}`` on
+  results without a t axis), in every format;
 * ``ome-tiff``: one ``NAME.ome.tif`` per image (tifffile; OME-XML with PhysicalSize*,
   units, channel names and colours, and the run's id in a MapAnnotation);
 * scalars and flat dicts of scalars go to ``values.csv`` (one row per result); other
@@ -35,11 +39,14 @@ from .imagemeta import AXES, OME_XML_UNITS, ImageMeta, default_axes
 from .resultfile import VALUE_FILE_SUFFIX, write_npy
 from .stream import _json_exact, safe_file_stem
 
-FORMATS = ("npy", "ome-zarr", "ome-tiff")
-SUFFIX = {"ome-zarr": ".ome.zarr", "ome-tiff": ".ome.tif"}
+FORMATS = ("npy", "ome-zarr", "ome-zarr-0.5", "ome-tiff")
+SUFFIX = {"ome-zarr": ".ome.zarr", "ome-zarr-0.5": ".ome.zarr", "ome-tiff": ".ome.tif"}
+#: the OME-NGFF version each OME-Zarr format writes (0.4: Zarr v2, 0.5: Zarr v3)
+NGFF_VERSION = {"ome-zarr": "0.4", "ome-zarr-0.5": "0.5"}
 #: dtypes an image may have in each format (others are written as .npy)
 IMAGE_DTYPES = {
     "ome-zarr": frozenset("|b1 |u1 <u2 <u4 <u8 |i1 <i2 <i4 <i8 <f4 <f8".split()),
+    "ome-zarr-0.5": frozenset("|b1 |u1 <u2 <u4 <u8 |i1 <i2 <i4 <i8 <f4 <f8".split()),
     "ome-tiff": frozenset("|u1 <u2 <u4 |i1 <i2 <i4 <f4 <f8".split()),
 }
 #: zarr chunks hold one plane, cut into tiles of at most this many pixels a side
@@ -175,6 +182,8 @@ def export_run(
     """
     if fmt not in SUFFIX:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "ome-zarr-0.5":
+        _zarr_v3()  # fails before anything is written where zarr cannot write Zarr v3
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     images, others = plan_images(listing, fmt)
@@ -183,8 +192,8 @@ def export_run(
     for plan in images:
         path = directory / f"{plan.stem}{SUFFIX[fmt]}"
         frames = (fetch(i) for i in plan.indices)
-        if fmt == "ome-zarr":
-            write_ome_zarr(path, plan, frames, exec_id)
+        if fmt in NGFF_VERSION:
+            write_ome_zarr(path, plan, frames, exec_id, NGFF_VERSION[fmt])
         else:
             write_ome_tiff(path, plan, frames, exec_id)
         described.append(plan.describe(path.name))
@@ -270,8 +279,14 @@ def _scalar(value: Any) -> bool:
 
 
 # -------------------------------------------------------------------------- OME-Zarr
-def ngff_attrs(plan: ImagePlan, exec_id: str, windows: list[tuple[float, float]] | None) -> dict:
-    """The group attributes of an image: NGFF 0.4 ``multiscales`` and ``omero``."""
+def ngff_attrs(
+    plan: ImagePlan,
+    exec_id: str,
+    windows: list[tuple[float, float]] | None,
+    version: str = "0.4",
+) -> dict:
+    """The group attributes of an image: NGFF ``multiscales`` and ``omero`` (0.4: at the
+    top; 0.5: under ``ome``, with the version said once there)."""
     axes = plan.axes()
     meta = plan.meta
     ngff_axes = []
@@ -322,21 +337,37 @@ def ngff_attrs(plan: ImagePlan, exec_id: str, windows: list[tuple[float, float]]
                 }
             )
         attrs["omero"] = {"version": "0.4", "channels": channels, "rdefs": {"model": "color"}}
+    if version == "0.5":
+        ome: dict[str, Any] = {"version": "0.5", "multiscales": attrs.pop("multiscales")}
+        del ome["multiscales"][0]["version"]
+        if "omero" in attrs:
+            ome["omero"] = attrs.pop("omero")
+            del ome["omero"]["version"]
+        attrs = {"ome": ome, **attrs}
     return attrs
 
 
 _DEFAULT_COLORS = ("FF0000", "00FF00", "0000FF", "FF00FF", "00FFFF", "FFFF00")
 
 
-def write_ome_zarr(path: Path, plan: ImagePlan, frames: Iterator[np.ndarray], exec_id: str) -> None:
-    """One image as OME-NGFF 0.4 on Zarr v2, written frame by frame."""
+def write_ome_zarr(
+    path: Path,
+    plan: ImagePlan,
+    frames: Iterator[np.ndarray],
+    exec_id: str,
+    version: str = "0.4",
+) -> None:
+    """One image as OME-NGFF 0.4 on Zarr v2 (or 0.5 on Zarr v3), written frame by frame."""
     import zarr
 
     shape = plan.shape_out()
     chunks = tuple(1 for _ in shape[:-2]) + tuple(min(s, CHUNK_SIDE) for s in shape[-2:])
     dtype = np.dtype(plan.dtype)
-    group, array = _zarr_v2_image(zarr, path, shape, chunks, dtype)
     axes = plan.axes()
+    if version == "0.5":
+        group, array = _zarr_v3_image(path, shape, chunks, dtype, axes)
+    else:
+        group, array = _zarr_v2_image(zarr, path, shape, chunks, dtype)
     c_axis = axes.index("c") - (1 if plan.stacked else 0) if "c" in axes else None
     windows: list[list[float]] | None = None
     for t, value in enumerate(frames):
@@ -355,8 +386,39 @@ def write_ome_zarr(path: Path, plan: ImagePlan, frames: Iterator[np.ndarray], ex
                     w[0], w[1] = min(w[0], float(a)), max(w[1], float(b))
         del value, frame
     group.attrs.update(
-        ngff_attrs(plan, exec_id, [(w[0], w[1]) for w in windows] if windows else None)
+        ngff_attrs(plan, exec_id, [(w[0], w[1]) for w in windows] if windows else None, version)
     )
+
+
+def _zarr_v3() -> Any:
+    """zarr, if it writes Zarr v3 (zarr >= 3); ValueError saying what to do otherwise."""
+    import zarr
+
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise ValueError(
+            f"OME-Zarr 0.5 is written on Zarr v3, which needs zarr >= 3 (Python >= 3.11); "
+            f"this zarr is {zarr.__version__}: export as ome-zarr (0.4) instead"
+        )
+    return zarr
+
+
+def _zarr_v3_image(path: Path, shape: tuple, chunks: tuple, dtype: np.dtype, axes: str) -> tuple:
+    """An empty Zarr v3 group with array "0" (blosc-lz4 chunks, the axes as its
+    ``dimension_names``, as NGFF 0.5 asks)."""
+    zarr = _zarr_v3()
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    array = group.create_array(
+        "0",
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        fill_value=0,
+        dimension_names=list(axes),
+    )
+    return group, array
 
 
 def _zarr_v2_image(zarr: Any, path: Path, shape: tuple, chunks: tuple, dtype: np.dtype) -> tuple:

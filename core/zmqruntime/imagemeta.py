@@ -107,7 +107,10 @@ class ImageMeta:
 
     ``scale`` and ``units`` map axis names to a physical size per pixel and its unit;
     only axes whose size was stated are in ``scale`` (``calibrated`` says whether y or x
-    is). ``units`` holds a unit for every space and time axis of ``axes``.
+    is). ``units`` holds a unit for every space and time axis of ``axes``. An array without
+    a ``t`` axis may state ``scale["t"]``: the time between consecutive results of its name,
+    the frame interval of the time series an export stacks them into (unit: second unless
+    ``units["t"]`` says otherwise).
     """
 
     axes: str
@@ -136,6 +139,11 @@ class ImageMeta:
         axes = _check_axes(axes, ndim)
         scale_map = _check_scale(scale, axes)
         unit_map = _check_units(units, axes)
+        if "t" not in axes:  # a frame interval, or nothing about time at all
+            if "t" in scale_map:
+                unit_map.setdefault("t", DEFAULT_TIME_UNIT)
+            elif "t" in unit_map:
+                raise ValueError("units name 't', but no frame interval (scale 't') is given")
         channel_list = _check_channels(channels, axes, shape)
         if kind is not None:
             if kind not in KINDS:
@@ -255,7 +263,8 @@ def _check_scale(scale: Any, axes: str) -> dict[str, float]:
     if isinstance(scale, Mapping):
         out = {}
         for axis, value in scale.items():
-            if not isinstance(axis, str) or axis.lower() not in axes:
+            # "t" without a t axis: the interval between this name's consecutive results
+            if not isinstance(axis, str) or axis.lower() not in axes + "t":
                 raise ValueError(f"scale names axis {axis!r}, which is not in axes {axes!r}")
             out[axis.lower()] = _positive(value, axis)
     elif isinstance(scale, (Sequence, np.ndarray)) and not isinstance(scale, (str, bytes)):
@@ -270,7 +279,7 @@ def _check_scale(scale: Any, axes: str) -> dict[str, float]:
     if out.get("c", 1.0) != 1.0:
         raise ValueError("the channel axis has no physical size: its scale must be 1")
     out.pop("c", None)
-    return {a: out[a] for a in axes if a in out}
+    return {a: out[a] for a in axes + ("" if "t" in axes else "t") if a in out}
 
 
 def _unit_name(unit: Any, axis: str) -> str:
@@ -299,7 +308,7 @@ def _check_units(units: Any, axes: str) -> dict[str, str]:
     if not isinstance(units, Mapping):
         raise ValueError(f"units must be a str or a dict, got {type(units).__name__}")
     for axis, unit in units.items():
-        if not isinstance(axis, str) or axis.lower() not in out:
+        if not isinstance(axis, str) or axis.lower() not in (*out, "t"):
             raise ValueError(f"units name axis {axis!r}, which has no unit in axes {axes!r}")
         out[axis.lower()] = _unit_name(unit, axis.lower())
     return out
