@@ -17,7 +17,6 @@ the bytes are read from the ring for the tcp watchers only when one subscribed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import functools
@@ -32,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,14 @@ import numpy as np
 import psutil
 import zmq
 
-from . import __version__, local, protocol, shm
+from . import local, protocol, shm
+from ._version import __version__
 from .errors import ProtocolError, UnknownExecution
 from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
 from .resultfile import aligned_empty, read_value
+from .runstate import RunState
+from .server_core import Run, RunCore, Waiter
 from .store import Store, fmt_bytes, free_bytes, storage_failure
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
@@ -132,7 +134,7 @@ class TcpEvent:
         if buffers is None:
             self.frames = None  # overwritten already
             return None
-        header = {k: v for k, v in self.msg.items() if k != "shm"}
+        header = {k: v for k, v in (self.msg or {}).items() if k != "shm"}
         self.frames = protocol.relay_event(header, buffers)
         return None
 
@@ -164,40 +166,6 @@ class WorkerHandle:
     exited_at: float | None = None
     current: str | None = None
     last_seen: float = 0.0
-
-
-@dataclass
-class Waiter:
-    """A parked wait / wait_many request: answered when ``pending`` empties or at ``deadline``."""
-
-    route: list[bytes]
-    req: Any
-    pending: set[str]
-    deadline: float
-    ids: list[str]
-    with_results: bool
-    max_bytes: int
-    single: bool  # a wait (status + results of one run), not a wait_many
-    answered: bool = False
-
-
-@dataclass
-class Run:
-    record: dict[str, Any]
-    seq: int = 0
-    worker: str | None = None
-    cancel_requested: bool = False
-    cancel_deadline: float | None = None
-    task: dict[str, Any] | None = None
-    log_bytes: int = 0
-    waiters: list[Waiter] = field(default_factory=list)
-    #: per preview stream, the frame last sent to tcp watchers (newest wins)
-    remote_previews: dict[tuple, zmq.MessageTracker] = field(default_factory=dict)
-    #: why the server ends this run as failed once its worker stops (its results could
-    #: not be stored); never retried
-    fail_reason: str | None = None
-    #: Dask worker resources the run needs (``execute(..., resources=)``); Dask executor only
-    resources: dict[str, float] | None = None
 
 
 class ExecutionServer:
@@ -244,14 +212,12 @@ class ExecutionServer:
         self.lock = local.DataDirLock(self.data_dir)
         self._log_handler: logging.Handler | None = None
         self._registered = False
-        #: finished runs whose final writes wait in the store's backlog (a full disk):
-        #: their status is answered from here until the disk takes them
-        self._unsaved: dict[str, Run] = {}
         self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
-        self.runs: dict[str, Run] = {}
-        self.queue: collections.deque[str] = collections.deque()
+        #: runs, queue, waiters: the socket-free state machine (its store is set in _serve)
+        self.core = RunCore(None, self._publish, self._answer)
+        self.runs = self.core.runs  # read by the Dask executor
+        self.queue = self.core.queue
         self.workers: dict[str, WorkerHandle] = {}
-        self._finished: list[Run] = []
         self._worker_counter = 0
         self._start_failures = 0  # workers in a row that died before they were ready
         self._respawn_due: list[float] = []  # monotonic times at which to start a worker
@@ -344,54 +310,12 @@ class ExecutionServer:
         )
 
     def _recover(self) -> None:
-        """Bring back what a previous server on this data dir left: queue, interrupted runs.
-
-        Works from memory, not from what the store shows after its writes: on a full disk
-        those writes wait in memory, and the runs must be queued (or failed) all the same.
-        """
-        queued: dict[str, dict[str, Any]] = {}
-        interrupted: list[dict[str, Any]] = []
-        for exec_id in self.store.ids_in_state("running"):
-            record = self.store.get(exec_id)
-            assert record is not None
-            # the counters are written at the end of a run: count what it left behind
-            n_results, n_logs = self.store.counts(exec_id)
-            if record["attempts"] <= record["retries"]:
-                self.store.clear_results(exec_id)
-                fields: dict[str, Any] = dict(
-                    state="queued",
-                    started=None,
-                    progress=None,
-                    n_results=0,
-                    n_logs=n_logs,
-                    message="requeued after a server restart",
-                )
-                queued[exec_id] = record
-            else:
-                fields = dict(
-                    state="failed",
-                    finished=time.time(),
-                    n_results=n_results,
-                    n_logs=n_logs,
-                    error="interrupted: the server stopped while this run was running",
-                    message="interrupted by a server restart",
-                )
-                interrupted.append(record)
-            self.store.update(exec_id, **fields)
-            record.update(fields)
-        for exec_id in self.store.ids_in_state("queued"):
-            record = self.store.get(exec_id)
-            assert record is not None
-            queued[exec_id] = record
-        for record in sorted(queued.values(), key=lambda r: r["created"]):
-            self.runs[record["id"]] = Run(record=record)
-            self.queue.append(record["id"])
+        """Bring back what a previous server on this data dir left (RunCore.recover); the
+        runs it failed as interrupted are announced by the loop's first turn."""
+        n = self.core.recover()
         self.store.commit()
-        for record in interrupted:  # their final state waits for the disk: answer from here
-            if record["id"] in self.store.unsaved:
-                self._unsaved[record["id"]] = Run(record=record)
-        if self.queue:
-            log.info("recovered %d queued run(s) from %s", len(self.queue), self.data_dir)
+        if n:
+            log.info("recovered %d queued run(s) from %s", n, self.data_dir)
 
     # ------------------------------------------------------------------ main loop
     def serve_forever(self, announce: bool = True) -> None:
@@ -428,6 +352,7 @@ class ExecutionServer:
 
     def _serve(self, announce: bool) -> None:
         self.store = Store(self.data_dir)
+        self.core.store = self.store
         if self.keep_days is not None or self.max_store_gb is not None:
             self._apply_retention()
         self._recover()
@@ -482,9 +407,6 @@ class ExecutionServer:
                 signal.signal(s, h)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stopping = True
-
-    def request_stop(self) -> None:
         self._stopping = True
 
     def _loop(self) -> None:
@@ -627,8 +549,7 @@ class ExecutionServer:
         if self.executor is not None:  # the cluster's workers; runs submitted, not started
             executor = self.executor.info()
             workers = ready = executor.get("workers", 0)
-            states = [r.record["state"] for r in self.runs.values()]
-            busy, queued = states.count("running"), states.count("queued")
+            busy, queued = self.core.count(RunState.RUNNING), self.core.count(RunState.QUEUED)
         return {
             "server": "zmqruntime",
             "version": __version__,
@@ -726,30 +647,7 @@ class ExecutionServer:
     ) -> Run:
         if self._stopping:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
-        exec_id = secrets.token_hex(8)
-        record = {
-            "id": exec_id,
-            "name": name or exec_id,
-            "state": "queued",
-            "progress": None,
-            "message": None,
-            "error": None,
-            "traceback": None,
-            "created": time.time(),
-            "started": None,
-            "finished": None,
-            "n_results": 0,
-            "n_logs": 0,
-            "retries": max(0, retries),
-            "attempts": 0,
-        }
-        self.store.insert(record, pipeline_code, config_code, config)
-        run = Run(record=record)
-        run.task = {"pipeline_code": pipeline_code, "config_code": config_code, "config": config}
-        self.runs[exec_id] = run
-        self.queue.append(exec_id)
-        self._publish_state(run)
-        return run
+        return self.core.submit(pipeline_code, config_code, config, name, retries)
 
     def handle_status(self, body: dict) -> dict:
         return self._status(self._record(_require(body, "id", str)))
@@ -777,21 +675,18 @@ class ExecutionServer:
         timeout = _timeout(body, default=default_timeout)
         with_results = bool(_optional(body, "with_results", bool))
         max_bytes = _count(body, "max_bytes", WAIT_RESULTS_BYTES)
-        pending = {i for i in ids if self._record(i)["state"] not in protocol.FINAL_STATES}
         waiter = Waiter(
             self._current_route,
             self._current_req,
-            pending,
+            set(),
             time.monotonic() + timeout,
             ids,
             with_results,
             max_bytes,
             single,
         )
-        if not pending or timeout <= 0:
+        if timeout <= 0 or not self.core.park(waiter):
             return self._waiter_reply(waiter)
-        for exec_id in pending:
-            self.runs[exec_id].waiters.append(waiter)
         return NO_REPLY
 
     def _waiter_reply(self, waiter: Waiter) -> dict[str, Any]:
@@ -830,10 +725,10 @@ class ExecutionServer:
         return reply
 
     def _answer(self, waiter: Waiter) -> None:
-        if not waiter.answered:
-            waiter.answered = True
-            reply = protocol.reply(waiter.req, self._waiter_reply(waiter))
-            self._send(waiter.route, reply, waiter.req)
+        """The reply to a parked request (RunCore marks it answered)."""
+        self._reads_for_reply = []
+        reply = protocol.reply(waiter.req, self._waiter_reply(waiter))
+        self._send(waiter.route, reply, waiter.req)
 
     def handle_list(self, body: dict) -> dict:
         limit = _count(body, "limit", 200)
@@ -843,7 +738,7 @@ class ExecutionServer:
         records = self.store.list(limit=limit, states=states)
         live = {
             r["id"]: r
-            for r in (run.record for run in (*self.runs.values(), *self._unsaved.values()))
+            for r in (run.record for run in (*self.runs.values(), *self.core.unsaved.values()))
         }
         out = [self._status(live.get(r["id"], r)) for r in records]
         return {"executions": out}
@@ -858,16 +753,12 @@ class ExecutionServer:
                 "state": record["state"],
                 "message": f"execution {exec_id} already {record['state']}; nothing to cancel",
             }
-        if record["state"] == "queued":
-            with contextlib.suppress(ValueError):
-                self.queue.remove(exec_id)
+        if record["state"] == RunState.QUEUED:
             if self.executor is not None:  # submitted to Dask, not started: withdrawn
                 self.executor.cancel(run)
-            self._finish(run, "cancelled", message="cancelled while queued")
+            self.core.cancel_queued(run)
             return {"cancelled": True, "state": "cancelled", "message": "cancelled while queued"}
-        if not run.cancel_requested:
-            run.cancel_requested = True
-            run.cancel_deadline = time.monotonic() + self.cancel_grace
+        if self.core.request_cancel(run, self.cancel_grace):
             self._cancel_on_worker(run)
             run.record["message"] = "cancel requested"
             self._publish(
@@ -929,13 +820,7 @@ class ExecutionServer:
 
     # -- handler helpers
     def _record(self, exec_id: str) -> dict[str, Any]:
-        run = self.runs.get(exec_id) or self._unsaved.get(exec_id)
-        if run is not None:
-            return run.record
-        record = self.store.get(exec_id)
-        if record is None:
-            raise UnknownExecution(f"unknown execution id {exec_id!r}: this server never issued it")
-        return record
+        return self.core.record(exec_id)
 
     @staticmethod
     def _status(record: dict[str, Any]) -> dict[str, Any]:
@@ -1025,9 +910,9 @@ class ExecutionServer:
         (a run never ends completed with a result missing); queued runs wait for space."""
         for exec_id, what in list(self.store.unsaved.items()):
             run = self.runs.get(exec_id)
-            if run is None or run.record["state"] != "running" or run.fail_reason is not None:
+            if run is None or run.state is not RunState.RUNNING or run.fail_reason is not None:
                 continue
-            error = self.store.last_error
+            error = self.store.last_error or OSError("the store could not write")
             reason = storage_failure(f"{what} of run {exec_id}", self.data_dir, error)
             self._fail_run(run, reason)
 
@@ -1038,9 +923,7 @@ class ExecutionServer:
         run.fail_reason = reason
         run.record["message"] = reason
         log.error("run %s fails: %s", exec_id, reason)
-        if not run.cancel_requested:
-            run.cancel_requested = True
-            run.cancel_deadline = time.monotonic() + self.cancel_grace
+        if self.core.request_cancel(run, self.cancel_grace):
             self._cancel_on_worker(run)
         self._publish(
             run, EventKind.PROGRESS, {"progress": run.record["progress"], "message": reason}
@@ -1102,7 +985,7 @@ class ExecutionServer:
             log.warning("a worker sent an undecodable event")
             return
         run = self.runs.get(msg.get("id", ""))
-        if run is None or run.record["state"] != "running":
+        if run is None or run.state is not RunState.RUNNING:
             return  # a late event of a run that already ended (e.g. killed on cancel)
         record = run.record
         if msg["type"] == "done":
@@ -1206,19 +1089,27 @@ class ExecutionServer:
         return {"url": self.data_local_url, "shm_probe": probe}
 
     def _on_done(self, run: Run, msg: dict[str, Any]) -> None:
-        state = msg.get("state", "failed")
-        if run.cancel_requested and state != "failed":
-            state = "cancelled"
+        try:
+            state = RunState(msg.get("state", "failed"))
+        except ValueError:
+            state = RunState.FAILED
+        if not state.final:
+            state = RunState.FAILED
+        if run.cancel_requested and state is not RunState.FAILED:
+            state = RunState.CANCELLED
         worker = self.workers.get(run.worker or "")
         if worker is not None:
             worker.current = None
             if msg.get("retiring"):  # interrupted: it exits and a fresh worker replaces it
                 worker.ready, worker.retiring = False, True
-        message = {"completed": "completed", "cancelled": "cancelled by request"}.get(state)
+        message = {
+            RunState.COMPLETED: "completed",
+            RunState.CANCELLED: "cancelled by request",
+        }.get(state)
         if run.fail_reason is not None:  # stopped by the server: its results were not stored
-            self._finish(run, "failed", error=run.fail_reason, message=run.fail_reason)
+            self.core.finish(run, RunState.FAILED, error=run.fail_reason, message=run.fail_reason)
         else:
-            self._finish(
+            self.core.finish(
                 run,
                 state,
                 error=msg.get("error"),
@@ -1235,8 +1126,7 @@ class ExecutionServer:
             # grows with them); each stays "queued" until its task starts (_mark_running)
             while self.queue:
                 run = self.runs[self.queue.popleft()]
-                self.executor.submit(run, run.task or self._task_from_store(run.record["id"]))
-                run.task = None
+                self.executor.submit(run, self.core.next_task(run))
             return
         idle = [
             w
@@ -1251,29 +1141,15 @@ class ExecutionServer:
                 continue
             exec_id = self.queue.popleft()
             run = self.runs[exec_id]
-            task = run.task or self._task_from_store(exec_id)  # None: recovered after a restart
             worker.current = exec_id
             run.worker = worker.wid
-            self._mark_running(run, publish=False)
+            task = self.core.next_task(run)  # read from the store after a restart
             self._send_worker(worker.wid, {"type": "task", "id": exec_id, **task})
-            run.task = None
-            self._publish_state(run)
+            self.core.start(run)
 
-    def _task_from_store(self, exec_id: str) -> dict[str, Any]:
-        pipeline, config_code, config = self.store.code_of(exec_id)
-        return {"pipeline_code": pipeline, "config_code": config_code, "config": config}
-
-    def _mark_running(self, run: Run, publish: bool = True) -> None:
-        """A run's attempt starts on a worker: state, start time and attempt count."""
-        record = run.record
-        record.update(
-            state="running", started=time.time(), attempts=record["attempts"] + 1, message=None
-        )
-        self.store.update(
-            record["id"], state="running", started=record["started"], attempts=record["attempts"]
-        )
-        if publish:
-            self._publish_state(run)
+    def _mark_running(self, run: Run) -> None:
+        """A run's attempt starts (the Dask executor's call, when its task says hello)."""
+        self.core.start(run)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -1309,44 +1185,37 @@ class ExecutionServer:
             elif not worker.ready and now - worker.started > WORKER_START_TIMEOUT:
                 log.error("worker %s did not start within %.0f s", worker.wid, WORKER_START_TIMEOUT)
                 self._kill_worker(worker, "worker failed to start")
-        for run in list(self.runs.values()):
-            if run.cancel_deadline is not None and now > run.cancel_deadline:
-                worker = self.workers.get(run.worker or "")
-                if self.executor is not None and run.record["state"] == "running":
-                    run.cancel_deadline = None
-                    log.info(
-                        "run %s ignored cancel for %.1f s", run.record["id"], self.cancel_grace
+        for run in self.core.cancels_due(now):
+            handle = self.workers.get(run.worker or "")
+            if self.executor is not None and run.state is RunState.RUNNING:
+                run.cancel_deadline = None
+                log.info("run %s ignored cancel for %.1f s", run.record["id"], self.cancel_grace)
+                if run.fail_reason is not None:
+                    self.executor.hard_cancel(run, run.fail_reason, "failed")
+                else:
+                    self.executor.hard_cancel(
+                        run,
+                        f"cancelled: the pipeline did not stop within "
+                        f"{self.cancel_grace:g} s, so its worker was killed",
+                        "cancelled",
                     )
-                    if run.fail_reason is not None:
-                        self.executor.hard_cancel(run, run.fail_reason, "failed")
-                    else:
-                        self.executor.hard_cancel(
-                            run,
-                            f"cancelled: the pipeline did not stop within "
-                            f"{self.cancel_grace:g} s, so its worker was killed",
-                            "cancelled",
-                        )
-                elif run.record["state"] == "running" and worker is not None:
-                    log.info(
-                        "run %s ignored cancel for %.1f s: killing worker %s",
-                        run.record["id"],
-                        self.cancel_grace,
-                        worker.wid,
+            elif run.state is RunState.RUNNING and handle is not None:
+                log.info(
+                    "run %s ignored cancel for %.1f s: killing worker %s",
+                    run.record["id"],
+                    self.cancel_grace,
+                    handle.wid,
+                )
+                if run.fail_reason is not None:
+                    self._kill_worker(handle, run.fail_reason)
+                else:
+                    self._kill_worker(
+                        handle,
+                        f"cancelled: the pipeline did not stop within "
+                        f"{self.cancel_grace:g} s, so its worker was killed",
+                        state="cancelled",
                     )
-                    if run.fail_reason is not None:
-                        self._kill_worker(worker, run.fail_reason)
-                    else:
-                        self._kill_worker(
-                            worker,
-                            f"cancelled: the pipeline did not stop within "
-                            f"{self.cancel_grace:g} s, so its worker was killed",
-                            state="cancelled",
-                        )
-            if run.waiters:
-                for waiter in run.waiters:
-                    if now >= waiter.deadline:
-                        self._answer(waiter)
-                run.waiters = [w for w in run.waiters if not w.answered]
+        self.core.expire_waiters(now)
 
     def _kill_worker(self, worker: WorkerHandle, reason: str, state: str = "failed") -> None:
         with contextlib.suppress(OSError):
@@ -1368,7 +1237,7 @@ class ExecutionServer:
             # its last words (a "done") may still wait in the socket: hear them first
             self._drain(self.worker_events, self._on_worker_event, 10_000)
         run = self.runs.get(worker.current or "")
-        if run is not None and run.record["state"] == "running" and run.worker == worker.wid:
+        if run is not None and run.state is RunState.RUNNING and run.worker == worker.wid:
             if reason is None:
                 reason = f"the worker process died ({describe_exit(code)})"
             self._run_lost(run, reason, state)
@@ -1398,67 +1267,21 @@ class ExecutionServer:
         self._respawn_due.append(time.monotonic() + delay)
 
     def _run_lost(self, run: Run, reason: str, state: str = "failed") -> None:
-        """A running run's worker (or Dask task) died or was killed: retried from nothing
-        while its retries allow (never for a server-made failure), else it ends."""
-        record = run.record
-        retry = run.fail_reason is None and record["attempts"] <= record["retries"]
-        if state == "failed" and retry:
-            log.info(
-                "run %s: %s; retrying (attempt %d of %d)",
-                record["id"],
-                reason,
-                record["attempts"] + 1,
-                record["retries"] + 1,
-            )
-            # the next attempt starts from nothing: the dead one's results are dropped
-            record.update(state="queued", message=f"retrying: {reason}", n_results=0, progress=None)
-            self.store.clear_results(record["id"])
-            self.store.update(
-                record["id"],
-                state="queued",
-                message=record["message"],
-                n_results=0,
-                progress=None,
-                n_logs=record["n_logs"],
-                attempts=record["attempts"],
-            )
-            pipeline, config_code, config = self.store.code_of(record["id"])
-            run.task = {"pipeline_code": pipeline, "config_code": config_code, "config": config}
-            self.queue.appendleft(record["id"])
-            self._publish_state(run)
-        else:
-            self._finish(run, state, error=reason if state == "failed" else None, message=reason)
+        """A running run's worker (or Dask task) died or was killed (RunCore.run_lost)."""
+        self.core.run_lost(run, reason, state)
 
     # ------------------------------------------------------------------ state changes
     def _finish(
         self,
         run: Run,
-        state: str,
+        state: RunState | str,
         *,
         error: str | None = None,
         traceback: str | None = None,
         message: str | None = None,
     ) -> None:
-        record = run.record
-        record.update(
-            state=state, finished=time.time(), error=error, traceback=traceback, message=message
-        )
-        if state == "completed":
-            record["progress"] = 1.0
-        self.store.update(
-            record["id"],
-            state=state,
-            finished=record["finished"],
-            error=error,
-            traceback=traceback,
-            message=message,
-            progress=record["progress"],
-            n_results=record["n_results"],
-            n_logs=record["n_logs"],
-            attempts=record["attempts"],
-        )
-        del self.runs[record["id"]]
-        self._finished.append(run)  # announced once this loop turn's writes are committed
+        """End a run (RunCore.finish; the Dask executor calls this too)."""
+        self.core.finish(run, state, error=error, traceback=traceback, message=message)
 
     def _announce_finished(self) -> None:
         """Commit, then tell watchers and waiters: a final state is durable before anyone
@@ -1470,24 +1293,10 @@ class ExecutionServer:
             # run failed, even if a crash before the disk takes it would make it "interrupted")
             self._on_store_failure()
         elif waited:
-            self._unsaved.clear()
+            self.core.unsaved.clear()
             log.info("the store is writable again; accepting new runs")
             self._dispatch()
-        if not self._finished:
-            return
-        finished, self._finished = self._finished, []
-        for run in finished:
-            if run.record["id"] in self.store.unsaved:
-                self._unsaved[run.record["id"]] = run
-            self._publish_state(run)
-            for waiter in run.waiters:
-                waiter.pending.discard(run.record["id"])
-                if not waiter.pending:
-                    self._answer(waiter)
-            run.waiters.clear()
-
-    def _publish_state(self, run: Run) -> None:
-        self._publish(run, EventKind.STATE, {"status": self._status(run.record)})
+        self.core.announce()
 
     def _publish(self, run: Run, kind: EventKind, body: dict[str, Any]) -> None:
         seq = run.seq
@@ -1537,10 +1346,10 @@ class ExecutionServer:
         if not hasattr(self, "store"):
             return
         for run in list(self.runs.values()):
-            if run.record["state"] == "running":
-                self._finish(
+            if run.state is RunState.RUNNING:
+                self.core.finish(
                     run,
-                    "failed",
+                    RunState.FAILED,
                     error="interrupted: the server shut down while this run was running",
                     message="interrupted by server shutdown",
                 )
@@ -1569,8 +1378,9 @@ class ExecutionServer:
         self.rings.close()
         if hasattr(self, "prefetch"):
             self.prefetch.close()
-        if getattr(self, "probe", None) is not None:
-            self.probe.close()
+        probe = getattr(self, "probe", None)
+        if probe is not None:
+            probe.close()
         if self.security:
             self.security.stop()
         if hasattr(self, "zctx"):

@@ -19,6 +19,7 @@ writing (a restart on a full disk) is read without writing and reopened later.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import logging
@@ -368,7 +369,7 @@ class Store:
         args.append(limit)
         return [dict(zip(STATUS_FIELDS, row)) for row in self.db.execute(sql, args)]
 
-    def ids_in_state(self, state: str) -> list[str]:
+    def ids_in_state(self, state: str) -> builtins.list[str]:
         rows = self.db.execute("SELECT id FROM executions WHERE state=? ORDER BY created", (state,))
         return [r[0] for r in rows]
 
@@ -416,7 +417,7 @@ class Store:
             "the log",
         )
 
-    def logs(self, exec_id: str, start: int = 0, limit: int = 10_000) -> list[dict]:
+    def logs(self, exec_id: str, start: int = 0, limit: int = 10_000) -> builtins.list[dict]:
         rows = self.db.execute(
             "SELECT idx, t, text FROM logs WHERE exec_id=? AND idx>=? ORDER BY idx LIMIT ?",
             (exec_id, start, limit),
