@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
@@ -130,18 +132,28 @@ def test_bad_array_reference_is_a_protocol_error():
         protocol.decode([protocol.SIGNATURE, header, b"12345"])
 
 
-def test_dispatch_calls_one_handler_per_member():
-    class Handler:
-        def handle_ping(self, body):
-            return {"pong": body["x"]}
+def test_every_request_type_has_one_body_dataclass_and_one_handler():
+    from zmqruntime import messages
+    from zmqruntime.server_requests import HANDLERS
 
-    assert ControlMessageType.PING.dispatch(Handler(), {"x": 1}) == {"pong": 1}
-    with pytest.raises(ProtocolError, match="no handler"):
-        ControlMessageType.STATUS.dispatch(Handler(), {})
-    for member in ControlMessageType:  # every request type has a server handler
-        from zmqruntime.server import ExecutionServer
-
-        assert hasattr(ExecutionServer, f"handle_{member.value}"), member
+    assert set(messages.REQUESTS) == set(ControlMessageType) == set(HANDLERS)
+    status = messages.decode_request(ControlMessageType.STATUS, {"id": "abc", "new": 1})
+    assert status == messages.Status("abc")  # unknown fields are ignored
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.id = "x"  # type: ignore[misc]
+    with pytest.raises(ProtocolError, match="missing field 'id'"):
+        messages.decode_request(ControlMessageType.STATUS, {})
+    with pytest.raises(ProtocolError, match="field 'limit' must be int, got str"):
+        messages.decode_request(ControlMessageType.LIST, {"limit": "3"})
+    with pytest.raises(ProtocolError, match="field 'retries' must be 0 to 100"):
+        messages.decode_request(ControlMessageType.EXECUTE, {"pipeline_code": "x", "retries": 101})
+    wait = messages.decode_request(ControlMessageType.WAIT, {"id": "a", "timeout": 99})
+    assert wait.timeout == messages.MAX_WAIT and wait.ids == ("a",)
+    many = messages.decode_request(
+        ControlMessageType.EXECUTE_MANY,
+        {"pipeline_code": "x", "configs": [None, {"a": 1}], "names": ("n", None)},
+    )
+    assert many.configs == (None, {"a": 1}) and many.names == ("n", None)
 
 
 def test_relay_keeps_buffers_untouched():

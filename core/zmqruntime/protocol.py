@@ -34,10 +34,8 @@ MAX_CONTROL_MESSAGE = 64 * 1024 * 1024
 
 
 class ControlMessageType(str, enum.Enum):
-    """Requests on the control channel. A new request is one member plus one handler.
-
-    The handler of member ``FOO = "foo"`` is the method ``handle_foo`` of whatever object
-    is passed to :meth:`dispatch`.
+    """Requests on the control channel. A new request is one member, the dataclass its
+    body decodes into (``messages.REQUESTS``) and its handler (``server_requests.HANDLERS``).
     """
 
     PING = "ping"
@@ -52,14 +50,6 @@ class ControlMessageType(str, enum.Enum):
     LOGS = "logs"
     SOURCE = "source"
     SHUTDOWN = "shutdown"
-
-    def dispatch(self, handler: object, body: dict[str, Any]) -> Any:
-        method: Callable[[dict[str, Any]], Any] | None = getattr(
-            handler, f"handle_{self.value}", None
-        )
-        if method is None:
-            raise ProtocolError(f"request type {self.value!r} has no handler")
-        return method(body)
 
 
 class ReplyType(str, enum.Enum):

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import functools
 import logging
-import math
 import os
 import re
 import secrets
@@ -35,39 +34,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import zmq
 
 from . import local, protocol, shm
 from ._version import __version__
 from .errors import ProtocolError, UnknownExecution
+from .messages import WorkerMessage
 from .prefetch import Prefetcher
 from .protocol import ErrorCode, EventKind
-from .resultfile import aligned_empty, read_value
 from .runstate import RunState
-from .server_core import Run, RunCore, Waiter
+from .server_core import Run, RunCore
+from .server_requests import NO_REPLY, ControlHandlers, Exchange, RunsRefused
 from .store import Store, fmt_bytes, free_bytes, storage_failure
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
 log = logging.getLogger("zmqruntime.server")
 
-NO_REPLY = object()  # a handler that parks the request (long-poll wait) returns this
 TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
-MAX_WAIT = 30.0
-MAX_RETRIES = 100
 #: what varies between two bad requests of one kind: quoted text, bytes, numbers
 _VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\d+")
-MAX_COUNT = 2**62  # ints sent to SQLite (limits, offsets) are capped here
-#: arrays per ``results`` reply by default: small replies let the one I/O thread that
-#: sends every control reply get to a ping between them while gigabytes are fetched
-RESULTS_REPLY_BYTES = 8 * 1024 * 1024
-WAIT_RESULTS_BYTES = 32 * 1024 * 1024  # small results that ride along with a wait reply
 WORKER_START_TIMEOUT = 60.0
 MAX_RESPAWN_DELAY = 30.0  # workers that keep dying before they are ready: back off up to this
 MAX_LOG_BYTES_PER_RUN = 64 * 1024 * 1024  # stored log text per run; more is live only
-MAX_BATCH = 10_000  # runs per execute_many / wait_many request
 EXIT_SETTLE = 0.2  # seconds a dead worker's last messages get to arrive
 #: ZMQ_AFFINITY bitmasks of the server's three I/O threads: control connections are
 #: spread over two (a client fetching stored results fills one with replies, while
@@ -152,10 +142,6 @@ class LogFileHandler(logging.FileHandler):
         super().handleError(record)
 
 
-class RunsRefused(Exception):
-    """No new runs for now (the disk is nearly full): answered with ErrorCode.NO_SPACE."""
-
-
 @dataclass
 class WorkerHandle:
     wid: str
@@ -214,7 +200,8 @@ class ExecutionServer:
         self._registered = False
         self.security = ServerSecurity.from_dir(Path(keys)) if keys else None
         #: runs, queue, waiters: the socket-free state machine (its store is set in _serve)
-        self.core = RunCore(None, self._publish, self._answer)
+        self.requests = ControlHandlers(self)
+        self.core = RunCore(None, self._publish, self.requests.answer)
         self.runs = self.core.runs  # read by the Dask executor
         self.queue = self.core.queue
         self.workers: dict[str, WorkerHandle] = {}
@@ -227,7 +214,6 @@ class ExecutionServer:
         self._bad_input_logged: set[str] = set()
         self.bad_messages = 0
         self.rings = shm.RingReader(drop_pages=True)  # workers' rings, for tcp watchers
-        self._reads_for_reply: list = []  # stored arrays the reply being built needs read
         self._tcp_queued = 0  # TCP events waiting in the prefetch thread (kept in order)
         #: runs go to this instead of native workers (zmqruntime.dask_executor.DaskExecutor)
         self.executor = executor
@@ -479,19 +465,19 @@ class ExecutionServer:
     # ------------------------------------------------------------------ control channel
     def _on_control(self, frames: list[zmq.Frame]) -> None:
         self._announce_finished()  # no reply may report a final state that is not durable
-        self._reads_for_reply = []
         # ROUTER prefix: identity, then an empty delimiter if the peer is a REQ socket
         route = [frames[0].bytes]
         rest = frames[1:]
         if rest and len(rest[0]) == 0:
             route.append(b"")
             rest = rest[1:]
+        ex = Exchange(route, None)
         req = None
         try:
             msg_type, req, body = protocol.parse_request(rest)
             protocol.check_request_size(sum(len(f) for f in rest))  # frames are not copied
-            self._current_route, self._current_req = route, req
-            result = msg_type.dispatch(self, body)
+            ex.req = req
+            result = self.requests.handle(ex, msg_type, body)
             if result is NO_REPLY:
                 return
             reply = protocol.reply(req, result)
@@ -510,14 +496,17 @@ class ExecutionServer:
         except Exception as exc:  # a bug must cost one reply, never the server
             self._note_bad_input(f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
             reply = protocol.error_reply(req, ErrorCode.INTERNAL, f"internal error: {exc}")
-        self._send(route, reply, req)
+            ex.reads.clear()
+        self._send(ex, reply)
 
-    def _send(self, route: list[bytes], frames: list[Any], req: Any = None) -> None:
-        if self._reads_for_reply:  # stored arrays: read off this loop, then sent
-            reads, self._reads_for_reply = self._reads_for_reply, []
-            self.prefetch.submit(reads, (route, frames, req))
+    def _send(self, ex: Exchange, frames: list[Any]) -> None:
+        """Send a reply; one holding stored arrays waits for the prefetch thread to read
+        them (off this loop) and is sent when it is done."""
+        if ex.reads:
+            reads, ex.reads = ex.reads, []
+            self.prefetch.submit(reads, (ex.route, frames, ex.req))
             return
-        self._send_now(route, frames)
+        self._send_now(ex.route, frames)
 
     def _send_now(self, route: list[bytes], frames: list[Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -537,106 +526,6 @@ class ExecutionServer:
                 return
             log.warning("bad request (logged once per kind): %s", what[:500])
 
-    # -- handlers: one per ControlMessageType member
-    def handle_ping(self, body: dict) -> dict:
-        busy = sum(1 for w in self.workers.values() if w.current)
-        workers, ready, queued = (
-            self.n_workers,
-            sum(1 for w in self.workers.values() if w.ready),
-            len(self.queue),
-        )
-        executor: dict[str, Any] = {"kind": "native", "workers": workers}
-        if self.executor is not None:  # the cluster's workers; runs submitted, not started
-            executor = self.executor.info()
-            workers = ready = executor.get("workers", 0)
-            busy, queued = self.core.count(RunState.RUNNING), self.core.count(RunState.QUEUED)
-        return {
-            "server": "zmqruntime",
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "pid": os.getpid(),
-            "host": self.host,
-            "port": self.port,
-            "data_port": self.data_port,
-            "workers": workers,
-            "workers_ready": ready,
-            "workers_busy": busy,
-            "executor": executor,
-            "queued": queued,
-            "running": busy,
-            "uptime": time.time() - self._started,
-            "data_dir": str(self.data_dir),
-            "store_token": self.store_token,
-            "log_file": str(self.log_file),
-            "secure": self.security is not None,
-            "data_local": self._data_local_info(),
-            "cancel_grace": self.cancel_grace,
-            "bad_messages": self.bad_messages,
-            "storage": self._storage_info(),
-            "time": time.time(),
-        }
-
-    def handle_execute(self, body: dict) -> dict:
-        config = _optional(body, "config", dict)
-        retries = _optional(body, "retries", int) or 0
-        _check_run_fields(config, retries)
-        resources = self._check_resources(_optional(body, "resources", dict))
-        self._check_accepting()
-        run = self._submit(
-            _require(body, "pipeline_code", str),
-            _optional(body, "config_code", str),
-            config,
-            _optional(body, "name", str),
-            retries,
-        )
-        run.resources = resources
-        self._dispatch()
-        return {"id": run.record["id"], "status": self._status(run.record)}
-
-    def handle_execute_many(self, body: dict) -> dict:
-        """One run per config, in one request: for maps over many inputs."""
-        pipeline_code = _require(body, "pipeline_code", str)
-        config_code = _optional(body, "config_code", str)
-        configs = _require(body, "configs", list)
-        names = _optional(body, "names", list)
-        retries = _optional(body, "retries", int) or 0
-        if len(configs) > MAX_BATCH:
-            raise ProtocolError(f"at most {MAX_BATCH} configs per request, got {len(configs)}")
-        if names is not None and len(names) != len(configs):
-            raise ProtocolError("'names' must have one entry per config")
-        for i, config in enumerate(configs):
-            if config is not None and not isinstance(config, dict):
-                raise ProtocolError(f"configs[{i}] must be a map or nil")
-            _check_run_fields(config, retries)
-        for i, name in enumerate(names or []):
-            if name is not None and not isinstance(name, str):
-                raise ProtocolError(f"names[{i}] must be str or nil")
-        self._check_accepting()
-        ids = [
-            self._submit(
-                pipeline_code, config_code, config, names[i] if names else None, retries
-            ).record["id"]
-            for i, config in enumerate(configs)
-        ]
-        self._dispatch()
-        return {"ids": ids}
-
-    def _check_resources(self, resources: dict | None) -> dict[str, float] | None:
-        """``resources`` of an execute request: Dask worker resources, e.g. {"GPU": 1}."""
-        if not resources:
-            return None
-        if not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in resources.items()
-        ) or not all(0 < v < math.inf for v in resources.values()):
-            raise ProtocolError("field 'resources' must map names (str) to positive numbers")
-        if self.executor is None:
-            raise ProtocolError(
-                "field 'resources' needs a server whose runs execute on Dask "
-                "(zmqruntime serve --dask ...); this server runs them on its own workers"
-            )
-        return dict(resources)
-
     def _submit(
         self,
         pipeline_code: str,
@@ -648,206 +537,6 @@ class ExecutionServer:
         if self._stopping:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
         return self.core.submit(pipeline_code, config_code, config, name, retries)
-
-    def handle_status(self, body: dict) -> dict:
-        return self._status(self._record(_require(body, "id", str)))
-
-    def handle_wait(self, body: dict) -> Any:
-        """Long poll: answered when the run ends or after ``timeout`` seconds.
-
-        With ``with_results``, a completed run's stored results come along when their
-        arrays fit in ``max_bytes`` (the reply's ``results``), saving a request.
-        """
-        return self._park(body, [_require(body, "id", str)], MAX_WAIT, single=True)
-
-    def handle_wait_many(self, body: dict) -> Any:
-        """Long poll on many runs: answered when all have ended or after ``timeout``.
-
-        With ``with_results``, the stored results of completed runs come along (up to
-        ``max_bytes`` of arrays; the ids left out are listed in ``truncated``).
-        """
-        ids = _require(body, "ids", list)
-        if len(ids) > MAX_BATCH or not all(isinstance(i, str) for i in ids):
-            raise ProtocolError(f"'ids' must be a list of at most {MAX_BATCH} str")
-        return self._park(body, ids, 0.0, single=False)
-
-    def _park(self, body: dict, ids: list[str], default_timeout: float, single: bool) -> Any:
-        timeout = _timeout(body, default=default_timeout)
-        with_results = bool(_optional(body, "with_results", bool))
-        max_bytes = _count(body, "max_bytes", WAIT_RESULTS_BYTES)
-        waiter = Waiter(
-            self._current_route,
-            self._current_req,
-            set(),
-            time.monotonic() + timeout,
-            ids,
-            with_results,
-            max_bytes,
-            single,
-        )
-        if timeout <= 0 or not self.core.park(waiter):
-            return self._waiter_reply(waiter)
-        return NO_REPLY
-
-    def _waiter_reply(self, waiter: Waiter) -> dict[str, Any]:
-        statuses = [self._status(self._record(i)) for i in waiter.ids]
-        reply: dict[str, Any] = dict(statuses[0]) if waiter.single else {"statuses": statuses}
-        if waiter.with_results:
-            results: dict[str, list] = {}
-            truncated: list[str] = []
-            budget = waiter.max_bytes
-            for status in statuses:
-                if status["state"] != "completed" or status["n_results"] == 0:
-                    continue
-                entries = list(self.store.results(status["id"]))
-                size = sum(int(e.get("nbytes", 0)) for e in entries)
-                if size > budget:
-                    truncated.append(status["id"])
-                    continue
-                budget -= size
-                run_dir = self.store.run_dir(status["id"])
-                results[status["id"]] = [
-                    _with_meta(
-                        {
-                            "index": e["index"],
-                            "name": e["name"],
-                            "value": self._load_result(run_dir, e),
-                        },
-                        e,
-                    )
-                    for e in entries
-                ]
-            if waiter.single:
-                if results:
-                    reply["results"] = results[waiter.ids[0]]
-            else:
-                reply.update(results=results, truncated=truncated)
-        return reply
-
-    def _answer(self, waiter: Waiter) -> None:
-        """The reply to a parked request (RunCore marks it answered)."""
-        self._reads_for_reply = []
-        reply = protocol.reply(waiter.req, self._waiter_reply(waiter))
-        self._send(waiter.route, reply, waiter.req)
-
-    def handle_list(self, body: dict) -> dict:
-        limit = _count(body, "limit", 200)
-        states = _optional(body, "states", list)
-        if states is not None and not all(s in protocol.STATES for s in states):
-            raise ProtocolError(f"field 'states' must list states among {protocol.STATES}")
-        records = self.store.list(limit=limit, states=states)
-        live = {
-            r["id"]: r
-            for r in (run.record for run in (*self.runs.values(), *self.core.unsaved.values()))
-        }
-        out = [self._status(live.get(r["id"], r)) for r in records]
-        return {"executions": out}
-
-    def handle_cancel(self, body: dict) -> dict:
-        exec_id = _require(body, "id", str)
-        record = self._record(exec_id)
-        run = self.runs.get(exec_id)
-        if run is None or record["state"] in protocol.FINAL_STATES:
-            return {
-                "cancelled": False,
-                "state": record["state"],
-                "message": f"execution {exec_id} already {record['state']}; nothing to cancel",
-            }
-        if record["state"] == RunState.QUEUED:
-            if self.executor is not None:  # submitted to Dask, not started: withdrawn
-                self.executor.cancel(run)
-            self.core.cancel_queued(run)
-            return {"cancelled": True, "state": "cancelled", "message": "cancelled while queued"}
-        if self.core.request_cancel(run, self.cancel_grace):
-            self._cancel_on_worker(run)
-            run.record["message"] = "cancel requested"
-            self._publish(
-                run,
-                EventKind.PROGRESS,
-                {"progress": run.record["progress"], "message": "cancel requested"},
-            )
-        return {
-            "cancelled": True,
-            "state": "running",
-            "message": f"cancel requested; the worker is killed after {self.cancel_grace:g} s "
-            "if the pipeline does not stop",
-        }
-
-    def handle_results(self, body: dict) -> dict:
-        exec_id = _require(body, "id", str)
-        start = _count(body, "start", 0)
-        limit = _count(body, "limit", 1000)
-        max_bytes = _count(body, "max_bytes", RESULTS_REPLY_BYTES)
-        values = _optional(body, "values", bool)
-        record = self._record(exec_id)
-        if values is False:  # a listing: what each result is, without its bytes
-            listing = [_result_summary(e) for e in self.store.results(exec_id, start, limit)]
-            return {"results": listing, "n_results": record["n_results"], "state": record["state"]}
-        run_dir = self.store.run_dir(exec_id)
-        out, total_bytes = [], 0
-        for entry in self.store.results(exec_id, start, limit):
-            value = self._load_result(run_dir, entry)
-            out.append(
-                _with_meta({"index": entry["index"], "name": entry["name"], "value": value}, entry)
-            )
-            total_bytes += int(entry.get("nbytes", 0))
-            if total_bytes >= max_bytes:
-                break
-        return {"results": out, "n_results": record["n_results"], "state": record["state"]}
-
-    def handle_logs(self, body: dict) -> dict:
-        exec_id = _require(body, "id", str)
-        record = self._record(exec_id)
-        start = _count(body, "start", 0)
-        limit = _count(body, "limit", 10_000)
-        return {"logs": self.store.logs(exec_id, start, limit), "n_logs": record["n_logs"]}
-
-    def handle_source(self, body: dict) -> dict:
-        """The code and config a run was submitted with (for a details view or a re-run)."""
-        exec_id = _require(body, "id", str)
-        self._record(exec_id)
-        pipeline_code, config_code, config = self.store.code_of(exec_id)
-        return {
-            "id": exec_id,
-            "pipeline_code": pipeline_code,
-            "config_code": config_code,
-            "config": config,
-        }
-
-    def handle_shutdown(self, body: dict) -> dict:
-        self._stopping = True
-        return {"stopping": True, "pid": os.getpid()}
-
-    # -- handler helpers
-    def _record(self, exec_id: str) -> dict[str, Any]:
-        return self.core.record(exec_id)
-
-    @staticmethod
-    def _status(record: dict[str, Any]) -> dict[str, Any]:
-        return dict(record)
-
-    def _load_result(self, run_dir: Path, entry: dict[str, Any]) -> Any:
-        kind = entry.get("kind")
-        if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
-            # nothing is read in this loop: the prefetch thread fills the array before
-            # the reply leaves (see _send)
-            out = aligned_empty(
-                tuple(entry["shape"]),
-                protocol.dtype_from_wire(entry["dtype"]),
-                entry.get("order", "C"),
-            )
-            self._reads_for_reply.append((run_dir / entry["file"], int(entry["offset"]), out))
-            return out
-        if kind == "array":
-            path = run_dir / entry["file"]
-            if int(entry.get("nbytes", 1)) == 0:
-                return np.load(path)
-            return np.load(path, mmap_mode="r")  # sent straight from the page cache
-        if kind == "bytes":
-            return (run_dir / entry["file"]).read_bytes()
-        if "file" in entry:  # a value holding arrays: decoded here, re-packed in the reply
-            return read_value(run_dir / entry["file"])
-        return entry.get("value")
 
     # ------------------------------------------------------------------ disk space
     def _refresh_space(self) -> bool:
@@ -955,7 +644,7 @@ class ExecutionServer:
         if self.executor is not None:
             self.executor.cancel(run)
         elif run.worker:
-            self._send_worker(run.worker, {"type": "cancel", "id": run.record["id"]})
+            self._send_worker(run.worker, {"type": WorkerMessage.CANCEL.value, "id": run.id})
 
     def _send_worker(self, wid: str, msg: dict[str, Any]) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -972,7 +661,7 @@ class ExecutionServer:
             log.warning("worker %s sent an undecodable message", wid)
             return
         worker.last_seen = time.monotonic()
-        if msg.get("type") == "ready" and not worker.ready:
+        if msg.get("type") == WorkerMessage.READY and not worker.ready:
             worker.ready = True
             self._start_failures = 0
             log.info("worker %s ready (pid %s)", wid, msg.get("pid"))
@@ -988,10 +677,10 @@ class ExecutionServer:
         if run is None or run.state is not RunState.RUNNING:
             return  # a late event of a run that already ended (e.g. killed on cancel)
         record = run.record
-        if msg["type"] == "done":
+        if msg["type"] == WorkerMessage.DONE:
             self._on_done(run, msg)
             return
-        if msg["type"] == "stored":  # on disk: from now on fetchable from the store
+        if msg["type"] == WorkerMessage.STORED:  # on disk: from now on fetchable from the store
             meta, index = msg["meta"], msg["index"]
             self.store.add_result(
                 record["id"], index, msg["name"], meta, int(meta.get("nbytes", 0))
@@ -1144,7 +833,7 @@ class ExecutionServer:
             worker.current = exec_id
             run.worker = worker.wid
             task = self.core.next_task(run)  # read from the store after a restart
-            self._send_worker(worker.wid, {"type": "task", "id": exec_id, **task})
+            self._send_worker(worker.wid, {"type": WorkerMessage.TASK.value, "id": exec_id, **task})
             self.core.start(run)
 
     def _mark_running(self, run: Run) -> None:
@@ -1333,7 +1022,7 @@ class ExecutionServer:
         if self.executor is not None and self._executor_sockets:
             self.executor.shutdown()  # cancels its tasks; a cluster it started is closed
         for worker in self.workers.values():
-            self._send_worker(worker.wid, {"type": "shutdown"})
+            self._send_worker(worker.wid, {"type": WorkerMessage.SHUTDOWN.value})
         deadline = time.monotonic() + 2.0
         for worker in list(self.workers.values()):
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1360,7 +1049,7 @@ class ExecutionServer:
                 w.answered = True
             for route, req in parked:
                 self._send(
-                    route,
+                    Exchange(route, req),
                     protocol.error_reply(
                         req, ErrorCode.SHUTTING_DOWN, "the server is shutting down"
                     ),
@@ -1398,75 +1087,6 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-#: a listed "value" result carries its value only when it is at most this large (packed)
-SUMMARY_VALUE_BYTES = 4096
-
-
-def _result_summary(entry: dict[str, Any]) -> dict[str, Any]:
-    """Index, name and kind of a stored result, with dtype/shape/nbytes; small values inline."""
-    out = {"index": entry["index"], "name": entry["name"], "kind": entry.get("kind", "value")}
-    for key in ("dtype", "shape", "nbytes", "meta", "order", "file", "offset"):
-        if key in entry:
-            out[key] = entry[key]
-    if out["kind"] == "value" and "file" not in entry:
-        packed, _ = protocol.pack(entry.get("value"))
-        out["nbytes"] = len(packed)
-        if len(packed) <= SUMMARY_VALUE_BYTES:
-            out["value"] = entry.get("value")
-    return out
-
-
-def _with_meta(item: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """A result item with the image metadata its pipeline stated (protocol.md §4.2), if any."""
-    if "meta" in entry:
-        item["meta"] = entry["meta"]
-    return item
-
-
-def _require(body: dict, key: str, types: Any) -> Any:
-    if body.get(key) is None:
-        raise ProtocolError(f"missing field {key!r}")
-    return _optional(body, key, types)
-
-
-def _optional(body: dict, key: str, types: Any) -> Any:
-    value = body.get(key)
-    allowed = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, tuple) and list in allowed:  # tuples travel as tuples
-        value = body[key] = list(value)
-    if value is not None and (
-        not isinstance(value, types) or isinstance(value, bool) and bool not in allowed
-    ):
-        expected = getattr(types, "__name__", None) or "/".join(t.__name__ for t in types)
-        raise ProtocolError(f"field {key!r} must be {expected}, got {type(value).__name__}")
-    return value
-
-
-def _check_run_fields(config: dict | None, retries: int) -> None:
-    """What a run needs beyond field types; checked before anything is submitted."""
-    if config is not None and not all(isinstance(k, str) for k in config):
-        raise ProtocolError("field 'config' must map names (str) to values")
-    if not 0 <= retries <= MAX_RETRIES:
-        raise ProtocolError(f"field 'retries' must be 0 to {MAX_RETRIES}, got {retries}")
-
-
-def _timeout(body: dict, default: float) -> float:
-    """A long poll's ``timeout`` in seconds, at most MAX_WAIT; 0 or less: answer at once."""
-    timeout = _optional(body, "timeout", (int, float))
-    timeout = default if timeout is None else min(float(timeout), MAX_WAIT)
-    if math.isnan(timeout):  # would park the request forever
-        raise ProtocolError("field 'timeout' must be a number of seconds, got NaN")
-    return timeout
-
-
-def _count(body: dict, key: str, default: int) -> int:
-    """A non-negative int field (0 or absent: ``default``), capped to what SQLite takes."""
-    value = _optional(body, key, int)
-    if value is not None and value < 0:
-        raise ProtocolError(f"field {key!r} must not be negative, got {value}")
-    return min(value or default, MAX_COUNT)
 
 
 def _bad_request_message(exc: Exception) -> str:

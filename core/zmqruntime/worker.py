@@ -30,6 +30,7 @@ import zmq
 from . import protocol, shm
 from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
+from .messages import WorkerMessage
 from .resultfile import aligned_copy
 from .store import StorageFailed
 
@@ -173,7 +174,7 @@ class PipelineRunner:
                 state, error, tb = "failed", str(exc), None
         self.current = None
         done = {
-            "type": "done",
+            "type": WorkerMessage.DONE.value,
             "id": exec_id,
             "state": state,
             "error": error,
@@ -236,7 +237,7 @@ class Worker(PipelineRunner):
             if tracker is not None and not tracker.done:
                 return
         room = self._preview_room(body) if kind == "preview" else None
-        header = {"type": "event", "id": exec_id, "kind": kind, **body}
+        header = {"type": WorkerMessage.EVENT.value, "id": exec_id, "kind": kind, **body}
         frames = protocol.encode(header)
         if self.ring is not None and len(frames) > 2:
             descriptor = self.ring.describe(frames[2:])
@@ -281,7 +282,9 @@ class Worker(PipelineRunner):
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.control_endpoint)
-        sock.send_multipart(protocol.encode({"type": "ready", "pid": os.getpid()}))
+        sock.send_multipart(
+            protocol.encode({"type": WorkerMessage.READY.value, "pid": os.getpid()})
+        )
         last_beat = last_flush = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -303,7 +306,9 @@ class Worker(PipelineRunner):
                     last_flush = now
                 if now - last_beat >= HEARTBEAT_INTERVAL:
                     sock.send_multipart(
-                        protocol.encode({"type": "heartbeat", "current": self.current})
+                        protocol.encode(
+                            {"type": WorkerMessage.HEARTBEAT.value, "current": self.current}
+                        )
                     )
                     last_beat = now
                     if os.getppid() != self.parent:  # the server died: don't linger as an orphan
@@ -313,14 +318,14 @@ class Worker(PipelineRunner):
 
     def on_control(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
-        if kind == "task":
+        if kind == WorkerMessage.TASK:
             self.tasks.put(msg)
-        elif kind == "cancel":
+        elif kind == WorkerMessage.CANCEL:
             if msg.get("id") == self.current:
                 self.cancel_event.set()
                 self.interrupt_at = time.monotonic() + INTERRUPT_DELAY
 
-        elif kind == "shutdown":
+        elif kind == WorkerMessage.SHUTDOWN:
             self.stop.set()
             self.tasks.put(None)
 
@@ -350,7 +355,13 @@ class Worker(PipelineRunner):
             self.send_event(exec_id, kind, body, reliable)
 
         def stored(index: int, name: str, meta: dict[str, Any]) -> None:
-            msg = {"type": "stored", "id": exec_id, "index": index, "name": name, "meta": meta}
+            msg = {
+                "type": WorkerMessage.STORED.value,
+                "id": exec_id,
+                "index": index,
+                "name": name,
+                "meta": meta,
+            }
             with self.events_lock:
                 self.events.send_multipart(protocol.encode(msg))
 
