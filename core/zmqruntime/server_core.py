@@ -182,6 +182,49 @@ class RunCore:
             attempts=record["attempts"],
         )
 
+    def on_done(self, run: Run, msg: dict[str, Any]) -> None:
+        """A worker's ``done`` message for a running run: its final state. A cancelled run
+        that did not fail ends cancelled; one the server failed ends failed."""
+        try:
+            state = RunState(msg.get("state", "failed"))
+        except ValueError:
+            state = RunState.FAILED
+        if not state.final:
+            state = RunState.FAILED
+        if run.cancel_requested and state is not RunState.FAILED:
+            state = RunState.CANCELLED
+        if run.fail_reason is not None:  # stopped by the server: its results were not stored
+            self.finish(run, RunState.FAILED, error=run.fail_reason, message=run.fail_reason)
+            return
+        message = {RunState.COMPLETED: "completed", RunState.CANCELLED: "cancelled by request"}
+        self.finish(
+            run,
+            state,
+            error=msg.get("error"),
+            traceback=msg.get("traceback"),
+            message=msg.get("message") or message.get(state) or msg.get("error"),
+        )
+
+    def interrupt_running(self) -> None:
+        """The server shuts down: running runs end failed (queued ones stay queued)."""
+        for run in list(self.runs.values()):
+            if run.state is RunState.RUNNING:
+                self.finish(
+                    run,
+                    RunState.FAILED,
+                    error="interrupted: the server shut down while this run was running",
+                    message="interrupted by server shutdown",
+                )
+
+    def drop_waiters(self) -> list[Waiter]:
+        """Every parked request not answered yet, marked answered (the server stops)."""
+        dropped = []
+        for run in self.runs.values():
+            dropped += [w for w in run.waiters if not w.answered]
+            for w in run.waiters:
+                w.answered = True
+        return dropped
+
     def requeue(self, run: Run, message: str) -> None:
         """A running run starts again from nothing (its worker died, retries are left):
         the dead attempt's results are dropped; it goes to the head of the queue."""

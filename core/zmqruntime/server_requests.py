@@ -7,7 +7,9 @@ arrays its reply needs read off the loop), never as attributes of the server.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +21,8 @@ import numpy as np
 from . import messages as m
 from . import protocol
 from ._version import __version__
-from .errors import ProtocolError
-from .protocol import ControlMessageType, EventKind
+from .errors import ProtocolError, UnknownExecution
+from .protocol import ControlMessageType, ErrorCode, EventKind
 from .resultfile import aligned_empty, read_value
 from .runstate import RunState
 from .server_core import Waiter
@@ -28,9 +30,13 @@ from .server_core import Waiter
 if TYPE_CHECKING:
     from .server import ExecutionServer
 
+log = logging.getLogger("zmqruntime.server")
+
 NO_REPLY = object()  # a handler that parks the request (long-poll wait) returns this
 #: a listed "value" result carries its value only when it is at most this large (packed)
 SUMMARY_VALUE_BYTES = 4096
+#: what varies between two bad requests of one kind: quoted text, bytes, numbers
+_VARYING = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|0x[0-9a-f]+|\d+")
 
 
 class RunsRefused(Exception):
@@ -53,6 +59,46 @@ class ControlHandlers:
 
     def __init__(self, server: ExecutionServer) -> None:
         self.server = server
+        self._bad_input_logged: set[str] = set()
+
+    def respond(self, ex: Exchange, frames: list[Any]) -> list[Any] | None:
+        """The reply to one request (its frames after the route), or None when it is
+        parked; every error becomes an error reply, never an exception."""
+        req = None
+        try:
+            msg_type, req, body = protocol.parse_request(frames)
+            protocol.check_request_size(sum(len(f) for f in frames))  # frames are not copied
+            ex.req = req
+            result = self.handle(ex, msg_type, body)
+            return None if result is NO_REPLY else protocol.reply(req, result)
+        except ProtocolError as exc:
+            self._note_bad_input(str(exc))
+            req = exc.req if exc.req is not None else req
+            code, message = ErrorCode(exc.code), str(exc)
+        except UnknownExecution as exc:
+            code, message = ErrorCode.UNKNOWN_EXECUTION, str(exc)
+        except RunsRefused as exc:  # not bad input: the request was fine, the disk is not
+            code, message = ErrorCode.NO_SPACE, str(exc)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._note_bad_input(f"{type(exc).__name__}: {exc}")
+            code, message = ErrorCode.BAD_REQUEST, f"bad request: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug must cost one reply, never the server
+            self._note_bad_input(f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
+            code, message = ErrorCode.INTERNAL, f"internal error: {exc}"
+        ex.reads.clear()  # an error reply carries no stored arrays
+        return protocol.error_reply(req, code, message)
+
+    def _note_bad_input(self, what: str, exc_info: bool = False) -> None:
+        """Count a bad request; log the first of each kind (quoted values and numbers
+        stripped), so a flood of garbage cannot flood the log."""
+        self.server.bad_messages += 1
+        key = " ".join(_VARYING.sub("_", what).split()[:3])  # "field _ must", "unknown request"
+        if key not in self._bad_input_logged and len(self._bad_input_logged) < 200:
+            self._bad_input_logged.add(key)
+            if exc_info:
+                log.exception("%s (logged once per kind)", what[:500])
+                return
+            log.warning("bad request (logged once per kind): %s", what[:500])
 
     def handle(self, ex: Exchange, msg_type: ControlMessageType, body: dict[str, Any]) -> Any:
         """Decode ``body`` and call the handler of ``msg_type``; NO_REPLY when parked."""
@@ -95,7 +141,7 @@ class ControlHandlers:
             "data_local": srv._data_local_info(),
             "cancel_grace": srv.cancel_grace,
             "bad_messages": srv.bad_messages,
-            "storage": srv._storage_info(),
+            "storage": srv.disk.info(),
             "time": time.time(),
         }
 
