@@ -1,8 +1,8 @@
 """zmqruntime in a real napari: a run's results as layers, the "zmqruntime live" dock
 widget streaming previews while the viewer stays responsive, the npe2 plugin.
 
-napari is the optional extra ``zmqruntime[napari]`` (not in the test extra: it is heavy,
-and its pytest plugin imports napari in every test session): without it these tests skip.
+napari is the optional extra ``zmqruntime[napari]``, part of the test extra; without it (an
+environment installed before it was) these tests skip.
 Tests that draw (``make_napari_viewer``) need OpenGL, which Qt's offscreen platform lacks:
 they run under a display (``QT_QPA_PLATFORM=xcb xvfb-run python -m pytest ...``) and skip
 offscreen; the others use napari's Qt-free ``ViewerModel`` and run everywhere.
