@@ -120,6 +120,8 @@ def composite(
     colour; the sum is clipped to white, as napari's additive blending is.
     """
     shape = np.shape(planes[0])
+    if all(np.asarray(p).dtype in (np.uint8, np.uint16) for p in planes):
+        return _composite_by_lut(planes, levels, colours, visible, gamma)
     out = np.zeros((*shape, 3), np.float32)
     for plane, (low, high), colour, shown in zip(planes, levels, colours, visible):
         if not shown:
@@ -132,6 +134,36 @@ def composite(
         out += value[..., None] * rgb_of(colour)
     np.clip(out, 0.0, 1.0, out=out)
     return (out * 255.0 + 0.5).astype(np.uint8)
+
+
+def _composite_by_lut(
+    planes: list[np.ndarray] | np.ndarray,
+    levels: list[tuple[float, float]],
+    colours: list[str] | tuple[str, ...],
+    visible: list[bool],
+    gamma: float,
+) -> np.ndarray:
+    """:func:`composite` for 8- and 16-bit channels through a table per channel (value ->
+    its colour's 0-255 components): a lookup per pixel instead of float arithmetic, about
+    four times faster for 16-bit camera frames. Each channel is rounded before the sum, so
+    where channels overlap a component may differ by one from the float path."""
+    shape = np.shape(planes[0])
+    acc = np.zeros((3, *shape), np.uint16)
+    for plane, (low, high), colour, shown in zip(planes, levels, colours, visible):
+        if not shown:
+            continue
+        plane = np.asarray(plane)
+        span = float(high - low) or 1.0
+        value = np.clip((np.arange(256 if plane.dtype == np.uint8 else 65536) - low) / span, 0, 1)
+        if abs(gamma - 1.0) > 1e-6:
+            value = value**gamma
+        rgb = rgb_of(colour)
+        for k in range(3):
+            if rgb[k] > 0:
+                table = np.floor(value * (255.0 * float(rgb[k])) + 0.5).astype(np.uint16)
+                acc[k] += table[plane]
+    np.minimum(acc, 255, out=acc)
+    return np.ascontiguousarray(np.moveaxis(acc.astype(np.uint8), 0, -1))
 
 
 class ChannelControls(QtWidgets.QWidget):
