@@ -127,6 +127,8 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     assert [b.text() for b in boxes] == ["DAPI", "GFP", "mask"]
     assert all(b.isVisible() and b.isChecked() for b in boxes)
     assert not preview.hist.isVisible() and not preview.level_min.isEnabled()
+    # the one Min/Max leave the toolbar (when it lays itself out again)
+    qtbot.waitUntil(lambda: not preview.level_min.isVisible() and not preview.level_max.isVisible())
     # top left: DAPI + GFP = cyan; bottom left: DAPI = blue; top right: GFP; corner: mask
     qtbot.waitUntil(lambda: shown(window, 10, 10) == (0, 255, 255))
     assert shown(window, 10, 80) == (0, 0, 255)
@@ -181,6 +183,7 @@ def test_live_composite_channels_levels_and_z_slider_from_a_server(
     assert preview.current_stream() == "stack"
     qtbot.waitUntil(lambda: "z" in preview.channels.sliders, timeout=10_000)
     assert not preview.channels.composite and preview.hist.isVisible()
+    qtbot.waitUntil(lambda: preview.level_min.isVisible() and preview.level_min.isEnabled())
     assert preview.findChild(QtWidgets.QCheckBox, "channel_0") is None
     slider = preview.findChild(QtWidgets.QSlider, "plane_z")
     assert slider.isVisible() and slider.maximum() == 4

@@ -336,9 +336,14 @@ class PreviewPanel(QtWidgets.QWidget):
             act.setEnabled(shown)
         for field in (self.level_min, self.level_max, self.gamma):
             field.setEnabled(shown)  # nothing shown: no levels to type
-        if self.channels.composite:  # each channel has its own levels, under the image
-            self.level_min.setEnabled(False)
-            self.level_max.setEnabled(False)
+        # a composite: each channel has its own levels, under the image; the one Min and
+        # Max leave the toolbar meanwhile (their toolbar actions hold the labelled fields)
+        composite = self.channels.composite
+        for field in (self.level_min, self.level_max):
+            field.setEnabled(shown and not composite)
+            for act in self.toolbar.actions():
+                if self.toolbar.widgetForAction(act) is field.parentWidget():
+                    act.setVisible(not composite)
         self.act_pause.setEnabled(self.box is not None)
 
     def current_stream(self) -> str:
