@@ -28,13 +28,15 @@ from zmqruntime.transport import (
 )
 
 PIPE = """
+import os
 import time
 import numpy as np
 
 def run(ctx, config):
     t = config.get("t", 0)
     end = time.monotonic() + t
-    while time.monotonic() < end:
+    gate = config.get("until")  # a file whose creation ends the wait early
+    while time.monotonic() < end and not (gate and os.path.exists(gate)):
         ctx.check_cancelled()
         time.sleep(0.02)
     ctx.emit("twice", np.full(3, config["i"] * 2))
@@ -251,17 +253,19 @@ def test_map_reports_failures_and_cancels_on_early_close(make_server, pools):
 # --------------------------------------------------------------------------- failover
 
 
-def test_failover_moves_queued_and_retried_runs_and_reports_the_rest(make_server, pools):
+def test_failover_moves_queued_and_retried_runs_and_reports_the_rest(make_server, pools, tmp_path):
     a = make_server("a", workers=2)
     b_port = free_port()
     pool = pools([ep(a), f"tcp://127.0.0.1:{b_port}"], timeout=2.0)
+    # the runs last until the gate file appears (after a is killed), however slowly b starts
+    gate = str(tmp_path / "gate")
     # b is not up yet, so everything lands on a: two running, two queued behind them
-    r0 = pool.execute(PIPE, config={"i": 0, "t": 4}, retries=0, name="r0")
-    r1 = pool.execute(PIPE, config={"i": 1, "t": 4}, retries=1, name="r1")
+    r0 = pool.execute(PIPE, config={"i": 0, "t": 120, "until": gate}, retries=0, name="r0")
+    r1 = pool.execute(PIPE, config={"i": 1, "t": 120, "until": gate}, retries=1, name="r1")
     wait_for(lambda: pool.get_status(r0)["state"] == "running", what="r0 running")
     wait_for(lambda: pool.get_status(r1)["state"] == "running", what="r1 running")
-    r2 = pool.execute(PIPE, config={"i": 2, "t": 4}, retries=0, name="r2")
-    r3 = pool.execute(PIPE, config={"i": 3, "t": 4}, retries=0, name="r3")
+    r2 = pool.execute(PIPE, config={"i": 2, "t": 120, "until": gate}, retries=0, name="r2")
+    r3 = pool.execute(PIPE, config={"i": 3, "t": 120, "until": gate}, retries=0, name="r3")
     ids = [r0, r1, r2, r3]
     assert all(i.startswith(key(a) + "/") for i in ids)
     wait_for(lambda: pool.get_status(r3)["state"] == "queued", what="r3 seen queued")
@@ -272,6 +276,13 @@ def test_failover_moves_queued_and_retried_runs_and_reports_the_rest(make_server
     b = make_server("b", workers=2, port=b_port)
     wait_for(lambda: {s["server"]: s["up"] for s in pool.servers()}[key(b)], what="b up")
     hard_kill(a)
+    # the gate opens once r1-r3 have moved to b (and r0 has failed)
+    wait_for(
+        lambda: all(pool.get_status(i).get("server") == key(b) for i in ids[1:]),
+        timeout=60,
+        what="r1-r3 moved to b",
+    )
+    Path(gate).touch()
 
     finals = {s["id"]: s for s in pool.as_completed(ids, timeout=90)}
     assert sorted(finals) == sorted(ids)  # each exactly once
