@@ -205,3 +205,9 @@ def test_the_windows_open_in_napari_gives_the_same_layers(
     assert viewer.title == f"zmqruntime run {run_id}"
     check_layers(viewer)
     assert f"{run_id} opened in napari (4 layers)" in said
+    if DRAWS:  # File > Quit closes the viewers this window opened (they share its process)
+        press(qtbot, window, "Ctrl+Q")
+        import napari
+
+        open_viewers = napari.Viewer._instances  # napari's own registry of open viewers
+        qtbot.waitUntil(lambda: all(r() is not viewer for r in open_viewers), timeout=10_000)

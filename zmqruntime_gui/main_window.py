@@ -273,6 +273,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.save_settings()
         for dialog in [*self.details, *self.servers_panel.log_dialogs]:
             dialog.close()
+        # napari viewers opened from here live in this process: they go with the window
+        self.results_panel.napari.close_all()
         self.controller.close()
         super().closeEvent(event)
 

@@ -101,4 +101,6 @@ class NapariOpener(QtCore.QObject):
                 viewer.close()
             except RuntimeError:  # closed by the user already
                 pass
+            except AttributeError:  # napari's Qt-free ViewerModel (tests) has no window
+                pass
         self.viewers.clear()
