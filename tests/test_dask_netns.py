@@ -9,14 +9,16 @@ link or route, so no real interface of this machine is ever used.
   worker died is re-run on another one) and ``zmqruntime serve --dask tcp://head:8786``
   with CURVE keys (it binds a non-loopback address);
 * ``w1``, ``w2``: one ``dask worker`` each (a nanny and one single-threaded process);
-* ``client``: a script that submits 200 runs (half with ``retries=1``), follows every run's
+* ``client``: a script that submits 200 runs (``retries=1``), follows every run's
   events on the data channel, gathers the results and writes what it saw to a JSON file.
 
 While the runs go, the test kills the process of ``w1``'s Dask worker (by pid) while one of
 its pipelines waits, after its ``emit``, at a marker file the test holds; the nanny starts a
-new worker process. Every run must end exactly once: one final state, one attempt's
-results (never a dead attempt's mixed with the retry's) with the right values, and a failure
-only for the killed run if it had no retries. Everything started is stopped by pid,
+new worker process. Every run must end exactly once, completed: one final state, one
+attempt's results (never the dead attempt's, which it had emitted, next to the retry's)
+with the right values; the killed run, and only it, took a second attempt. (A run without
+retries that dies with its worker fails with the reason: the contract suite's crash tests
+cover that on Dask.) Everything started is stopped by pid,
 namespaces and links are deleted, also on failure.
 
 Needs root and iproute2 (``ip``) with veth and bridge support; skipped with the reason where
@@ -109,7 +111,7 @@ with ExecutionClient(int(port), host, auto_spawn=False, keys=keys, timeout=10) a
     follower.start()
     ids = [
         c.execute(pipe, config={"i": i, "t": 0.04, "marks": marks}, name=f"run-{i:03d}",
-                  retries=i % 2)
+                  retries=1)
         for i in range(n)
     ]
     print("submitted", flush=True)
@@ -221,7 +223,9 @@ def cluster(tmp_path: Path):
     try:
         ip("netns", "add", switch)
         cleanups.append(lambda: ip("netns", "del", switch, check=False))
-        ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        bridge = ip("-n", switch, "link", "add", "br0", "type", "bridge", check=False)
+        if bridge.returncode != 0:
+            pytest.skip(f"this machine cannot create a bridge: {bridge.stderr.strip()}")
         ip("-n", switch, "link", "set", "br0", "up")
         for i, ns in enumerate(hosts.values()):
             ip("netns", "add", ns.name)
@@ -385,22 +389,19 @@ def test_200_runs_on_dask_workers_in_two_namespaces_one_killed_mid_run(cluster, 
     lost = []  # runs whose attempt died with the worker
     for exec_id, r in runs.items():
         i = r["i"]
+        assert r["state"] == "completed", r
         assert r["finals_seen"] <= 1, f"{exec_id} ended twice on the data channel: {r}"
-        assert r["well_seen"] <= 1, f"{exec_id}: a result event twice: {r}"
-        if r["attempts"] > 1 or r["state"] != "completed":
+        # live, each attempt publishes its own result (the dead one's came before it died)
+        assert r["well_seen"] <= r["attempts"], f"{exec_id}: more result events: {r}"
+        if r["attempts"] > 1:
             lost.append(r)
-        if r["state"] == "completed":
-            # one attempt's results, intact: never the dead attempt's next to the retry's
-            assert r["names"] == {"well": 1, "return": 1}, r
-            assert r["return"] == [i]
-            assert r["well"] == [[i, i, [4, 4], "uint16"]]
-        else:
-            assert r["state"] == "failed", r
-            assert i % 2 == 0, f"run {i} had retries=1 and still failed: {r}"
-            assert "worker" in r["error"] and "died" in r["error"], r
-    # the killed pipeline's run, and nothing else, lost an attempt (one thread per worker)
+        # stored: one attempt's results, intact, never the dead attempt's next to the retry's
+        assert r["names"] == {"well": 1, "return": 1}, r
+        assert r["return"] == [i]
+        assert r["well"] == [[i, i, [4, 4], "uint16"]]
+    # the killed pipeline's run, and nothing else, took a second attempt (one thread a worker)
     assert len(lost) == 1, lost
-    assert lost[0]["attempts"] == 2 or lost[0]["state"] == "failed", lost
+    assert lost[0]["attempts"] == 2, lost
     assert workers[w1].poll() is None, "w1's nanny should have started a new worker"
     print(
         f"  {N_RUNS} runs over 2 namespaced Dask workers with CURVE in {elapsed:.1f} s; "
