@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import io
 import threading
 import time
@@ -16,14 +15,7 @@ import numpy as np
 from . import protocol, shm
 from .errors import ExecutionCancelled, RunEnded
 from .imagemeta import meta_for
-from .resultfile import (
-    NPY_DATA_OFFSET,
-    VALUE_FILE_SUFFIX,
-    aligned_copy,
-    write_bytes,
-    write_npy,
-)
-from .store import StorageFailed, storage_failure
+from .resultfile import NPY_DATA_OFFSET, ResultWriter, RunFiles, aligned_copy
 
 #: bytes results larger than this are written to a file instead of the index
 INLINE_BYTES_LIMIT = 1 << 20
@@ -36,129 +28,7 @@ PROGRESS_RATE_HZ = 50.0
 #: a print loop cannot push more than this much log text per flush
 LOG_FLUSH_MAX_CHARS = 64 * 1024
 
-#: array results waiting for the disk may hold at most this much memory before emit blocks
-WRITE_BEHIND_BYTES = 64 * 1024 * 1024
-
 SendEvent = Callable[[str, dict[str, Any], bool], None]
-Stored = Callable[[int, str, dict[str, Any]], None]
-
-
-class ResultWriter:
-    """Writes results to disk behind the live stream, in emit order.
-
-    ``emit`` hands a private copy here and streams it at once; this thread writes the
-    file and then calls ``stored`` so the server indexes it. Memory is bounded: emit
-    blocks while more than WRITE_BEHIND_BYTES wait. A small value with nothing queued
-    ahead of it is stored inline (no thread hop on the latency path).
-    """
-
-    def __init__(
-        self,
-        stored: Stored,
-        limit: int = WRITE_BEHIND_BYTES,
-        release: Callable[[Any], None] | None = None,
-    ) -> None:
-        self._stored = stored
-        self._release = release  # gives a shared-memory copy back once it is on disk
-        self._limit = limit
-        self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()
-        self._pending_bytes = 0
-        self._busy = False
-        self._closed = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="result-writer", daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, index: int, name: str, meta: dict, path: Path | None, value: Any, nbytes: int
-    ) -> None:
-        with self._cond:
-            if self.error is not None:
-                raise _stored_failed(self.error)
-            inline = path is None and not self._queue and not self._busy
-            if inline:
-                self._busy = True
-            else:
-                while self._pending_bytes > self._limit and self.error is None:
-                    self._cond.wait()
-                self._queue.append((index, name, meta, path, value, nbytes))
-                self._pending_bytes += nbytes
-                self._cond.notify_all()
-                return
-        try:
-            self._stored(index, name, meta)
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                while self._busy:
-                    self._cond.wait()
-                index, name, meta, path, value, nbytes = self._queue[0]
-                self._busy = True
-            try:
-                if path is not None and self.error is None:
-                    if isinstance(value, np.ndarray):
-                        write_npy(path, value)
-                    else:
-                        write_bytes(path, value)
-                if self.error is None:
-                    self._stored(index, name, meta)
-            except BaseException as exc:  # a full disk fails the run, not the worker
-                if isinstance(exc, OSError) and path is not None:
-                    path.unlink(missing_ok=True)  # a partial file: give its space back
-                    run_dir = path.parent  # DATA_DIR/results/<id>
-                    what = f"result {index} of run {run_dir.name}"
-                    exc = StorageFailed(storage_failure(what, run_dir.parent.parent, exc))
-                self.error = exc
-            finally:
-                if self._release is not None and isinstance(value, np.ndarray):
-                    self._release(value)
-                with self._cond:
-                    self._queue.popleft()
-                    self._pending_bytes -= nbytes
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def start_run(self, stored: Stored) -> None:
-        """Direct the next results to ``stored`` (the writer is idle between runs)."""
-        self.flush_quietly()
-        self._stored = stored
-        self.error = None
-
-    def flush_quietly(self) -> None:
-        with self._cond:
-            while self._queue or self._busy:
-                self._cond.wait()
-
-    def flush(self) -> None:
-        """Wait until every submitted result is stored (or failed)."""
-        with self._cond:
-            while self._queue or self._busy:
-                self._cond.wait()
-        if self.error is not None:
-            raise _stored_failed(self.error)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5)
-
-
-def _stored_failed(error: BaseException) -> OSError:
-    """What emit (and the end of a run) raise once a result could not be stored."""
-    if isinstance(error, StorageFailed):  # "disk full while storing result 12 of run ..."
-        return StorageFailed(str(error))
-    return OSError(f"storing results failed: {error}")
 
 
 class Config(types.SimpleNamespace):
@@ -209,14 +79,15 @@ class Context:
         self,
         execution_id: str,
         send: SendEvent,
-        results_dir: Path,
+        results_dir: Path | RunFiles,
         cancel_event: threading.Event,
         writer: ResultWriter,
         ring: shm.Ring | None = None,
     ) -> None:
         self.execution_id = execution_id
         self._send = send
-        self._results_dir = results_dir
+        #: the run's result files (the store's writer for it): names and places
+        self._files = results_dir if isinstance(results_dir, RunFiles) else RunFiles(results_dir)
         self._writer = writer
         self._ring = ring
         self._cancel = cancel_event
@@ -324,7 +195,8 @@ class Context:
         "color"}`` dicts, one per index of axis ``c``) and ``kind`` (``"labels"`` for
         segmentation masks). Metadata that does not fit the array raises ValueError here.
         """
-        if not isinstance(name, str) or not name:
+        given: object = name  # checked at run time: pipelines are not type-checked
+        if not isinstance(given, str) or not given:
             raise TypeError("a result name must be a non-empty str")
         image = meta_for(value, axes=axes, scale=scale, units=units, channels=channels, kind=kind)
         with self._emit_lock:  # a thread the run left behind cannot slip in after close()
@@ -365,7 +237,7 @@ class Context:
             if copy and self._ring is not None and value.nbytes >= shm.MIN_BYTES:
                 room = self._ring.alloc(value.nbytes, wait=True)  # None if it cannot fit
             data = aligned_copy(value, room) if copy else value
-            path = self._file(f"{index}.npy")
+            path = self._files.new_file(index, "array")
             meta = {
                 "kind": "array",
                 "file": path.name,
@@ -377,16 +249,16 @@ class Context:
             }
             return meta, data, path, data, int(value.nbytes)
         if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > INLINE_BYTES_LIMIT:
-            data = bytes(value)
-            path = self._file(f"{index}.bin")
-            meta = {"kind": "bytes", "file": path.name, "nbytes": len(data)}
-            return meta, data, path, data, len(data)
+            raw = bytes(value)
+            path = self._files.new_file(index, "bytes")
+            meta = {"kind": "bytes", "file": path.name, "nbytes": len(raw)}
+            return meta, raw, path, raw, len(raw)
         packed, buffers = protocol.check_value(value, f"result {name!r} (index {index})")
         if buffers or len(packed) > INLINE_VALUE_LIMIT:
             # arrays inside a structure: one self-contained file; what streams is decoded
             # from its bytes, so the pipeline may change its arrays once emit returns
             blob = protocol.blob(packed, buffers)
-            path = self._file(f"{index}{VALUE_FILE_SUFFIX}")
+            path = self._files.new_file(index, "value")
             meta = {"kind": "value", "file": path.name, "nbytes": len(blob)}
             return meta, protocol.loads(blob), path, blob, len(blob)
         if isinstance(value, np.generic):
@@ -394,10 +266,6 @@ class Context:
         elif isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         return {"kind": "value", "value": value}, value, None, None, 0
-
-    def _file(self, name: str) -> Path:
-        self._results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return self._results_dir / name
 
     # -- live only
     def preview(

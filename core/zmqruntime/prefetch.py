@@ -20,12 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
-from .resultfile import read_into
+from .resultfile import Read, read_into  # Read: file, offset of the data, where it goes
 
-Read = tuple[Path, int, np.ndarray]  # file, offset of the data, where it goes
 Work = Callable[[], str | None]  # runs in the prefetch thread; an error message or None
 
 

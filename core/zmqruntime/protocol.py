@@ -13,7 +13,7 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -105,7 +105,7 @@ def array_to_buffer(arr: np.ndarray) -> tuple[memoryview, str]:
     if arr.size == 0:
         return memoryview(b""), order
     flat = arr.reshape(-1, order="A") if order == "C" else arr.T.reshape(-1)
-    return memoryview(flat.view(np.uint8)), order
+    return flat.view(np.uint8).data, order
 
 
 def dtype_to_wire(dtype: np.dtype) -> Any:
@@ -136,9 +136,9 @@ def buffer_to_array(buf: Any, dtype: Any, shape: Sequence[int], order: str) -> n
             f"array buffer has {mv.nbytes} bytes, header says {expected} ({dt}, {shape})"
         )
     if expected == 0:
-        return np.empty(shape, dtype=dt, order=order)
+        return np.empty(shape, dtype=dt, order=cast(Any, order))
     flat = np.frombuffer(mv, dtype=dt)
-    return flat.reshape(shape, order=order)
+    return flat.reshape(shape, order=cast(Any, order))
 
 
 # --------------------------------------------------------------------------- codec
@@ -180,7 +180,7 @@ class _Packer:
             return msgpack.ExtType(EXT_TUPLE, _pack_with(self, list(obj)))
         for base in (bool, int, float, str, bytes, dict, list):  # subclasses: their base
             if isinstance(obj, base):
-                return base(obj)
+                return cast(Any, base)(obj)
         if isinstance(obj, (set, frozenset)):
             return list(obj)
         raise TypeError(
@@ -278,7 +278,7 @@ def blob(data: bytes, buffers: Sequence[Any]) -> bytes:
     """The self-contained byte string of a value already packed by :func:`pack`."""
     sizes = [memoryview(b).nbytes for b in buffers]
     head = BLOB_MAGIC + struct.pack(f"<IQ{len(sizes)}Q", len(sizes), len(data), *sizes)
-    parts = [head, data]
+    parts: list[Any] = [head, data]  # bytes-like: joined without a copy each
     pos = len(head) + len(data)
     for buf, size in zip(buffers, sizes):
         pad = -pos % _BLOB_ALIGN

@@ -1,4 +1,10 @@
-"""Writing array results to .npy files fast: aligned copies and O_DIRECT.
+"""Result files: their names and places (:class:`ResultFiles`, :class:`RunFiles`), and
+writing array results to .npy files fast: aligned copies and O_DIRECT.
+
+The store owns a data dir's result files (``Store.files``): a worker asks it for a run's
+writer (``ResultFiles.writer``: names and makes the files), the server for a reader
+(``ResultFiles.reader``: loads an indexed result, or plans the read the prefetch thread
+does off the loop).
 
 Page-cache writes of large frames cost more CPU than sending them (on the machines we
 measured, about 1.3 ms of kernel time per MB), so on Linux array results are written
@@ -8,9 +14,13 @@ ordinary .npy files (header padded to one 4 KiB block), readable by ``np.load``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -22,6 +32,81 @@ NPY_DATA_OFFSET = BLOCK
 _MAGIC = b"\x93NUMPY\x01\x00"
 #: a non-array result that holds arrays (or is large) is one file of protocol.dumps bytes
 VALUE_FILE_SUFFIX = ".zmqv"
+
+
+#: the file suffix of each kind of result kept in a file
+SUFFIXES = {"array": ".npy", "bytes": ".bin", "value": VALUE_FILE_SUFFIX}
+
+#: a stored array the prefetch thread reads before a reply leaves: file, data offset, buffer
+Read = tuple[Path, int, np.ndarray]
+
+
+class RunFiles:
+    """One run's result files (``DATA_DIR/results/<id>/<index><suffix>``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+
+    # -- the writer's side
+    def new_file(self, index: int, kind: str) -> Path:
+        """Where result ``index`` of ``kind`` (array, bytes, value) is written."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.dir / f"{index}{SUFFIXES[kind]}"
+
+    @staticmethod
+    def write(path: Path, value: Any) -> None:
+        """Write a result file: an array as .npy (O_DIRECT when it can), else bytes."""
+        if isinstance(value, np.ndarray):
+            write_npy(path, value)
+        else:
+            write_bytes(path, value)
+
+    # -- the reader's side
+    def load(self, entry: dict[str, Any], reads: list[Read] | None = None) -> Any:
+        """The value of an indexed result. An array with a known data offset comes back
+        as an empty aligned buffer and its read is appended to ``reads`` (the server's
+        prefetch thread fills it off the loop); without ``reads`` it is read here."""
+        kind = entry.get("kind")
+        if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
+            out = aligned_empty(
+                tuple(entry["shape"]),
+                protocol.dtype_from_wire(entry["dtype"]),
+                entry.get("order", "C"),
+            )
+            read = (self.dir / entry["file"], int(entry["offset"]), out)
+            if reads is None:
+                read_into(*read)
+            else:
+                reads.append(read)
+            return out
+        if kind == "array":
+            path = self.dir / entry["file"]
+            if int(entry.get("nbytes", 1)) == 0:
+                return np.load(path)
+            return np.load(path, mmap_mode="r")  # sent straight from the page cache
+        if kind == "bytes":
+            return (self.dir / entry["file"]).read_bytes()
+        if "file" in entry:  # a value holding arrays: decoded here
+            return read_value(self.dir / entry["file"])
+        return entry.get("value")
+
+
+class ResultFiles:
+    """A data dir's result files: one :class:`RunFiles` per run under ``results/``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "results"
+
+    def run_dir(self, exec_id: str) -> Path:
+        return self.root / exec_id
+
+    def writer(self, exec_id: str) -> RunFiles:
+        """For the worker running ``exec_id``: it names and writes the run's files."""
+        return RunFiles(self.run_dir(exec_id))
+
+    def reader(self, exec_id: str) -> RunFiles:
+        """For the server (and its prefetch thread): it reads the run's files back."""
+        return RunFiles(self.run_dir(exec_id))
 
 
 def read_value(path: Path) -> object:
@@ -59,7 +144,7 @@ def aligned_empty(
     else:
         raw, offset = room, 0
     view = raw[offset : offset + nbytes]
-    return np.ndarray(shape, dtype=dtype, buffer=view, order=order)
+    return np.ndarray(shape, dtype=dtype, buffer=view, order=cast(Any, order))
 
 
 def read_into(path: Path, offset: int, out: np.ndarray) -> None:
@@ -149,7 +234,7 @@ def _write_direct(path: Path, header: bytes, data: memoryview, arr: np.ndarray) 
         start = (-block.ctypes.data) % BLOCK
         head = block[start : start + BLOCK]
         head[: len(header)] = np.frombuffer(header, dtype=np.uint8)
-        _write_all(fd, memoryview(head), 0)
+        _write_all(fd, head.data, 0)
         # the copy is padded to whole blocks: write them all, then cut the file to size
         padded = np.ndarray(
             (_round_up(arr.nbytes),), dtype=np.uint8, buffer=_base_buffer(arr), offset=0
@@ -173,10 +258,135 @@ def _base_buffer(arr: np.ndarray) -> memoryview:
     flat = base.reshape(-1).view(np.uint8) if base.flags.c_contiguous else None
     if flat is None or start + _round_up(arr.nbytes) > flat.nbytes:
         raise OSError("array is not padded for direct writes")
-    return memoryview(flat[start : start + _round_up(arr.nbytes)])
+    return flat[start : start + _round_up(arr.nbytes)].data
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     written = 0
     while written < len(data):
         written += os.pwrite(fd, data[written:], offset + written)
+
+
+#: array results waiting for the disk may hold at most this much memory before emit blocks
+WRITE_BEHIND_BYTES = 64 * 1024 * 1024
+
+Stored = Callable[[int, str, dict[str, Any]], None]
+
+
+class ResultWriter:
+    """Writes results to disk behind the live stream, in emit order.
+
+    ``emit`` hands a private copy here and streams it at once; this thread writes the
+    file and then calls ``stored`` so the server indexes it. Memory is bounded: emit
+    blocks while more than WRITE_BEHIND_BYTES wait. A small value with nothing queued
+    ahead of it is stored inline (no thread hop on the latency path).
+    """
+
+    def __init__(
+        self,
+        stored: Stored,
+        limit: int = WRITE_BEHIND_BYTES,
+        release: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._stored = stored
+        self._release = release  # gives a shared-memory copy back once it is on disk
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._pending_bytes = 0
+        self._busy = False
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="result-writer", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, index: int, name: str, meta: dict, path: Path | None, value: Any, nbytes: int
+    ) -> None:
+        with self._cond:
+            if self.error is not None:
+                raise _stored_failed(self.error)
+            inline = path is None and not self._queue and not self._busy
+            if inline:
+                self._busy = True
+            else:
+                while self._pending_bytes > self._limit and self.error is None:
+                    self._cond.wait()
+                self._queue.append((index, name, meta, path, value, nbytes))
+                self._pending_bytes += nbytes
+                self._cond.notify_all()
+                return
+        try:
+            self._stored(index, name, meta)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                while self._busy:
+                    self._cond.wait()
+                index, name, meta, path, value, nbytes = self._queue[0]
+                self._busy = True
+            try:
+                if path is not None and self.error is None:
+                    RunFiles.write(path, value)
+                if self.error is None:
+                    self._stored(index, name, meta)
+            except BaseException as exc:  # a full disk fails the run, not the worker
+                if isinstance(exc, OSError) and path is not None:
+                    from .store import StorageFailed, storage_failure  # the store imports us
+
+                    path.unlink(missing_ok=True)  # a partial file: give its space back
+                    run_dir = path.parent  # DATA_DIR/results/<id>
+                    what = f"result {index} of run {run_dir.name}"
+                    exc = StorageFailed(storage_failure(what, run_dir.parent.parent, exc))
+                self.error = exc
+            finally:
+                if self._release is not None and isinstance(value, np.ndarray):
+                    self._release(value)
+                with self._cond:
+                    self._queue.popleft()
+                    self._pending_bytes -= nbytes
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def start_run(self, stored: Stored) -> None:
+        """Direct the next results to ``stored`` (the writer is idle between runs)."""
+        self.flush_quietly()
+        self._stored = stored
+        self.error = None
+
+    def flush_quietly(self) -> None:
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+
+    def flush(self) -> None:
+        """Wait until every submitted result is stored (or failed)."""
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+        if self.error is not None:
+            raise _stored_failed(self.error)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+
+def _stored_failed(error: BaseException) -> OSError:
+    from .store import StorageFailed  # the store imports this module
+
+    """What emit (and the end of a run) raise once a result could not be stored."""
+    if isinstance(error, StorageFailed):  # "disk full while storing result 12 of run ..."
+        return StorageFailed(str(error))
+    return OSError(f"storing results failed: {error}")

@@ -13,17 +13,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from . import messages as m
 from . import protocol
 from ._version import __version__
 from .errors import ProtocolError, UnknownExecution
 from .protocol import ControlMessageType, ErrorCode, EventKind
-from .resultfile import aligned_empty, read_value
+from .resultfile import Read
 from .runstate import RunState
 from .server_core import Waiter
 
@@ -51,7 +48,7 @@ class Exchange:
     req: Any
     #: stored arrays the reply needs read (path, offset, buffer): the prefetch thread
     #: fills them off the loop before the reply is sent
-    reads: list[tuple[Path, int, np.ndarray]] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
 
 
 class ControlHandlers:
@@ -208,14 +205,10 @@ class ControlHandlers:
                     truncated.append(status["id"])
                     continue
                 budget -= size
-                run_dir = store.run_dir(status["id"])
+                files = store.files.reader(status["id"])
                 results[status["id"]] = [
                     _with_meta(
-                        {
-                            "index": e["index"],
-                            "name": e["name"],
-                            "value": self.load_result(run_dir, e, ex),
-                        },
+                        {"index": e["index"], "name": e["name"], "value": files.load(e, ex.reads)},
                         e,
                     )
                     for e in entries
@@ -274,10 +267,10 @@ class ControlHandlers:
         if r.values is False:  # a listing: what each result is, without its bytes
             listing = [_result_summary(e) for e in store.results(r.id, r.start, r.limit)]
             return {"results": listing, "n_results": record["n_results"], "state": record["state"]}
-        run_dir = store.run_dir(r.id)
+        files = store.files.reader(r.id)  # arrays are read off the loop (see _send)
         out, total_bytes = [], 0
         for entry in store.results(r.id, r.start, r.limit):
-            value = self.load_result(run_dir, entry, ex)
+            value = files.load(entry, ex.reads)
             out.append(
                 _with_meta({"index": entry["index"], "name": entry["name"], "value": value}, entry)
             )
@@ -305,30 +298,6 @@ class ControlHandlers:
     def shutdown(self, ex: Exchange, r: m.Shutdown) -> dict:
         self.server._stopping = True
         return {"stopping": True, "pid": os.getpid()}
-
-    # ------------------------------------------------------------------ stored results
-    def load_result(self, run_dir: Path, entry: dict[str, Any], ex: Exchange) -> Any:
-        kind = entry.get("kind")
-        if kind == "array" and entry.get("offset") and entry.get("shape") and entry["nbytes"]:
-            # nothing is read in this loop: the prefetch thread fills the array before
-            # the reply leaves (see ExecutionServer._send)
-            out = aligned_empty(
-                tuple(entry["shape"]),
-                protocol.dtype_from_wire(entry["dtype"]),
-                entry.get("order", "C"),
-            )
-            ex.reads.append((run_dir / entry["file"], int(entry["offset"]), out))
-            return out
-        if kind == "array":
-            path = run_dir / entry["file"]
-            if int(entry.get("nbytes", 1)) == 0:
-                return np.load(path)
-            return np.load(path, mmap_mode="r")  # sent straight from the page cache
-        if kind == "bytes":
-            return (run_dir / entry["file"]).read_bytes()
-        if "file" in entry:  # a value holding arrays: decoded here, re-packed in the reply
-            return read_value(run_dir / entry["file"])
-        return entry.get("value")
 
 
 #: the handler of each control request type (a new request: a member, a dataclass in

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from . import protocol
+from .resultfile import ResultFiles
 
 log = logging.getLogger("zmqruntime.store")
 
@@ -158,7 +159,10 @@ class Store:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
-        self.results_dir = self.data_dir / "results"
+        #: the result files: the store locates them, a worker writes and the server reads
+        #: them through it (resultfile.ResultFiles)
+        self.files = ResultFiles(self.data_dir)
+        self.results_dir = self.files.root
         self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db_path = self.data_dir / "executions.sqlite"
         self._in_tx = False
@@ -375,7 +379,7 @@ class Store:
 
     # -- results
     def run_dir(self, exec_id: str) -> Path:
-        return self.results_dir / exec_id
+        return self.files.run_dir(exec_id)
 
     def add_result(self, exec_id: str, idx: int, name: str, meta: dict, nbytes: int) -> None:
         self._write(

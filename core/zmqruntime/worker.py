@@ -31,7 +31,7 @@ from . import protocol, shm
 from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 from .messages import WorkerMessage
-from .resultfile import aligned_copy
+from .resultfile import ResultFiles, RunFiles, aligned_copy
 from .store import StorageFailed
 
 HEARTBEAT_INTERVAL = 0.5
@@ -119,7 +119,7 @@ class PipelineRunner:
         task: dict[str, Any],
         send: Callable[[str, dict[str, Any], bool], None],
         writer: Any,
-        results_dir: Path,
+        results_dir: Path | RunFiles,
         ring: shm.Ring | None = None,
         capture: Callable[[LogWriter], contextlib.AbstractContextManager] | None = None,
         check_threads: bool = True,
@@ -211,6 +211,7 @@ class Worker(PipelineRunner):
         super().__init__()
         self.worker_id = worker_id
         self.data_dir = Path(data_dir)
+        self.files = ResultFiles(self.data_dir)  # the store's layout: where results go
         self.zctx = zmq.Context()
         self.control_endpoint = control
         self.events = self.zctx.socket(zmq.PUSH)
@@ -218,7 +219,7 @@ class Worker(PipelineRunner):
         self.events.setsockopt(zmq.LINGER, 5000)
         self.events.connect(events)
         self.events_lock = threading.Lock()
-        self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
+        self.previews_in_flight: dict[str, zmq.MessageTracker | None] = {}
         self.interrupt_at: float | None = None
         self.tasks: queue.Queue[dict | None] = queue.Queue()
         # large arrays go through shared memory; a result's room is freed once on disk
@@ -246,7 +247,7 @@ class Worker(PipelineRunner):
         try:
             self._send_frames(kind, body, frames, reliable)
         finally:
-            if room is not None:
+            if room is not None and self.ring is not None:
                 self.ring.free(room)  # readable until the ring comes round (newest wins)
 
     def _preview_room(self, body: dict[str, Any]) -> np.ndarray | None:
@@ -367,7 +368,7 @@ class Worker(PipelineRunner):
 
         self.writer.start_run(stored)
         done = self.run_pipeline(
-            exec_id, task, send, self.writer, self.data_dir / "results" / exec_id, self.ring
+            exec_id, task, send, self.writer, self.files.writer(exec_id), self.ring
         )
         if self.interrupted or self.recycle:
             done["retiring"] = True
