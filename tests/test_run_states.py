@@ -144,6 +144,11 @@ def test_cancel_while_queued_and_a_cancel_deadline(h):
     assert h.core.request_cancel(running, grace=0.0)
     assert not h.core.request_cancel(running, grace=0.0)  # once
     assert h.core.cancels_due(time.monotonic() + 1) == [running]
+    reason = "cancelled: the pipeline did not stop within 2 s, so its worker was killed"
+    assert h.core.overdue(time.monotonic() + 1, 2.0) == [(running, reason, "cancelled")]
+    running.fail_reason = "disk full"  # a run the server fails: it ends failed
+    assert h.core.overdue(time.monotonic() + 1, 2.0) == [(running, "disk full", "failed")]
+    running.fail_reason = None
     h.core.run_lost(running, "cancelled: killed", RunState.CANCELLED)
     h.commit_and_announce()
     assert h.states(queued.id)[-1] == "cancelled" and h.states(running.id)[-1] == "cancelled"

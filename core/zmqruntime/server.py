@@ -44,7 +44,7 @@ from .server_relay import EventRelay, TcpEvent
 from .server_requests import ControlHandlers, Exchange
 from .server_setup import banner, bind_refused, registry_entry, setup_logging
 from .server_storage import DEFAULT_MIN_FREE_MB, DiskGuard
-from .server_supervisor import NativeSupervisor, WorkerHandle
+from .server_supervisor import NativeSupervisor
 from .store import Store
 from .transport import ServerSecurity, data_port_of, is_loopback, tcp_url
 
@@ -344,9 +344,6 @@ class ExecutionServer:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
         return self.core.submit(pipeline_code, config_code, config, name, retries)
 
-    def _check_accepting(self) -> None:
-        self.disk.check_accepting()
-
     def _fail_run(self, run: Run, reason: str) -> None:
         """End a running run as failed (the Dask executor's call too): see DiskGuard."""
         self.disk.fail_run(run, reason)
@@ -358,11 +355,6 @@ class ExecutionServer:
             self.executor.cancel(run)
         elif self.supervisor is not None:
             self.supervisor.cancel(run)
-
-    @property
-    def workers(self) -> dict[str, WorkerHandle]:
-        """The native workers by id (empty with a Dask executor)."""
-        return self.supervisor.workers if self.supervisor is not None else {}
 
     def _on_worker_event(self, frames: list[Any]) -> None:
         """A worker's event (the Dask executor forwards its tasks' here too)."""
@@ -415,17 +407,7 @@ class ExecutionServer:
             self._apply_retention()  # a server that runs for months keeps its store bounded
         if self.supervisor is not None:
             self.supervisor.tick()
-        for run in self.core.cancels_due(now):
-            if run.state is not RunState.RUNNING:
-                continue
-            if run.fail_reason is not None:
-                reason, state = run.fail_reason, "failed"
-            else:
-                reason = (
-                    f"cancelled: the pipeline did not stop within {self.cancel_grace:g} s, "
-                    "so its worker was killed"
-                )
-                state = "cancelled"
+        for run, reason, state in self.core.overdue(now, self.cancel_grace):
             if self.executor is not None:
                 run.cancel_deadline = None
                 log.info("run %s ignored cancel for %.1f s", run.id, self.cancel_grace)
@@ -439,17 +421,9 @@ class ExecutionServer:
         self.core.run_lost(run, reason, state)
 
     # ------------------------------------------------------------------ state changes
-    def _finish(
-        self,
-        run: Run,
-        state: RunState | str,
-        *,
-        error: str | None = None,
-        traceback: str | None = None,
-        message: str | None = None,
-    ) -> None:
-        """End a run (RunCore.finish; the Dask executor calls this too)."""
-        self.core.finish(run, state, error=error, traceback=traceback, message=message)
+    def _finish(self, run: Run, state: RunState | str, **fields: str | None) -> None:
+        """End a run (RunCore.finish: error, traceback, message); the Dask executor's call."""
+        self.core.finish(run, state, **fields)
 
     def _announce_finished(self) -> None:
         """Commit, then tell watchers and waiters: a final state is durable before anyone

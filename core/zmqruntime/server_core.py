@@ -390,3 +390,20 @@ class RunCore:
             for r in self.runs.values()
             if r.cancel_deadline is not None and now > r.cancel_deadline
         ]
+
+    def overdue(self, now: float, grace: float) -> list[tuple[Run, str, str]]:
+        """Running runs whose cancel grace period is over, each with why it ends and in
+        which state, once its worker (or Dask task) is stopped by force."""
+        out = []
+        for run in self.cancels_due(now):
+            if run.state is not RunState.RUNNING:
+                continue
+            if run.fail_reason is not None:
+                out.append((run, run.fail_reason, RunState.FAILED.value))
+            else:
+                reason = (
+                    f"cancelled: the pipeline did not stop within {grace:g} s, "
+                    "so its worker was killed"
+                )
+                out.append((run, reason, RunState.CANCELLED.value))
+        return out

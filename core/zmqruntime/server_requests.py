@@ -105,12 +105,10 @@ class ControlHandlers:
     # ------------------------------------------------------------------ handlers
     def ping(self, ex: Exchange, r: m.Ping) -> dict:
         srv = self.server
-        busy = sum(1 for w in srv.workers.values() if w.current)
-        workers, ready, queued = (
-            srv.n_workers,
-            sum(1 for w in srv.workers.values() if w.ready),
-            len(srv.core.queue),
-        )
+        native = srv.supervisor
+        busy = native.busy() if native is not None else 0
+        ready = native.ready() if native is not None else 0
+        workers, queued = srv.n_workers, len(srv.core.queue)
         executor: dict[str, Any] = {"kind": "native", "workers": workers}
         if srv.executor is not None:  # the cluster's workers; runs submitted, not started
             executor = srv.executor.info()
@@ -149,7 +147,7 @@ class ControlHandlers:
                 "field 'resources' needs a server whose runs execute on Dask "
                 "(zmqruntime serve --dask ...); this server runs them on its own workers"
             )
-        srv._check_accepting()
+        srv.disk.check_accepting()
         run = srv._submit(r.pipeline_code, r.config_code, r.config, r.name, r.retries)
         run.resources = r.resources
         srv._dispatch()
@@ -157,7 +155,7 @@ class ControlHandlers:
 
     def execute_many(self, ex: Exchange, r: m.ExecuteMany) -> dict:
         srv = self.server
-        srv._check_accepting()
+        srv.disk.check_accepting()
         names = r.names
         ids = [
             srv._submit(
