@@ -145,7 +145,7 @@ def test_formatting():
     assert fmt_duration(3725) == "1h 02m"
     assert (
         describe_result({"kind": "array", "dtype": "<u2", "shape": [512, 512], "nbytes": 524288})
-        == "array 512×512 uint16 (512.0 KB)"
+        == "array 512×512 uint16 (524.3 kB)"
     )
     assert describe_result({"kind": "value", "value": {"frames": 60, "cells": [1, 2]}}) == (
         "{frames: 60, cells: [2 items]}"

@@ -26,14 +26,18 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    """``512 B``, ``1.5 KB``, ``12.0 MB``, ``3.1 GB`` (powers of 1024)."""
+    """``512 B``, ``1.5 kB``, ``12.0 MB``, ``3.1 GB``: SI units (powers of 1000), the
+    units of ``--min-free-mb`` and of disk vendors, one convention for CLI, GUI and the
+    server's messages."""
     if n is None:
         return DASH
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def fmt_time(t: float | None) -> str:

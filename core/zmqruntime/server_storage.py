@@ -13,11 +13,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .formatting import fmt_bytes
 from .protocol import EventKind
 from .runstate import RunState
 from .server_core import Run
 from .server_requests import RunsRefused
-from .store import fmt_bytes, free_bytes, storage_failure
+from .store import free_bytes, storage_failure
 
 if TYPE_CHECKING:
     from .server import ExecutionServer

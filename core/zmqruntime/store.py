@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from . import protocol
+from .formatting import fmt_bytes
 from .resultfile import ResultFiles
 
 log = logging.getLogger("zmqruntime.store")
@@ -55,17 +56,6 @@ def free_bytes(path: Path | str) -> int:
         return shutil.disk_usage(path).free
     except OSError:
         return 0
-
-
-def fmt_bytes(n: float) -> str:
-    """``0 bytes``, ``512 bytes``, ``12.3 MB``: what an operator reads in a message."""
-    if n < 1000:
-        return f"{int(n)} bytes"
-    for unit in ("kB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def is_disk_full(exc: BaseException) -> bool:
