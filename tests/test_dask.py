@@ -104,12 +104,6 @@ def test_local_cluster_workers_allocate_as_native_workers_do(gpu_server):
     assert c.get_results(exec_id, timeout=60) == {"return": ["'1'"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resources are kept in memory only: a run recovered after a server restart is "
-    "submitted without them (needs a column in store.py and ServerCore.submit/recover; see "
-    "docs/deployment.md section 8)",
-)
 @pytest.mark.timeout(240)
 def test_resources_survive_a_server_restart(tmp_path):
     data_dir = tmp_path / "server"

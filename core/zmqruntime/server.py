@@ -339,10 +339,11 @@ class ExecutionServer:
         config: dict | None,
         name: str | None,
         retries: int,
+        resources: dict[str, float] | None = None,
     ) -> Run:
         if self._stopping:
             raise ProtocolError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
-        return self.core.submit(pipeline_code, config_code, config, name, retries)
+        return self.core.submit(pipeline_code, config_code, config, name, retries, resources)
 
     def _fail_run(self, run: Run, reason: str) -> None:
         """End a running run as failed (the Dask executor's call too): see DiskGuard."""

@@ -121,6 +121,7 @@ class RunCore:
         config: dict | None,
         name: str | None,
         retries: int,
+        resources: dict[str, float] | None = None,
     ) -> Run:
         """A new run, queued (the table's initial state) and published."""
         exec_id = secrets.token_hex(8)
@@ -140,8 +141,8 @@ class RunCore:
             "retries": max(0, retries),
             "attempts": 0,
         }
-        self._store.insert(record, pipeline_code, config_code, config)
-        run = Run(record=record)
+        self._store.insert(record, pipeline_code, config_code, config, resources)
+        run = Run(record=record, resources=resources)
         run.task = {"pipeline_code": pipeline_code, "config_code": config_code, "config": config}
         self.runs[exec_id] = run
         self.queue.append(exec_id)
@@ -310,7 +311,7 @@ class RunCore:
         for exec_id in store.ids_in_state(RunState.RUNNING.value):
             record = store.get(exec_id)
             assert record is not None
-            run = Run(record=record)
+            run = Run(record=record, resources=store.resources_of(exec_id))
             # the counters are written at the end of a run: count what it left behind
             n_results, n_logs = store.counts(exec_id)
             record["n_results"], record["n_logs"] = n_results, n_logs
@@ -336,7 +337,7 @@ class RunCore:
         for exec_id in store.ids_in_state(RunState.QUEUED.value):
             record = store.get(exec_id)
             assert record is not None
-            queued[exec_id] = Run(record=record)
+            queued[exec_id] = Run(record=record, resources=store.resources_of(exec_id))
         for run in sorted(queued.values(), key=lambda r: r.record["created"]):
             self.runs[run.id] = run
             self.queue.append(run.id)

@@ -148,8 +148,7 @@ class ControlHandlers:
                 "(zmqruntime serve --dask ...); this server runs them on its own workers"
             )
         srv.disk.check_accepting()
-        run = srv._submit(r.pipeline_code, r.config_code, r.config, r.name, r.retries)
-        run.resources = r.resources
+        run = srv._submit(r.pipeline_code, r.config_code, r.config, r.name, r.retries, r.resources)
         srv._dispatch()
         return {"id": run.id, "status": dict(run.record)}
 

@@ -106,7 +106,8 @@ CREATE TABLE IF NOT EXISTS executions (
     attempts INTEGER NOT NULL DEFAULT 0,
     pipeline_code TEXT NOT NULL,
     config_code TEXT,
-    config BLOB
+    config BLOB,
+    resources BLOB  -- Dask worker resources the run needs (execute(..., resources=))
 );
 CREATE INDEX IF NOT EXISTS executions_state ON executions(state);
 CREATE TABLE IF NOT EXISTS results (
@@ -185,6 +186,9 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(executions)")}
+            if "resources" not in columns:  # a store written before the column existed
+                db.execute("ALTER TABLE executions ADD COLUMN resources BLOB")
         except sqlite3.Error:
             db.close()
             raise
@@ -312,11 +316,16 @@ class Store:
 
     # -- records
     def insert(
-        self, record: dict[str, Any], pipeline_code: str, config_code: str | None, config: Any
+        self,
+        record: dict[str, Any],
+        pipeline_code: str,
+        config_code: str | None,
+        config: Any,
+        resources: dict[str, float] | None = None,
     ) -> None:
         self._write(
             "INSERT INTO executions (id, name, state, progress, message, created, retries,"
-            " pipeline_code, config_code, config) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " pipeline_code, config_code, config, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 record["id"],
                 record["name"],
@@ -328,6 +337,7 @@ class Store:
                 pipeline_code,
                 config_code,
                 protocol.dumps(config) if config is not None else None,
+                protocol.dumps(resources) if resources else None,
             ),
             record["id"],
             "the record",
@@ -351,6 +361,17 @@ class Store:
             "SELECT pipeline_code, config_code, config FROM executions WHERE id=?", (exec_id,)
         ).fetchone()
         return pipeline, config_code, (protocol.loads(config) if config else None)
+
+    def resources_of(self, exec_id: str) -> dict[str, float] | None:
+        """The Dask worker resources a stored run asked for (None: none, or a store opened
+        read-only that predates the column)."""
+        try:
+            row = self.db.execute(
+                "SELECT resources FROM executions WHERE id=?", (exec_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # read-only store without the column
+            return None
+        return protocol.loads(row[0]) if row and row[0] else None
 
     def list(self, limit: int = 200, states: Iterable[str] | None = None) -> list[dict]:
         sql = f"SELECT {', '.join(STATUS_FIELDS)} FROM executions"
