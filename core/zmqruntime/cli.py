@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         default="npy",
-        help="npy: one file per result + index.json; ome-zarr / ome-tiff: one image per array "
+        help="npy: one file per result + index.json; ome-zarr (NGFF 0.4, Zarr v2), "
+        "ome-zarr-0.5 (NGFF 0.5, Zarr v3: needs zarr 3) or ome-tiff: one image per array "
         "result name (same-shaped results stacked along t), values in values.csv, manifest.json",
     )
     _connection_args(p)
