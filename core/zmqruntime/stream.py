@@ -123,29 +123,32 @@ def follow(
         return
     while True:
         if sub.poll(int(poll_interval * 1000)):
-            event = sub.recv()
-            if event.get("overwritten"):
-                continue  # a result: fetched from the store with the next one; a preview: lost
-            kind = event.get("kind")
-            if kind == EventKind.RESULT.value:
-                index = event["index"]
-                if index < next_index:
-                    continue
-                if index > next_index:  # dropped on the way: the store has them
-                    yield from fetch_results(exec_id, next_index, index)
-                yield event
-                next_index = index + 1
-            elif kind == EventKind.STATE.value:
-                status = event["status"]
-                if status["state"] in FINAL_STATES:
-                    yield from fetch_results(exec_id, next_index, status["n_results"])
+            # everything waiting at once, of each preview stream only the newest: a caller
+            # that lags gets the newest frame next, and the queues behind it empty, so the
+            # frames sent meanwhile (the last one of a run above all) are not dropped
+            for event in sub.drain():
+                if event.get("overwritten"):
+                    continue  # a result: fetched from the store with the next one
+                kind = event.get("kind")
+                if kind == EventKind.RESULT.value:
+                    index = event["index"]
+                    if index < next_index:
+                        continue
+                    if index > next_index:  # dropped on the way: the store has them
+                        yield from fetch_results(exec_id, next_index, index)
                     yield event
-                    return
-                yield event
-            elif kind == EventKind.PREVIEW.value and not previews:
-                continue
-            else:
-                yield event
+                    next_index = index + 1
+                elif kind == EventKind.STATE.value:
+                    status = event["status"]
+                    if status["state"] in FINAL_STATES:
+                        yield from fetch_results(exec_id, next_index, status["n_results"])
+                        yield event
+                        return
+                    yield event
+                elif kind == EventKind.PREVIEW.value and not previews:
+                    continue
+                else:
+                    yield event
         else:  # quiet: the final state may have been dropped, so ask
             status = get_status(exec_id)
             if status["state"] in FINAL_STATES:
