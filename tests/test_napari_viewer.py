@@ -211,3 +211,44 @@ def test_the_windows_open_in_napari_gives_the_same_layers(
 
         open_viewers = napari.Viewer._instances  # napari's own registry of open viewers
         qtbot.waitUntil(lambda: all(r() is not viewer for r in open_viewers), timeout=10_000)
+
+
+@pytest.mark.skipif(DRAWS, reason="this run has a display: the drawing tests ran themselves")
+@pytest.mark.timeout(300)
+def test_the_drawing_tests_pass_in_a_real_napari_under_xvfb():
+    """Offscreen (the suite's default) napari cannot draw, so the tests that open a real
+    napari.Viewer run here in a pytest of their own on an Xvfb display; they must run
+    (not skip) and pass."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("Xvfb"):
+        pytest.skip("needs Xvfb (.ci/system-deps installs it; Debian/Ubuntu: xvfb)")
+    from test_gui_xvfb import Display
+
+    display = Display()
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                __file__,
+                "-k",
+                "real_viewer or windows_open",
+            ],
+            env=display.env,
+            capture_output=True,
+            text=True,
+            timeout=280,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    finally:
+        display.stop()
+    print(out.stdout[-1500:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "2 passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

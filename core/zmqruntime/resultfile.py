@@ -236,10 +236,10 @@ def _write_direct(path: Path, header: bytes, data: memoryview, arr: np.ndarray) 
         head[: len(header)] = np.frombuffer(header, dtype=np.uint8)
         _write_all(fd, head.data, 0)
         # the copy is padded to whole blocks: write them all, then cut the file to size
-        padded = np.ndarray(
+        padded: np.ndarray = np.ndarray(
             (_round_up(arr.nbytes),), dtype=np.uint8, buffer=_base_buffer(arr), offset=0
         )
-        _write_all(fd, memoryview(padded), BLOCK)
+        _write_all(fd, padded.data, BLOCK)
         os.ftruncate(fd, BLOCK + arr.nbytes)
     except OSError:
         os.close(fd)
