@@ -44,7 +44,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from . import protocol
 from .dask_cluster import DaskCluster, ExecutorUnavailable, parse_adapt, parse_spec
 from .dask_task import TASK_DOMAIN
-from .resultfile import write_npy
+from .resultfile import SUFFIXES
 from .store import storage_failure
 from .transport import ServerSecurity, tcp_url
 
@@ -377,20 +377,23 @@ class DaskExecutor:
     def _write_result(self, run_id: str, header: dict[str, Any], frame: Any) -> None:
         """Write one result file as a native worker would (same names and formats)."""
         meta = header["meta"]
-        name = str(meta["file"])
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise OSError(f"bad result file name {name!r}")
-        run_dir = self.server.store.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / name
+        kind, index = meta.get("kind"), header.get("index")
+        if kind not in SUFFIXES or not isinstance(index, int) or index < 0:
+            raise OSError(f"a result header without a file kind or index: {kind!r} {index!r}")
+        files = self.server.store.files.writer(run_id)  # the store names the file
+        path = files.new_file(index, kind)
+        if str(meta.get("file")) != path.name:
+            raise OSError(f"bad result file name {meta.get('file')!r} (expected {path.name})")
         try:
-            if meta.get("kind") == "array":
-                array = protocol.buffer_to_array(
-                    frame.buffer, meta["dtype"], meta["shape"], meta.get("order", "C")
+            if kind == "array":
+                files.write(
+                    path,
+                    protocol.buffer_to_array(
+                        frame.buffer, meta["dtype"], meta["shape"], meta.get("order", "C")
+                    ),
                 )
-                write_npy(path, array)
             else:
-                path.write_bytes(frame.buffer)
+                files.write(path, frame.buffer)
         except protocol.ProtocolError as exc:
             path.unlink(missing_ok=True)
             raise OSError(f"a damaged result: {exc}") from None
