@@ -60,10 +60,10 @@ def test_the_gui_contract_catches_an_internal_import(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "core")])}
     config_file = str(tmp_path / "contract.toml")
-    kept = lint_imports(config_file, env=env)
+    kept = lint_imports("--config", config_file, env=env)
     assert kept.returncode == 0, kept.stdout + kept.stderr
     assert "KEPT" in kept.stdout
     (gui / "bad.py").write_text("from zmqruntime.protocol import FINAL_STATES\n")
-    broken = lint_imports(config_file, env=env)
+    broken = lint_imports("--config", config_file, env=env)
     assert broken.returncode != 0, broken.stdout
     assert "standin_gui.bad -> zmqruntime.protocol" in broken.stdout, broken.stdout
