@@ -22,7 +22,7 @@ from PySide6 import QtCore, QtWidgets
 from zmqruntime.imagemeta import AXES, ImageMeta, default_axes
 
 from .model import auto_levels
-from .widgets import named
+from .widgets import level_field, named
 
 #: colours of channels that stated none (napari's order for channel_axis); one channel: grey
 DEFAULT_COLOURS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF")
@@ -316,16 +316,13 @@ class ChannelControls(QtWidgets.QWidget):
         self.show()
 
     def _level_field(self, name: str, tip: str) -> QtWidgets.QDoubleSpinBox:
-        field = named(QtWidgets.QDoubleSpinBox(), name)
-        field.setRange(-1e12, 1e12)
-        field.setDecimals(0 if self._integer else 3)
-        field.setKeyboardTracking(False)
-        field.setButtonSymbols(QtWidgets.QAbstractSpinBox.ButtonSymbols.NoButtons)
-        field.setMinimumWidth(52)
-        field.setMaximumWidth(80)
-        field.setToolTip(tip + " (typing a value turns Continuous off)")
-        field.editingFinished.connect(self._levels_typed)
-        return field
+        return level_field(
+            name,
+            tip,
+            self._levels_typed,
+            decimals=0 if self._integer else 3,
+            widths=(52, 80),
+        )
 
     # ------------------------------------------------------------------ sliders
     def _slider_moved(self, name: str, value: int) -> None:

@@ -23,7 +23,15 @@ from zmqruntime.imagemeta import ImageMeta
 from .calibration import ScaleBar, meta_of, physical_text, write_ome_snapshot
 from .channels import ChannelControls, composite, layout_of, plane_of
 from .model import FollowBox, Frame, RateMeter, auto_levels, display_step, downsample
-from .widgets import icon, labelled, make_action, make_button, make_toolbar, named
+from .widgets import (
+    icon,
+    labelled,
+    level_field,
+    make_action,
+    make_button,
+    make_toolbar,
+    named,
+)
 
 FRAME_MS = 15  # draw up to ~60 new frames per second
 CONTINUOUS_LEVELS_S = 0.1  # continuous levels follow the frames this often (no flicker)
@@ -615,16 +623,7 @@ class PreviewPanel(QtWidgets.QWidget):
 
     # ------------------------------------------------------------------ levels, gamma
     def _level_field(self, name: str, tip: str) -> QtWidgets.QDoubleSpinBox:
-        field = named(QtWidgets.QDoubleSpinBox(), name)
-        field.setRange(-1e12, 1e12)
-        field.setDecimals(2)
-        field.setKeyboardTracking(False)
-        field.setButtonSymbols(QtWidgets.QAbstractSpinBox.ButtonSymbols.NoButtons)
-        field.setMinimumWidth(64)
-        field.setMaximumWidth(96)
-        field.setToolTip(tip + " (typing a value turns Continuous off)")
-        field.editingFinished.connect(self._levels_typed)
-        return field
+        return level_field(name, tip, self._levels_typed)
 
     def _integer_image(self) -> bool:
         array = self.displayed_array()

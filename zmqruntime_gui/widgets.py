@@ -23,6 +23,28 @@ W = TypeVar("W", bound=QtCore.QObject)
 AnyIndex = QtCore.QModelIndex | QtCore.QPersistentModelIndex
 
 
+def level_field(
+    name: str,
+    tip: str,
+    on_typed: Callable[[], None],
+    *,
+    decimals: int = 2,
+    widths: tuple[int, int] = (64, 96),
+) -> QtWidgets.QDoubleSpinBox:
+    """A Min or Max level field: no spin buttons, applied when typing ends, and a tip
+    that says typing turns Continuous off (the preview's levels and each channel's)."""
+    field = named(QtWidgets.QDoubleSpinBox(), name)
+    field.setRange(-1e12, 1e12)
+    field.setDecimals(decimals)
+    field.setKeyboardTracking(False)
+    field.setButtonSymbols(QtWidgets.QAbstractSpinBox.ButtonSymbols.NoButtons)
+    field.setMinimumWidth(widths[0])
+    field.setMaximumWidth(widths[1])
+    field.setToolTip(tip + " (typing a value turns Continuous off)")
+    field.editingFinished.connect(on_typed)
+    return field
+
+
 def named(obj: W, name: str) -> W:
     """``obj`` with its objectName set (the name the stylesheet and the tests find it by).
 
