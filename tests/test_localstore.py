@@ -95,3 +95,69 @@ def test_an_incomplete_listing_entry_is_refused_so_the_socket_is_used(tmp_path, 
     del entry[missing]
     with pytest.raises(OSError):
         reader.read("x", entry)
+
+
+FRAMES = """
+import numpy as np
+def run(ctx, config):
+    if config["i"] == 3:
+        raise ValueError("no frame 3")
+    for k in range(config["i"] % 3):  # 0, 1 or 2 frames per run
+        ctx.emit("frame", np.full((256, 256), 100 * config["i"] + k, np.uint16))
+    return config["i"]
+"""
+
+
+def _in_flight_spy(monkeypatch) -> list[int]:
+    """Wrap StoreReader.read to record how many file reads were under way at each start
+    (a value that came in the listing is not a read)."""
+    import threading
+    import time
+
+    original = StoreReader.read
+    lock = threading.Lock()
+    active = [0]
+    seen: list[int] = []
+
+    def spy(self, exec_id, entry):
+        if "file" not in entry:
+            return original(self, exec_id, entry)
+        with lock:
+            active[0] += 1
+            seen.append(active[0])
+        try:
+            time.sleep(0.02)  # long enough for the next reads to start meanwhile
+            return original(self, exec_id, entry)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(StoreReader, "read", spy)
+    return seen
+
+
+def gather_frames(client) -> None:
+    ids = client.execute_many(FRAMES, [{"i": i} for i in range(12)])
+    got = client.gather(ids, timeout=120, return_exceptions=True)
+    for i, result in enumerate(got):
+        if i == 3:
+            assert "no frame 3" in str(result)
+            continue
+        assert result["return"] == [i]
+        frames = result.get("frame", [])
+        assert [int(f[0, 0]) for f in frames] == [100 * i + k for k in range(i % 3)]
+        assert all(f.shape == (256, 256) and np.all(f == f[0, 0]) for f in frames)
+
+
+def test_gather_reads_several_files_at_once_in_order(server, monkeypatch):
+    seen = _in_flight_spy(monkeypatch)
+    gather_frames(server.client())
+    assert len(seen) >= 8  # every frame came from its file
+    assert 2 <= max(seen) <= localstore.READ_AHEAD_FILES
+
+
+def test_read_ahead_stays_within_its_byte_budget(server, monkeypatch):
+    monkeypatch.setattr(localstore, "READ_AHEAD_BYTES", 1)  # under one frame: one at a time
+    seen = _in_flight_spy(monkeypatch)
+    gather_frames(server.client())
+    assert len(seen) >= 8 and max(seen) == 1

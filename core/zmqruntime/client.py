@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ class ExecutionClient:
     def close(self) -> None:
         """Close every socket of this client, including those of unfinished streams."""
         self.connection.close()
+        if isinstance(self._reader_checked, StoreReader):
+            self._reader_checked.close()
 
     def __enter__(self) -> ExecutionClient:
         return self
@@ -185,6 +188,8 @@ class ExecutionClient:
                         f"{left} of {len(exec_ids)} runs not finished after {timeout:g} s"
                     )
             stored = reply.get("results", {})
+            sinks: dict[str, MemorySink] = {}
+            left_out: list[tuple[str, int, int]] = []  # left out of the reply for size
             for status in statuses:
                 exec_id = status["id"]
                 try:
@@ -194,13 +199,16 @@ class ExecutionClient:
                         raise
                     out[exec_id] = exc
                     continue
-                sink = MemorySink()
+                sinks[exec_id] = MemorySink()
                 items = stored.get(exec_id)
-                if items is None:  # left out of the reply for size: fetch on its own
-                    items = self.fetch_results(exec_id, 0, status["n_results"])
+                if items is None:
+                    left_out.append((exec_id, 0, status["n_results"]))
+                    continue
                 for item in items:
-                    sink.add(item["index"], item["name"], item["value"])
-                out[exec_id] = sink.close()
+                    sinks[exec_id].add(item["index"], item["name"], item["value"])
+            for exec_id, item in self._fetch_runs(left_out):  # their files read ahead
+                sinks[exec_id].add(item["index"], item["name"], item["value"])
+            out.update((exec_id, sink.close()) for exec_id, sink in sinks.items())
         return [out[i] for i in exec_ids]
 
     def get_status(self, exec_id: str) -> dict[str, Any]:
@@ -417,32 +425,8 @@ class ExecutionClient:
         A result is streamed before its file is written; one not stored yet is waited for.
         A client that sees the server's files reads them itself (see localstore).
         """
-        index = start
-        pause = 0.002
-        reader = self._store_reader()
-        while index < stop:
-            body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
-            if reader is not None:
-                body["values"] = False  # a listing: the files are read here
-            reply = self.connection.request(ControlMessageType.RESULTS, body)
-            batch = reply["results"]
-            if not batch:
-                if reply["state"] in FINAL_STATES:
-                    raise ProtocolError(
-                        f"the server has no stored result {index} of {exec_id} "
-                        f"(it stored {reply['n_results']})"
-                    )
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-                continue
-            pause = 0.002
-            for item in batch:
-                if item["index"] >= stop:
-                    return
-                if reader is not None:  # one at a time: a batch may be gigabytes
-                    item = self._read_listed(reader, exec_id, item)
-                yield {"kind": "result", "id": exec_id, "seq": None, "fetched": True, **item}
-                index = item["index"] + 1
+        for run_id, item in self._fetch_runs([(exec_id, start, stop)]):
+            yield {"kind": "result", "id": run_id, "seq": None, "fetched": True, **item}
 
     # ------------------------------------------------------------------ internals
     def _probe_status(self, exec_id: str) -> dict[str, Any]:
@@ -463,10 +447,59 @@ class ExecutionClient:
         reader = self._reader_checked
         return reader if isinstance(reader, StoreReader) else None
 
-    def _read_listed(self, reader: StoreReader, exec_id: str, entry: dict) -> dict[str, Any]:
-        """One listed result with its value: from its file, or over the socket if need be."""
+    def _fetch_runs(self, runs: list[tuple[str, int, int]]) -> Iterator[tuple[str, dict]]:
+        """``(exec_id, {"index", "name", "value"[, "meta"]})`` of the stored results
+        ``start <= index < stop`` of each run, in order; a client that sees the server's
+        files reads several of them at once, ahead of the caller (bounded in bytes)."""
+        reader = self._store_reader()
+        if reader is None:
+            for exec_id, start, stop in runs:
+                for item in self._listed(exec_id, start, stop, values=True):
+                    yield exec_id, item
+            return
+        listed = (
+            (exec_id, entry)
+            for exec_id, start, stop in runs
+            for entry in self._listed(exec_id, start, stop, values=False)
+        )
+        for exec_id, entry, value in reader.read_ahead(listed):
+            yield exec_id, self._read_listed(exec_id, entry, value)
+
+    def _listed(
+        self, exec_id: str, start: int, stop: int, *, values: bool
+    ) -> Iterator[dict[str, Any]]:
+        """The server's entries of results ``start <= index < stop`` in batches, with
+        their values unless ``values`` is False (a listing: the files are read here); a
+        result not stored yet is waited for."""
+        index = start
+        pause = 0.002
+        while index < stop:
+            body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
+            if not values:
+                body["values"] = False
+            reply = self.connection.request(ControlMessageType.RESULTS, body)
+            batch = reply["results"]
+            if not batch:
+                if reply["state"] in FINAL_STATES:
+                    raise ProtocolError(
+                        f"the server has no stored result {index} of {exec_id} "
+                        f"(it stored {reply['n_results']})"
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            pause = 0.002
+            for item in batch:
+                if item["index"] >= stop:
+                    return
+                yield item
+                index = item["index"] + 1
+
+    def _read_listed(self, exec_id: str, entry: dict, value: Future) -> dict[str, Any]:
+        """One listed result with its value: read from its file, or over the socket if
+        that read failed (permissions, retention just removed it)."""
         try:
-            value = reader.read(exec_id, entry)
+            got = value.result()
         except (OSError, ProtocolError, ValueError):
             body = {"id": exec_id, "start": entry["index"], "limit": 1}
             fetched = self.connection.request(ControlMessageType.RESULTS, body)["results"]
@@ -475,7 +508,7 @@ class ExecutionClient:
                     f"the server has no stored result {entry['index']} of {exec_id}"
                 ) from None
             return fetched[0]
-        item = {"index": entry["index"], "name": entry["name"], "value": value}
+        item = {"index": entry["index"], "name": entry["name"], "value": got}
         if "meta" in entry:
             item["meta"] = entry["meta"]
         return item
