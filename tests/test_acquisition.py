@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -84,9 +85,10 @@ def pixel_hash(frame: np.ndarray) -> str:
 class Watcher:
     """Follows one run's events in a thread, stamping each with its arrival time."""
 
-    def __init__(self, server: ServerProcess, exec_id: str) -> None:
+    def __init__(self, server: ServerProcess, exec_id: str, previews: bool = False) -> None:
         self.client = server.client()
         self.exec_id = exec_id
+        self.previews = previews
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.following = threading.Event()  # the follower's first progress arrived
         self.errors: list[BaseException] = []
@@ -95,7 +97,7 @@ class Watcher:
 
     def _run(self) -> None:
         try:
-            for event in self.client.stream(self.exec_id, previews=False):
+            for event in self.client.stream(self.exec_id, previews=self.previews):
                 self.events.append((time.time(), event))
                 if event["kind"] == "progress" and "acquisition" in event:
                     self.following.set()
@@ -287,6 +289,91 @@ def test_the_bundled_example_follows_a_simulated_acquisition(
     assert results["return"][0]["frames"] == 6
 
 
+def run_example(
+    server: ServerProcess, folder: Path, source: Path, fps: float, frames: int, **config: Any
+) -> tuple[str, Watcher]:
+    """The bundled example following ``folder`` (and followed, previews included) while the
+    writer plays ``frames`` frames of ``source`` into it at ``fps``; returns once it ended."""
+    pipeline, config_code = resources.example("acquisition_folder")
+    exec_id = server.client().execute(
+        pipeline, config_code, config={"folder": str(folder), **config}
+    )
+    watcher = Watcher(server, exec_id, previews=True)
+    assert watcher.following.wait(30), "the example never started following the folder"
+    cmd = [
+        sys.executable, "-m", "zmqruntime", "simulate-acquisition", str(folder),
+        "--from", str(source), "--fps", str(fps), "--frames", str(frames), "--quiet",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    status = watcher.join(timeout=120)
+    assert status["state"] == "completed", status
+    return exec_id, watcher
+
+
+def test_the_bundled_example_with_binning_counts_as_without_and_scales_the_outlines(
+    acq_server: ServerProcess, timelapse: Path, source_pages: list[np.ndarray], tmp_path: Path
+) -> None:
+    """binning = 2 on the real frames: per-frame counts and mean areas (in the camera's
+    pixels) as the full frames give, the outlines preview binned at twice the pixel size,
+    the camera preview and the max projection at full size. At 2 frames/s (binned, a frame
+    takes some 50 ms here) the run keeps pace and says nothing of falling behind."""
+    n = 4
+    exec_id, watcher = run_example(
+        acq_server, tmp_path / "acq", timelapse, fps=2, frames=n, binning=2, pixel_size=0.65
+    )
+    client = acq_server.client()
+    results = client.get_results(exec_id, timeout=30)
+    rows = results["frames"]
+    assert [r["frame"] for r in rows] == list(range(n))
+    support = resources.load_example_module("example_support")
+    for row, page in zip(rows, source_pages):  # what the full frame gives, here
+        labels = support.segment_nuclei(page.astype(np.float32), {})
+        areas = np.bincount(labels.ravel())[1:]
+        areas = areas[areas > 0]
+        assert len(areas) > 0
+        assert abs(row["nuclei"] - len(areas)) <= max(2, 0.25 * len(areas)), (row, len(areas))
+        assert row["mean_area"] == pytest.approx(float(areas.mean()), rel=0.25), row
+    height, width = source_pages[0].shape
+    np.testing.assert_array_equal(
+        results["max_projection"][0], np.max(np.stack(source_pages[:n]), axis=0)
+    )
+
+    previews = [e for _, e in watcher.events if e["kind"] == "preview"]
+    camera = [e for e in previews if e["name"] == "camera"]
+    outlines = [e for e in previews if e["name"] == "outlines"]
+    assert camera and outlines, sorted({e["name"] for e in previews})
+    for event in camera:
+        assert event["value"].shape == (height, width)
+        assert event["meta"]["scale"] == pytest.approx({"y": 0.65, "x": 0.65})
+    binned = [np.rint(support.bin_frame(p, 2)).astype(p.dtype) for p in source_pages[:n]]
+    for event in outlines:
+        assert event["value"].shape == (height // 2, width // 2)
+        assert event["meta"]["scale"] == pytest.approx({"y": 1.3, "x": 1.3})
+        # the binned frame, but for the outlines drawn on it
+        assert max(np.mean(event["value"] == b) for b in binned) > 0.7
+    logs = "\n".join(e["text"] for e in client.get_logs(exec_id))
+    assert "falling behind" not in logs, logs
+
+
+def test_the_bundled_example_says_once_when_it_falls_behind(
+    acq_server: ServerProcess, timelapse: Path, tmp_path: Path
+) -> None:
+    """Frames written as fast as the writer can (asked: 1000/s): each takes the run longer
+    (10-100 ms), files pile up, and the run says so once, with what to do; none is lost."""
+    n = 10  # all the frames of the subset
+    exec_id, _ = run_example(acq_server, tmp_path / "acq", timelapse, fps=1000, frames=n)
+    client = acq_server.client()
+    assert [r["frame"] for r in client.get_results(exec_id, timeout=30)["frames"]] == list(range(n))
+    logs = [e["text"] for e in client.get_logs(exec_id)]
+    behind = [line for line in logs if "falling behind the acquisition" in line]
+    assert len(behind) == 1, logs
+    waiting = re.search(r"(\d+) files waiting", behind[0])
+    assert waiting is not None and 2 <= int(waiting.group(1)) <= n - 3, behind[0]
+    assert "s per frame" in behind[0] and "set binning = 2 or 4 in the config" in behind[0]
+    print(f"\n{behind[0]}")
+
+
 # --------------------------------------------------------------------------- in-process
 
 
@@ -385,6 +472,21 @@ def test_a_tiff_cut_short_is_never_taken_for_complete(timelapse: Path, tmp_path:
                 passed.append(n)
                 np.testing.assert_array_equal(tifffile.imread(path), whole, f"{n} bytes")
         assert len(passed) <= 16, passed  # at most the unused tail
+
+
+def test_binning_is_a_camera_binning_and_bad_values_fail() -> None:
+    support = resources.load_example_module("example_support")
+    frame = np.arange(7 * 9, dtype=np.uint16).reshape(7, 9)
+    binned = support.bin_frame(frame, 2)  # the 7th row and 9th column are cropped
+    assert binned.shape == (3, 4) and binned.dtype == np.float32
+    assert binned[0, 0] == frame[:2, :2].mean() and binned[2, 3] == frame[4:6, 6:8].mean()
+    np.testing.assert_array_equal(support.bin_frame(frame, 1), frame.astype(np.float32))
+    assert support.binning_factor({}) == 1 and support.binning_factor({"binning": 4.0}) == 4
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(ValueError, match="binning"):
+            support.binning_factor({"binning": bad})
+    with pytest.raises(ValueError, match="larger than the 9x7 frame"):
+        support.bin_frame(frame, 8)
 
 
 def test_bad_arguments_fail_at_once(tmp_path: Path) -> None:

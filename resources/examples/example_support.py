@@ -78,6 +78,30 @@ def calibration(config):
     return {"scale": {"y": float(size), "x": float(size)}} if size else {}
 
 
+def binning_factor(config):
+    """``config.binning`` (default 1) checked: a whole number of pixels, 1 or more."""
+    value = config.get("binning", 1)
+    value = 1 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"binning must be a whole number of pixels (1, 2, 4...), not {value!r}")
+    if value < 1:
+        raise ValueError(f"binning must be 1 (none) or more, not {value!r}")
+    return int(value)
+
+
+def bin_frame(frame, n):
+    """The 2-D ``frame`` binned ``n`` x ``n`` as a camera bins: the mean of each n x n block
+    of pixels, as float32; rows and columns that do not fill a block are cropped. ``n`` 1
+    gives the frame itself as float32."""
+    if n == 1:
+        return frame.astype(np.float32)
+    height, width = frame.shape[0] // n, frame.shape[1] // n
+    if height == 0 or width == 0:
+        raise ValueError(f"binning {n} is larger than the {frame.shape[1]}x{frame.shape[0]} frame")
+    blocks = frame[: height * n, : width * n].astype(np.float32)
+    return blocks.reshape(height, n, width, n).mean(axis=(1, 3), dtype=np.float32)
+
+
 def typical_area(labels):
     """Median object area, ignoring specks of a few pixels (noise)."""
     areas = np.bincount(labels.ravel())[1:]
