@@ -19,10 +19,11 @@ pixel_size = None
 # bins; rows/columns left over are cropped); 1 = the full frame. Counts stay per frame, and
 # mean_area is in the camera's pixels at any binning (binned areas x n²; pixels, not µm²,
 # even with pixel_size set). The outlines preview is the binned frame, its pixel size x n;
-# the camera preview and the max projection stay full size. Segmentation of a 2048x2048
-# frame on 2 cores: ~3 s at 1, ~0.6 s at 2, ~0.3 s at 4. The run logs it when it falls
-# behind the camera. Keep nuclei several binned pixels across: the time-lapse sample's
-# (~20 pixels across) lose 1-4 % of the counts at 2 and 15-20 % at 4.
+# the camera preview and the max projection stay full size. A 2048x2048 frame takes the
+# run ~3 s at 1, ~0.8 s at 2, ~0.45 s at 4 (2 cores, light load; ~4x that under load 10).
+# The run logs it when it falls behind the camera. Keep nuclei several binned pixels
+# across: the time-lapse sample's (~20 pixels across) lose up to 10 % of the counts at 2,
+# up to 27 % at 4.
 binning = 1
 
 # nucleus segmentation, as in the nuclei example
