@@ -32,7 +32,7 @@ from .resultfile import aligned_empty, read_into, read_value
 ENV_SWITCH = "ZMQRUNTIME_DIRECT_READ"
 #: files read at once, and bytes read ahead of the caller at most (at least one file)
 READ_AHEAD_FILES = 4
-READ_AHEAD_BYTES = 256 * 1024 * 1024
+READ_AHEAD_BYTES = 64 * 1024 * 1024
 
 Listed = tuple[str, dict[str, Any]]  # (execution id, an entry of its results listing)
 
