@@ -207,7 +207,7 @@ class ExecutionServer:
             self.lock.release()
 
     def _serve(self, announce: bool) -> None:
-        self.store = Store(self.data_dir)
+        self.store = Store(self.data_dir, background_checkpoints=True)
         self.core.store = self.store
         if self.keep_days is not None or self.max_store_gb is not None:
             self._apply_retention()

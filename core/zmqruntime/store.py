@@ -36,6 +36,7 @@ import msgpack
 from . import protocol
 from .formatting import fmt_bytes
 from .resultfile import ResultFiles
+from .walcheckpoint import WalCheckpointer
 
 log = logging.getLogger("zmqruntime.store")
 
@@ -148,8 +149,12 @@ STATUS_FIELDS = (
 class Store:
     """The server's durable state. Not thread-safe: one server loop owns it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, background_checkpoints: bool = False) -> None:
+        """``background_checkpoints``: WAL checkpoints in a thread of their own, never in a
+        commit (the server's; see walcheckpoint)."""
         self.data_dir = Path(data_dir)
+        self._background_checkpoints = background_checkpoints
+        self._checkpointer: WalCheckpointer | None = None
         #: the result files: the store locates them, a worker writes and the server reads
         #: them through it (resultfile.ResultFiles)
         self.files = ResultFiles(self.data_dir)
@@ -177,6 +182,24 @@ class Store:
             self.problem = storage_failure("run records", self.data_dir, exc)
             self._retry_at = time.monotonic() + RETRY_INTERVAL
             log.error("%s: serving what is stored, new writes wait in memory", self.problem)
+        else:
+            self._start_checkpoints()
+
+    def _start_checkpoints(self) -> None:
+        """Checkpoints off the commit path, if asked for (SQLite's own if that fails)."""
+        if not self._background_checkpoints or self._checkpointer is not None:
+            return
+        try:
+            self._checkpointer = WalCheckpointer(self.db_path)
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoints stay in commits: %s", exc)
+            self._stop_checkpoints()
+
+    def _stop_checkpoints(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
 
     def _open(self) -> sqlite3.Connection:
         if not self.db_path.exists():  # pipelines' code and results: this user only
@@ -267,6 +290,8 @@ class Store:
             except sqlite3.Error as exc:
                 self._failed(exc, self._journal)
                 return False
+            if self._checkpointer is not None:
+                self._checkpointer.wrote(len(self._journal))
             self._in_tx = False
             self._journal = []
             self._remove_doomed()
@@ -279,6 +304,7 @@ class Store:
                 db = self._open()  # the disk takes writes again: leave the read-only view
                 self.db.close()
                 self.db, self.writable = db, True
+                self._start_checkpoints()
             self.db.execute("BEGIN")
             for w in self.backlog:
                 self.db.execute(w.sql, w.args)
@@ -309,6 +335,7 @@ class Store:
                 len(self.backlog),
                 self.problem,
             )
+        self._stop_checkpoints()  # the last connection to close checkpoints the rest
         try:
             self.db.close()
         except sqlite3.Error as exc:  # pragma: no cover - closing never writes much
