@@ -228,6 +228,9 @@ class ExecutionServer:
             self.n_workers,
             self.data_dir,
         )
+        hint = shm.huge_pages_hint() if self.supervisor is not None else None
+        if hint:
+            log.info("%s", hint)
         problem = self.disk.problem()
         if problem:
             log.warning("%s", problem)
