@@ -161,3 +161,32 @@ def test_read_ahead_stays_within_its_byte_budget(server, monkeypatch):
     seen = _in_flight_spy(monkeypatch)
     gather_frames(server.client())
     assert len(seen) >= 8 and max(seen) == 1
+
+
+def test_get_result_reads_the_file_on_the_servers_host(server, monkeypatch):
+    """One result by index (exports, the window and napari ask this way) comes from its
+    file too, and from the socket when the file cannot be read."""
+    reads = []
+    original = StoreReader.read
+
+    def spy(self, exec_id, entry):
+        reads.append(entry["name"])
+        return original(self, exec_id, entry)
+
+    monkeypatch.setattr(StoreReader, "read", spy)
+    client = server.client()
+    exec_id = client.execute(PIPE)
+    client.wait(exec_id, timeout=60)
+    frame = client.get_result(exec_id, 0)
+    assert reads == ["frame"]
+    np.testing.assert_array_equal(frame, expected()["frame"][0])
+    table = client.get_result(exec_id, 3)
+    assert set(table) == {(0, 1), "n"} and table["n"] == 2
+    with pytest.raises(IndexError):
+        client.get_result(exec_id, 99)
+
+    def refuse(self, exec_id, entry):
+        raise PermissionError("not readable here")
+
+    monkeypatch.setattr(StoreReader, "read", refuse)
+    np.testing.assert_array_equal(client.get_result(exec_id, 0), expected()["frame"][0])

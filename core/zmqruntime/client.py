@@ -345,12 +345,19 @@ class ExecutionClient:
             index = batch[-1]["index"] + 1
 
     def get_result(self, exec_id: str, index: int) -> Any:
-        """The value of one stored result, by index (running runs included)."""
-        body = {"id": exec_id, "start": index, "limit": 1}
+        """The value of one stored result, by index (running runs included); a client
+        that sees the server's files reads it from there (exports, the window, napari)."""
+        reader = self._store_reader()
+        body: dict[str, Any] = {"id": exec_id, "start": index, "limit": 1}
+        if reader is not None:
+            body["values"] = False  # a listing: the file is read here
         batch = self.connection.request(ControlMessageType.RESULTS, body)["results"]
         if not batch or batch[0]["index"] != index:
             raise IndexError(f"execution {exec_id} has no stored result {index}")
-        return batch[0]["value"]
+        if reader is None:
+            return batch[0]["value"]
+        run_id, entry, value = next(reader.read_ahead([(exec_id, batch[0])]))
+        return self._read_listed(run_id, entry, value)["value"]
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
