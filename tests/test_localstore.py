@@ -74,7 +74,7 @@ def test_results_come_over_the_socket_when_a_file_cannot_be_read(server, monkeyp
 def test_direct_reads_can_be_turned_off(server, monkeypatch):
     monkeypatch.setenv(localstore.ENV_SWITCH, "0")
     client = server.client()
-    assert client._store_reader() is None
+    assert client.stored.reader() is None
     check(client.get_results(client.execute(PIPE), timeout=60))
 
 

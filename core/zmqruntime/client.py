@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ from . import shm
 from .connection import Connection
 from .errors import ExecutionCancelled, ExecutionFailed, ProtocolError
 from .export import FORMATS, export_run
-from .localstore import StoreReader
 from .protocol import FINAL_STATES, ControlMessageType
+from .stored import RESULTS_BATCH, StoredResults
 from .stream import DirectorySink, MemorySink, Subscription, follow
 from .transport import data_port_of, tcp_url
 
@@ -30,7 +29,6 @@ from .transport import data_port_of, tcp_url
 #: WAIT_CHUNK + LIVENESS_MARGIN seconds
 WAIT_CHUNK = 1.0
 LIVENESS_MARGIN = 2.0
-RESULTS_BATCH = 1000
 #: arrays a final status brings along when this client reads the store's files itself
 INLINE_WHEN_LOCAL = 256 * 1024
 #: runs per execute_many / wait_many request: the server handles a request whole in one
@@ -74,7 +72,8 @@ class ExecutionClient:
         self.timeout, self.keys, self.security = conn.timeout, conn.keys, conn.security
         self.auto_spawn, self.workers, self.data_dir = auto_spawn, workers, conn.data_dir
         self.spawn_timeout = spawn_timeout
-        self._reader_checked: StoreReader | bool | None = None  # False: files not readable
+        #: stored results: listed over the control socket, read from the files if seen here
+        self.stored = StoredResults(self.connection)
 
     @property
     def spawned(self) -> psutil.Process | None:
@@ -85,8 +84,7 @@ class ExecutionClient:
     def close(self) -> None:
         """Close every socket of this client, including those of unfinished streams."""
         self.connection.close()
-        if isinstance(self._reader_checked, StoreReader):
-            self._reader_checked.close()
+        self.stored.close()
 
     def __enter__(self) -> ExecutionClient:
         return self
@@ -206,7 +204,7 @@ class ExecutionClient:
                     continue
                 for item in items:
                     sinks[exec_id].add(item["index"], item["name"], item["value"])
-            for exec_id, item in self._fetch_runs(left_out):  # their files read ahead
+            for exec_id, item in self.stored.runs(left_out):  # their files read ahead
                 sinks[exec_id].add(item["index"], item["name"], item["value"])
             out.update((exec_id, sink.close()) for exec_id, sink in sinks.items())
         return [out[i] for i in exec_ids]
@@ -347,17 +345,7 @@ class ExecutionClient:
     def get_result(self, exec_id: str, index: int) -> Any:
         """The value of one stored result, by index (running runs included); a client
         that sees the server's files reads it from there (exports, the window, napari)."""
-        reader = self._store_reader()
-        body: dict[str, Any] = {"id": exec_id, "start": index, "limit": 1}
-        if reader is not None:
-            body["values"] = False  # a listing: the file is read here
-        batch = self.connection.request(ControlMessageType.RESULTS, body)["results"]
-        if not batch or batch[0]["index"] != index:
-            raise IndexError(f"execution {exec_id} has no stored result {index}")
-        if reader is None:
-            return batch[0]["value"]
-        run_id, entry, value = next(reader.read_ahead([(exec_id, batch[0])]))
-        return self._read_listed(run_id, entry, value)["value"]
+        return self.stored.one(exec_id, index)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Server facts (workers, queue, data port...) plus ``rtt_ms``, the round trip."""
@@ -432,7 +420,7 @@ class ExecutionClient:
         A result is streamed before its file is written; one not stored yet is waited for.
         A client that sees the server's files reads them itself (see localstore).
         """
-        for run_id, item in self._fetch_runs([(exec_id, start, stop)]):
+        for run_id, item in self.stored.runs([(exec_id, start, stop)]):
             yield {"kind": "result", "id": run_id, "seq": None, "fetched": True, **item}
 
     # ------------------------------------------------------------------ internals
@@ -445,80 +433,7 @@ class ExecutionClient:
     def _inline_results_bytes(self) -> int:
         """How many bytes of arrays a final status may bring along: few when this client
         reads the files itself (faster than the socket), else the server's default."""
-        return INLINE_WHEN_LOCAL if self._store_reader() is not None else 0
-
-    def _store_reader(self) -> StoreReader | None:
-        """A reader of the server's result files, if this client sees them (checked once)."""
-        if self._reader_checked is None:
-            self._reader_checked = StoreReader.for_server(self.connection.server_info()) or False
-        reader = self._reader_checked
-        return reader if isinstance(reader, StoreReader) else None
-
-    def _fetch_runs(self, runs: list[tuple[str, int, int]]) -> Iterator[tuple[str, dict]]:
-        """``(exec_id, {"index", "name", "value"[, "meta"]})`` of the stored results
-        ``start <= index < stop`` of each run, in order; a client that sees the server's
-        files reads several of them at once, ahead of the caller (bounded in bytes)."""
-        reader = self._store_reader()
-        if reader is None:
-            for exec_id, start, stop in runs:
-                for item in self._listed(exec_id, start, stop, values=True):
-                    yield exec_id, item
-            return
-        listed = (
-            (exec_id, entry)
-            for exec_id, start, stop in runs
-            for entry in self._listed(exec_id, start, stop, values=False)
-        )
-        for exec_id, entry, value in reader.read_ahead(listed):
-            yield exec_id, self._read_listed(exec_id, entry, value)
-
-    def _listed(
-        self, exec_id: str, start: int, stop: int, *, values: bool
-    ) -> Iterator[dict[str, Any]]:
-        """The server's entries of results ``start <= index < stop`` in batches, with
-        their values unless ``values`` is False (a listing: the files are read here); a
-        result not stored yet is waited for."""
-        index = start
-        pause = 0.002
-        while index < stop:
-            body = {"id": exec_id, "start": index, "limit": min(RESULTS_BATCH, stop - index)}
-            if not values:
-                body["values"] = False
-            reply = self.connection.request(ControlMessageType.RESULTS, body)
-            batch = reply["results"]
-            if not batch:
-                if reply["state"] in FINAL_STATES:
-                    raise ProtocolError(
-                        f"the server has no stored result {index} of {exec_id} "
-                        f"(it stored {reply['n_results']})"
-                    )
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-                continue
-            pause = 0.002
-            for item in batch:
-                if item["index"] >= stop:
-                    return
-                yield item
-                index = item["index"] + 1
-
-    def _read_listed(self, exec_id: str, entry: dict, value: Future) -> dict[str, Any]:
-        """One listed result with its value: read from its file, or over the socket if
-        that read failed (permissions, retention just removed it)."""
-        try:
-            got = value.result()
-        except (OSError, ProtocolError, ValueError):
-            body = {"id": exec_id, "start": entry["index"], "limit": 1}
-            fetched = self.connection.request(ControlMessageType.RESULTS, body)["results"]
-            if not fetched or fetched[0]["index"] != entry["index"]:
-                raise ProtocolError(
-                    f"the server has no stored result {entry['index']} of {exec_id}"
-                ) from None
-            return fetched[0]
-        item = {"index": entry["index"], "name": entry["name"], "value": got}
-        if "meta" in entry:
-            item["meta"] = entry["meta"]
-        return item
+        return INLINE_WHEN_LOCAL if self.stored.reader() is not None else 0
 
 
 def _poll_chunk(deadline: float | None) -> float:
