@@ -182,6 +182,102 @@ def test_previews_are_newest_wins_for_a_lagging_watcher(client):
     assert client.get_results(exec_id) == {}
 
 
+def test_progress_and_last_frames_survive_a_full_pipe_to_the_server(any_server, tmp_path):
+    """A server stalled while a pipeline floods previews (a busy disk, a loaded host):
+    the worker's pipe fills, and the previews and the final progress that find it full
+    wait as their streams' newest instead of being dropped; once the server reads again
+    they arrive, while the run still runs. (A dropped ``progress(1, 1)`` once left a run
+    short of 100% until it ended.)"""
+    server = any_server  # a native worker's pipe is local; a Dask task's is TCP
+    client, watching = server.client(), server.client()
+    stopped, flooded, gate = tmp_path / "stopped", tmp_path / "flooded", tmp_path / "gate"
+    exec_id = client.execute(
+        code(f"""
+        import numpy as np, os, time
+        def run(ctx, config):
+            while not os.path.exists({str(stopped)!r}):  # until a watcher sees it
+                ctx.preview("hello", np.zeros((4, 4), dtype=np.uint8))
+                time.sleep(0.05)
+            for i in range(200):  # 64 KiB frames fill the pipe to the stopped server
+                ctx.preview(f"fill{{i}}", np.full((128, 256), i, dtype=np.uint16))
+            for i in range(200):  # then 200 small streams, each with one frame
+                ctx.preview(f"p{{i}}", np.full((4, 4), i, dtype=np.uint16))
+            ctx.progress(1, 1, "flooded")
+            open({str(flooded)!r}, "w").close()
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.01)
+        """)
+    )
+    sub = watching.subscribe(exec_id, hwm=1000)  # room for the whole flood on this side
+    events: list[dict] = []
+    follow_run = follow(sub, exec_id, watching.get_status, watching.fetch_results)
+    watcher = threading.Thread(target=lambda: events.extend(follow_run))
+    watcher.start()
+    try:
+        wait_for(lambda: any(e["kind"] == "preview" for e in events), what="a first preview")
+        process = psutil.Process(server.proc.pid)
+        process.suspend()
+        try:
+            stopped.touch()
+            wait_for(flooded.exists, what="the flood")
+        finally:
+            process.resume()
+        status = wait_for(
+            lambda: (s := client.get_status(exec_id))["progress"] == 1.0 and s,
+            what="the final progress",
+        )
+        assert status["state"] == "running" and status["message"] == "flooded"
+    finally:
+        gate.touch()
+        watcher.join(timeout=60)
+        sub.close()
+    assert not watcher.is_alive()
+    names = {e["name"] for e in events if e["kind"] == "preview"}
+    assert {f"p{i}" for i in range(200)} <= names  # every stream's newest frame arrived
+    assert events[-1]["status"]["state"] == "completed"
+
+
+def test_a_tcp_watcher_that_lags_still_gets_each_streams_last_frame(client, tmp_path):
+    """A remote watcher (TCP) that reads nothing while a run sends 2 MiB frames: the
+    server sends a stream's next frame only once the last is through, and keeps the
+    newest one waiting meanwhile, so the frame sent while the watcher lagged (999)
+    arrives when it reads again, before the run's end."""
+    gate = tmp_path / "gate"
+    exec_id = client.execute(
+        code(f"""
+        import numpy as np, os, time
+        def run(ctx, config):
+            while not os.path.exists({str(gate)!r}):  # until the watcher sees it
+                ctx.preview("cam", np.full((1024, 1024), 1000, dtype=np.uint16))
+                time.sleep(0.05)
+            for i in range(60):
+                ctx.preview("cam", np.full((1024, 1024), i, dtype=np.uint16))
+            ctx.preview("cam", np.full((1024, 1024), 999, dtype=np.uint16))
+            ctx.progress(1, 1, "last frame out")
+            time.sleep(1.0)
+        """)
+    )
+    sub = client.subscribe(exec_id, local=False)
+    try:
+        assert not sub.local
+        wait_for(lambda: sub.poll(100) and sub.drain(), what="a first frame")
+        gate.touch()
+        wait_for(
+            lambda: client.get_status(exec_id)["message"] == "last frame out",
+            what="the last frame sent",
+        )
+        time.sleep(0.2)  # the server has had the last frame a while: it must not drop it
+        seen = [
+            int(e["value"][0, 0])
+            for e in follow(sub, exec_id, client.get_status, client.fetch_results)
+            if e["kind"] == "preview"
+        ]
+    finally:
+        sub.close()
+    assert seen and seen[-1] == 999
+    assert len([v for v in seen if v < 60]) < 60  # it lagged: frames in between were skipped
+
+
 def test_a_stalled_watcher_does_not_slow_the_run_or_grow_the_server(server):
     client = server.client()
     pipeline = code("""

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import protocol
+from . import latest, protocol
 from .context import LogWriter
 from .transport import ClientSecurity
 from .worker import EVENT_HWM, INTERRUPT_DELAY, LOG_FLUSH_INTERVAL, CodeCache, PipelineRunner
@@ -149,7 +149,7 @@ class TaskSession:
         self._wake_rx.bind(wake_url)
         self._wake_tx = self.zctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake_url)
-        self.previews_in_flight: dict[str, zmq.MessageTracker] = {}
+        self.live = latest.LatestSlots()  # previews and progress: newest wins, last kept
         self.runner = PipelineRunner(_codes)
         self.stop = threading.Event()
         self.interrupt_at: float | None = None
@@ -177,6 +177,8 @@ class TaskSession:
             )
             if self.server_lost:
                 done.update(state="failed", error="the zmqruntime server stopped answering")
+            else:
+                self.live.flush(self._send_live, block=True)  # the last frame and progress
             self._send_frames(protocol.encode(done))
         except BaseException:
             self.reusable = False  # e.g. a result the server took nothing of for minutes
@@ -208,22 +210,29 @@ class TaskSession:
         return {"type": "abort", "reason": "the zmqruntime server did not answer"}
 
     def _send(self, kind: str, body: dict[str, Any], reliable: bool) -> None:
-        if kind == "preview":  # newest wins at the source, as in a native worker
-            tracker = self.previews_in_flight.get(body["name"])
-            if tracker is not None and not tracker.done:
-                return
-        frames = protocol.encode({"type": "event", "id": self.exec_id, "kind": kind, **body})
-        if reliable:
-            self._send_frames(frames)
-            return
-        with self.events_lock, contextlib.suppress(zmq.Again):
-            msg = [self.identity, *frames]
-            if kind == "preview":
-                self.previews_in_flight[body["name"]] = self.events.send_multipart(
-                    msg, copy=False, flags=zmq.NOBLOCK, track=True
-                )
-            else:
+        event = {"type": "event", "id": self.exec_id, "kind": kind, **body}
+        if kind in latest.LIVE_KINDS and not reliable:  # newest wins, as in a native worker
+            self.live.offer(latest.stream_key(kind, body), event, self._send_live)
+        elif reliable:
+            self._send_frames(protocol.encode(event))
+        else:
+            with self.events_lock, contextlib.suppress(zmq.Again):
+                msg = [self.identity, *protocol.encode(event)]
                 self.events.send_multipart(msg, copy=False, flags=zmq.NOBLOCK)
+
+    def _send_live(self, event: dict[str, Any], block: bool) -> zmq.MessageTracker | None:
+        """Send a preview or progress event (LatestSlots' ``send``); zmq.Again when it
+        cannot go without blocking."""
+        if not block:
+            if not self.events_lock.acquire(blocking=False):
+                raise zmq.Again()
+            try:
+                msg = [self.identity, *protocol.encode(event)]
+                return self.events.send_multipart(msg, copy=False, flags=zmq.NOBLOCK, track=True)
+            finally:
+                self.events_lock.release()
+        self._send_frames(protocol.encode(event))
+        return None
 
     def _send_frames(self, frames: list[Any]) -> None:
         """A reliable send: blocks while the server is behind, fails after SEND_TIMEOUT_MS."""
@@ -264,6 +273,8 @@ class TaskSession:
                 ctx = self.runner.current_ctx
                 if ctx is not None and not self.events_lock.locked():
                     ctx.flush_logs()
+                if self.live:  # previews and progress that found the pipe full
+                    self.live.flush(self._send_live)
                 last_flush = now
             if now - last_beat >= HEARTBEAT_INTERVAL:
                 beat = protocol.encode({"type": "heartbeat"})

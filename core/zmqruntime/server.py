@@ -53,6 +53,11 @@ log = logging.getLogger("zmqruntime.server")
 
 TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
+#: the same on the local data socket, whose events are small (arrays of 256 KiB and more
+#: come as shared-memory descriptors): room for a burst (a backlog the worker sends once
+#: a stalled server reads again) without dropping events that a watcher reading as fast
+#: as it can would have got; at most 64 MiB per stalled watcher, usually well under 1 MiB
+LOCAL_DATA_HWM = 256
 #: ZMQ_AFFINITY bitmasks of the server's three I/O threads: control connections are
 #: spread over two (a client fetching stored results fills one with replies, while
 #: another client's ping goes through the other), bulk sockets have the third
@@ -146,7 +151,7 @@ class ExecutionServer:
         self.data.setsockopt(zmq.LINGER, 0)
         self.data_local = self.zctx.socket(zmq.XPUB)
         self.data_local.setsockopt(zmq.AFFINITY, BULK_IO_THREAD)
-        self.data_local.setsockopt(zmq.SNDHWM, DATA_HWM)
+        self.data_local.setsockopt(zmq.SNDHWM, LOCAL_DATA_HWM)
         self.data_local.setsockopt(zmq.LINGER, 0)
         for sock in (self.control, self.data, self.data_local):
             if self.security:
@@ -284,6 +289,7 @@ class ExecutionServer:
                         log.warning("%s", error)
                         frames = protocol.error_reply(req, ErrorCode.INTERNAL, error)
                     self._send_now(route, frames)
+            self.relay.send_pending_previews()  # TCP watchers' newest frames, once free
             now = time.monotonic()
             if now - last_tick >= TICK:
                 self._guarded(self._tick)

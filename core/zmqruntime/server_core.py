@@ -53,6 +53,8 @@ class Run:
     waiters: list[Waiter] = field(default_factory=list)
     #: per preview stream, the frame last sent to tcp watchers (newest wins)
     remote_previews: dict[tuple, Any] = field(default_factory=dict)
+    #: per preview stream, the newest frame waiting for the last one to be through
+    pending_previews: dict[tuple, Any] = field(default_factory=dict)
     #: why the server ends this run as failed once its worker stops (its results could
     #: not be stored); never retried
     fail_reason: str | None = None

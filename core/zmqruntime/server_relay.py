@@ -66,6 +66,11 @@ class Watched:
 PREVIEW_QUEUED = object()  # a preview frame for TCP watchers is in the prefetch queue
 
 
+def _on_its_way(sent: Any) -> bool:
+    """Whether a preview stream's last frame for TCP watchers is not through yet."""
+    return sent is PREVIEW_QUEUED or (sent is not None and not sent.done)
+
+
 @dataclass
 class TcpEvent:
     """An event for TCP watchers that waits in the prefetch queue (so order is kept)."""
@@ -105,6 +110,7 @@ class EventRelay:
         self.tcp_watch = Watched(self.data)
         self.local_watch = Watched(self.data_local)
         self._tcp_queued = 0  # TCP events waiting in the prefetch thread (kept in order)
+        self._pending_runs: dict[str, Run] = {}  # runs with previews in pending_previews
 
     def on_worker_event(self, frames: list[Any]) -> None:
         """A worker's message on the events socket (or a Dask task's, forwarded): results
@@ -189,13 +195,32 @@ class EventRelay:
         key = None
         if descriptor is not None and msg is not None and msg.get("kind") == "preview":
             key = (msg["id"], msg.get("name"))
-            tracker = run.remote_previews.get(key)
-            if tracker is PREVIEW_QUEUED or (tracker is not None and not tracker.done):
-                return  # newest wins: the last frame of this stream is still on its way
+            if _on_its_way(run.remote_previews.get(key)):
+                # newest wins: the stream's last frame is still on its way, so this one
+                # waits as the stream's pending newest (replacing an older one): its bytes
+                # stay in the ring, unread, until it goes (send_pending_previews)
+                run.pending_previews[key] = TcpEvent(run, frames, msg, descriptor, key)
+                self._pending_runs[run.id] = run
+                return
             run.remote_previews[key] = PREVIEW_QUEUED
-        event = TcpEvent(run, frames, msg, descriptor, key)
+        self._queue_tcp(TcpEvent(run, frames, msg, descriptor, key))
+
+    def _queue_tcp(self, event: TcpEvent) -> None:
         self._tcp_queued += 1
         self.prefetch.run(functools.partial(event.load, self.rings), event)
+
+    def send_pending_previews(self, run: Run | None = None) -> None:
+        """Queue the pending previews whose stream's last frame is through (every loop
+        turn), or all of one run's (``run``: before its final state, so they come first)."""
+        runs = [run] if run is not None else list(self._pending_runs.values())
+        for r in runs:
+            for key in list(r.pending_previews):
+                if run is None and _on_its_way(r.remote_previews.get(key)):
+                    continue
+                r.remote_previews[key] = PREVIEW_QUEUED
+                self._queue_tcp(r.pending_previews.pop(key))
+            if not r.pending_previews:
+                self._pending_runs.pop(r.id, None)
 
     def on_tcp_event_ready(self, event: TcpEvent, error: str | None) -> None:
         self._tcp_queued -= 1
@@ -214,6 +239,8 @@ class EventRelay:
                 )
 
     def publish(self, run: Run, kind: EventKind, body: dict[str, Any]) -> None:
+        if kind is EventKind.STATE and run.pending_previews and run.state.final:
+            self.send_pending_previews(run)  # a stream's last frame before the run's end
         seq = run.seq
         run.seq += 1
         local, remote = self.watchers(run.record["id"])

@@ -4,7 +4,8 @@ Two sockets, two threads. The *io thread* owns a DEALER to the server's worker r
 it announces the worker, sends heartbeats, receives tasks and cancel requests, and
 flushes coalesced log lines. The *main thread* runs the pipeline and sends its events
 through a PUSH socket (guarded by a lock the io thread also takes to flush logs). A
-PUSH that is full blocks a result (no loss) but drops a preview (newest wins).
+PUSH that is full blocks a result (no loss); a preview or progress update waits as its
+stream's pending newest (:mod:`zmqruntime.latest`) and goes once there is room.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import protocol, shm
+from . import latest, protocol, shm
 from .context import Context, LogWriter, ResultWriter, build_config
 from .errors import ExecutionCancelled
 from .messages import WorkerMessage
@@ -219,7 +220,7 @@ class Worker(PipelineRunner):
         self.events.setsockopt(zmq.LINGER, 5000)
         self.events.connect(events)
         self.events_lock = threading.Lock()
-        self.previews_in_flight: dict[str, zmq.MessageTracker | None] = {}
+        self.live = latest.LatestSlots()  # previews and progress: newest wins, last kept
         self.interrupt_at: float | None = None
         self.tasks: queue.Queue[dict | None] = queue.Queue()
         # large arrays go through shared memory; a result's room is freed once on disk
@@ -231,51 +232,59 @@ class Worker(PipelineRunner):
 
     # -- sending (main thread, and io thread for log flushes)
     def send_event(self, exec_id: str, kind: str, body: dict[str, Any], reliable: bool) -> None:
-        if kind == "preview":
-            # newest wins at the source: while the last frame of this stream is still on
-            # its way, a new one is dropped, so a tight preview loop cannot flood the pipe
-            tracker = self.previews_in_flight.get(body["name"])
-            if tracker is not None and not tracker.done:
-                return
-        room = self._preview_room(body) if kind == "preview" else None
-        header = {"type": WorkerMessage.EVENT.value, "id": exec_id, "kind": kind, **body}
+        header = {"type": WorkerMessage.EVENT.value, "id": exec_id, "kind": kind}
+        if kind in latest.LIVE_KINDS and not reliable:
+            self.live.offer(latest.stream_key(kind, body), {**header, **body}, self._send_live)
+            return
+        frames = self._frames({**header, **body})
+        with self.events_lock:
+            if reliable:
+                self.events.send_multipart(frames, copy=False)
+            else:
+                with contextlib.suppress(zmq.Again):
+                    self.events.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+
+    def _send_live(self, event: dict[str, Any], block: bool) -> zmq.MessageTracker | None:
+        """Send a preview or progress event (LatestSlots' ``send``): a large frame goes
+        through the ring, and its room is freed at once (readable until the ring comes
+        round: newest wins); zmq.Again when it cannot go without blocking."""
+        if not self.events_lock.acquire(blocking=block):
+            raise zmq.Again()
+        room = None
+        try:
+            if event["kind"] == "preview":
+                value, room = self._preview_room(event["value"])
+                event = {**event, "value": value}
+            frames = self._frames(event)
+            if block:
+                self.events.send_multipart(frames, copy=False)
+                return None
+            return self.events.send_multipart(frames, copy=False, flags=zmq.NOBLOCK, track=True)
+        finally:
+            self.events_lock.release()
+            if room is not None and self.ring is not None:
+                self.ring.free(room)
+
+    def _frames(self, header: dict[str, Any]) -> list[Any]:
+        """An event's frames; its large arrays, where they lie in the ring, as a descriptor."""
         frames = protocol.encode(header)
         if self.ring is not None and len(frames) > 2:
             descriptor = self.ring.describe(frames[2:])
             if descriptor is not None:  # the bytes are in the ring: send where they lie
                 frames = protocol.encode({**header, "shm": descriptor})[:2]
-        try:
-            self._send_frames(kind, body, frames, reliable)
-        finally:
-            if room is not None and self.ring is not None:
-                self.ring.free(room)  # readable until the ring comes round (newest wins)
+        return frames
 
-    def _preview_room(self, body: dict[str, Any]) -> np.ndarray | None:
-        """Copy a large preview frame into the ring (None: it stays in the socket path)."""
-        value = body.get("value")
+    def _preview_room(self, value: Any) -> tuple[Any, np.ndarray | None]:
+        """A large preview frame copied into the ring, and its room (None: it stays in
+        the socket path)."""
         if self.ring is None or not isinstance(value, np.ndarray):
-            return None
+            return value, None
         if value.nbytes < shm.MIN_BYTES or value.dtype.hasobject:
-            return None
+            return value, None
         room = self.ring.alloc(value.nbytes, wait=False)
-        if room is not None:
-            body["value"] = aligned_copy(value, room)
-        return room
-
-    def _send_frames(
-        self, kind: str, body: dict[str, Any], frames: list[Any], reliable: bool
-    ) -> None:
-        with self.events_lock:
-            if reliable:
-                self.events.send_multipart(frames, copy=False)
-            elif kind == "preview":
-                with contextlib.suppress(zmq.Again):
-                    self.previews_in_flight[body["name"]] = self.events.send_multipart(
-                        frames, copy=False, flags=zmq.NOBLOCK, track=True
-                    )
-            else:
-                with contextlib.suppress(zmq.Again):
-                    self.events.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        if room is None:
+            return value, None
+        return aligned_copy(value, room), room
 
     # -- io thread
     def io_loop(self) -> None:
@@ -304,6 +313,8 @@ class Worker(PipelineRunner):
                     # so heartbeats and cancel requests keep flowing
                     if ctx is not None and not self.events_lock.locked():
                         ctx.flush_logs()
+                    if self.live:  # previews and progress that found the pipe full
+                        self.live.flush(self._send_live)
                     last_flush = now
                 if now - last_beat >= HEARTBEAT_INTERVAL:
                     sock.send_multipart(
@@ -367,9 +378,11 @@ class Worker(PipelineRunner):
                 self.events.send_multipart(protocol.encode(msg))
 
         self.writer.start_run(stored)
+        self.live.clear()
         done = self.run_pipeline(
             exec_id, task, send, self.writer, self.files.writer(exec_id), self.ring
         )
+        self.live.flush(self._send_live, block=True)  # the last frame and progress first
         if self.interrupted or self.recycle:
             done["retiring"] = True
         with self.events_lock:
