@@ -53,11 +53,12 @@ log = logging.getLogger("zmqruntime.server")
 
 TICK = 0.05
 DATA_HWM = 8  # per watcher: a stalled watcher holds at most this many events in memory
-#: the same on the local data socket, whose events are small (arrays of 256 KiB and more
-#: come as shared-memory descriptors): room for a burst (a backlog the worker sends once
-#: a stalled server reads again) without dropping events that a watcher reading as fast
-#: as it can would have got; at most 64 MiB per stalled watcher, usually well under 1 MiB
-LOCAL_DATA_HWM = 256
+#: the same on the local data socket, whose events are small (arrays of 256 KiB up to half
+#: a ring come as shared-memory descriptors): room for a burst (the backlog a worker sends
+#: once a stalled server reads again) that HWM 8 dropped even for a watcher reading as fast
+#: as it could; a stalled watcher holds at most 128 x 256 KiB, except arrays over 64 MiB
+#: (and every array where a worker has no ring), which travel inline and count whole
+LOCAL_DATA_HWM = 128
 #: ZMQ_AFFINITY bitmasks of the server's three I/O threads: control connections are
 #: spread over two (a client fetching stored results fills one with replies, while
 #: another client's ping goes through the other), bulk sockets have the third
