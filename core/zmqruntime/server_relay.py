@@ -212,6 +212,8 @@ class EventRelay:
     def send_pending_previews(self, run: Run | None = None) -> None:
         """Queue the pending previews whose stream's last frame is through (every loop
         turn), or all of one run's (``run``: before its final state, so they come first)."""
+        if run is None and not self._pending_runs:
+            return
         runs = [run] if run is not None else list(self._pending_runs.values())
         for r in runs:
             for key in list(r.pending_previews):

@@ -252,6 +252,8 @@ class Worker(PipelineRunner):
             raise zmq.Again()
         room = None
         try:
+            if not block and not self.events.poll(0, zmq.POLLOUT):
+                raise zmq.Again()  # no room: the frame is not copied into the ring for nothing
             if event["kind"] == "preview":
                 value, room = self._preview_room(event["value"])
                 event = {**event, "value": value}
