@@ -237,6 +237,68 @@ def test_progress_and_last_frames_survive_a_full_pipe_to_the_server(any_server, 
     assert events[-1]["status"]["state"] == "completed"
 
 
+def test_a_frame_previewed_before_its_results_is_not_dropped_by_a_slow_server(any_server, tmp_path):
+    """A camera-like pipeline (preview a frame, then emit its results) on a server that
+    reads slowly (a loaded host: suspended 30 ms of every 40): a preview that finds the
+    pipe full waits, and goes before the frame's results rather than being replaced by
+    the next frame, so every frame reaches a watcher that reads each event, in order,
+    each before its own result."""
+    server = any_server
+    client, watching = server.client(), server.client()
+    started, n = tmp_path / "started", 60
+    exec_id = client.execute(
+        code(f"""
+        import numpy as np, os, time
+        def run(ctx, config):
+            while not os.path.exists({str(started)!r}):  # until a watcher sees it
+                ctx.preview("hello", np.zeros((4, 4), dtype=np.uint8))
+                time.sleep(0.05)
+            for i in range({n}):
+                ctx.preview("cam", np.full((130, 130), i, dtype=np.uint16))
+                ctx.emit("movie", np.full((130, 130), i, dtype=np.uint16))
+                ctx.emit("labels", np.full((130, 130), i, dtype=np.int32))
+                ctx.emit("frames", {{"frame": i}})
+        """)
+    )
+    sub = watching.subscribe(exec_id, hwm=1000)
+    events: list[dict] = []
+
+    def read_every_event() -> None:  # one by one: no newest-wins on this side
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sub.poll(100):
+                events.append(sub.recv())
+                if events[-1]["kind"] == "state" and events[-1]["status"]["state"] != "running":
+                    return
+
+    watcher = threading.Thread(target=read_every_event)
+    watcher.start()
+    process = psutil.Process(server.proc.pid)
+    try:
+        wait_for(lambda: any(e["kind"] == "preview" for e in events), what="a first preview")
+        started.touch()
+        while watcher.is_alive() and client.get_status(exec_id)["state"] == "running":
+            process.suspend()
+            time.sleep(0.03)
+            process.resume()
+            time.sleep(0.01)
+    finally:
+        process.resume()
+        watcher.join(timeout=70)
+        sub.close()
+    assert not watcher.is_alive()
+    assert events[-1]["status"]["state"] == "completed"
+    order = [
+        (e["kind"], int(e["value"].flat[0]))
+        for e in events
+        if (e["kind"] == "preview" and e["name"] == "cam")
+        or (e["kind"] == "result" and e["name"] == "movie")
+    ]
+    frames = [i for kind, i in order if kind == "preview"]
+    assert frames == list(range(n)), f"previews of frames {frames}"
+    assert order == [(kind, i) for i in range(n) for kind in ("preview", "result")]
+
+
 def test_a_tcp_watcher_that_lags_still_gets_each_streams_last_frame(client, tmp_path):
     """A remote watcher (TCP) that reads nothing while a run sends 2 MiB frames: the
     server sends a stream's next frame only once the last is through, and keeps the

@@ -214,6 +214,8 @@ class TaskSession:
         if kind in latest.LIVE_KINDS and not reliable:  # newest wins, as in a native worker
             self.live.offer(latest.stream_key(kind, body), event, self._send_live)
         elif reliable:
+            if self.live:  # a frame waiting for room goes before what follows it
+                self.live.flush(self._send_live, block=True)
             self._send_frames(protocol.encode(event))
         else:
             with self.events_lock, contextlib.suppress(zmq.Again):

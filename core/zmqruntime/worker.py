@@ -236,6 +236,8 @@ class Worker(PipelineRunner):
         if kind in latest.LIVE_KINDS and not reliable:
             self.live.offer(latest.stream_key(kind, body), {**header, **body}, self._send_live)
             return
+        if reliable and self.live:  # a frame waiting for room goes before what follows it
+            self.live.flush(self._send_live, block=True)
         frames = self._frames({**header, **body})
         with self.events_lock:
             if reliable:
