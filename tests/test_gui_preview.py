@@ -105,17 +105,36 @@ def test_levels_colour_map_cursor_pause_and_snapshots(panel, qtbot, tmp_path):
 
 
 def test_choice_among_preview_streams(panel, qtbot):
+    """The first stream by name until the user picks one, whichever stream the watcher
+    received first (CI once saw a run's second stream first and the composite never came);
+    a stream picked with the keyboard stays picked when another one appears."""
     box = FollowBox(RunKey("127.0.0.1:1", "abc"))
     panel.set_source(box, "two cameras")
-    box.put_frame("brightfield", np.full((32, 48), 7, np.uint16), seq=0, t=None)
-    box.put_frame("fluorescence", np.full((64, 64), 9, np.uint16), seq=1, t=None)
-    qtbot.waitUntil(lambda: panel.stream_combo.count() == 2)
+    box.put_frame("fluorescence", np.full((64, 64), 9, np.uint16), seq=0, t=None)
     qtbot.waitUntil(lambda: panel.frame is not None)
-    assert panel.frame.name == "brightfield"
-    panel.stream_combo.setCurrentText("fluorescence")
+    assert panel.frame.name == "fluorescence" and panel.current_stream() == "fluorescence"
+    box.put_frame("brightfield", np.full((32, 48), 7, np.uint16), seq=1, t=None)
+    qtbot.waitUntil(lambda: panel.stream_combo.count() == 2)
+    qtbot.waitUntil(lambda: panel.frame.name == "brightfield")
+    assert panel.current_stream() == "brightfield" and panel.image.image[0, 0] == 7
+    combo = panel.stream_combo
+    combo.setFocus()
+    qtbot.keyClick(combo, QtCore.Qt.Key.Key_Down)
+    assert panel.current_stream() == "fluorescence"
     box.put_frame("fluorescence", np.full((64, 64), 11, np.uint16), seq=2, t=None)
     qtbot.waitUntil(lambda: panel.frame.name == "fluorescence")
     assert panel.image.image.shape == (64, 64) and panel.image.image[0, 0] == 11
+    box.put_frame("a-overview", np.full((8, 8), 1, np.uint16), seq=3, t=None)
+    qtbot.waitUntil(lambda: panel.stream_combo.count() == 3)
+    box.put_frame("fluorescence", np.full((64, 64), 12, np.uint16), seq=4, t=None)
+    qtbot.waitUntil(lambda: panel.image.image[0, 0] == 12)
+    assert panel.current_stream() == "fluorescence" and panel.frame.name == "fluorescence"
+    # another run: nothing is chosen there yet
+    box = FollowBox(RunKey("127.0.0.1:1", "def"))
+    panel.set_source(box, "next")
+    box.put_frame("zeta", np.full((8, 8), 2, np.uint16), seq=0, t=None)
+    box.put_frame("beta", np.full((8, 8), 3, np.uint16), seq=1, t=None)
+    qtbot.waitUntil(lambda: panel.frame is not None and panel.frame.name == "beta")
 
 
 def test_empty_states(panel):

@@ -112,7 +112,9 @@ class PreviewPanel(QtWidgets.QWidget):
             QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
         self.stream_combo.setToolTip("Which preview stream of the run to show")
-        self.stream_combo.currentTextChanged.connect(self._stream_changed)
+        self.stream_combo.currentTextChanged.connect(self._stream_picked)
+        #: the user chose the stream; until then the window shows the first by name
+        self._stream_chosen = False
         bar.addWidget(labelled("Stream", self.stream_combo))
         bar.addSeparator()
         self.act_pause = make_action(
@@ -275,6 +277,7 @@ class PreviewPanel(QtWidgets.QWidget):
         self.stream_combo.blockSignals(True)
         self.stream_combo.clear()
         self.stream_combo.blockSignals(False)
+        self._stream_chosen = False
         self.image.clear()
         self.image.frame_serial += 1
         self._shown_shape = None
@@ -357,6 +360,12 @@ class PreviewPanel(QtWidgets.QWidget):
     def current_stream(self) -> str:
         return self.stream_combo.currentText()
 
+    def _stream_picked(self, name: str) -> None:
+        # only a choice changes the combo with its signals on (the panel blocks them)
+        if name:
+            self._stream_chosen = True
+        self._stream_changed(name)
+
     def _stream_changed(self, name: str) -> None:
         self.needs_autolevel = True
         self.recv_meter.reset()
@@ -368,15 +377,17 @@ class PreviewPanel(QtWidgets.QWidget):
         names = self.box.stream_names()
         existing = [self.stream_combo.itemText(i) for i in range(self.stream_combo.count())]
         if names != existing:
+            # the first stream by name until the user picks one: which stream a watcher
+            # happened to receive first must not decide what the window shows
             current = self.current_stream()
+            keep = current if self._stream_chosen and current in names else (names or [""])[0]
             self.stream_combo.blockSignals(True)
             self.stream_combo.clear()
             self.stream_combo.addItems(names)
-            if current in names:
-                self.stream_combo.setCurrentText(current)
+            self.stream_combo.setCurrentText(keep)
             self.stream_combo.blockSignals(False)
-            if current not in names:
-                self._stream_changed(self.current_stream())
+            if keep != current:
+                self._stream_changed(keep)
 
     # ------------------------------------------------------------------ frame clock
     def update_frame(self) -> None:
