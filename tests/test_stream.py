@@ -6,6 +6,7 @@ import json
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -19,6 +20,19 @@ from zmqruntime.transport import tcp_url
 
 def code(src: str) -> str:
     return textwrap.dedent(src).strip() + "\n"
+
+
+def until_watched(flag: Path) -> str:
+    """Pipeline source defining ``wait_for_watcher(ctx)``: preview a small frame every 50 ms
+    until ``flag`` exists, which a test creates once its watcher has seen a preview."""
+    return code(f"""
+        import os, time
+        import numpy as np
+        def wait_for_watcher(ctx):
+            while not os.path.exists({str(flag)!r}):
+                ctx.preview("hello", np.zeros((4, 4), dtype=np.uint8))
+                time.sleep(0.05)
+    """)
 
 
 FIDELITY = code("""
@@ -192,12 +206,10 @@ def test_progress_and_last_frames_survive_a_full_pipe_to_the_server(any_server, 
     client, watching = server.client(), server.client()
     stopped, flooded, gate = tmp_path / "stopped", tmp_path / "flooded", tmp_path / "gate"
     exec_id = client.execute(
-        code(f"""
-        import numpy as np, os, time
+        until_watched(stopped)
+        + code(f"""
         def run(ctx, config):
-            while not os.path.exists({str(stopped)!r}):  # until a watcher sees it
-                ctx.preview("hello", np.zeros((4, 4), dtype=np.uint8))
-                time.sleep(0.05)
+            wait_for_watcher(ctx)
             for i in range(200):  # 64 KiB frames fill the pipe to the stopped server
                 ctx.preview(f"fill{{i}}", np.full((128, 256), i, dtype=np.uint16))
             for i in range(200):  # then 200 small streams, each with one frame
@@ -247,12 +259,10 @@ def test_a_frame_previewed_before_its_results_is_not_dropped_by_a_slow_server(an
     client, watching = server.client(), server.client()
     started, n = tmp_path / "started", 60
     exec_id = client.execute(
-        code(f"""
-        import numpy as np, os, time
+        until_watched(started)
+        + code(f"""
         def run(ctx, config):
-            while not os.path.exists({str(started)!r}):  # until a watcher sees it
-                ctx.preview("hello", np.zeros((4, 4), dtype=np.uint8))
-                time.sleep(0.05)
+            wait_for_watcher(ctx)
             for i in range({n}):
                 ctx.preview("cam", np.full((130, 130), i, dtype=np.uint16))
                 ctx.emit("movie", np.full((130, 130), i, dtype=np.uint16))
